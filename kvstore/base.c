@@ -1,0 +1,136 @@
+/* kvdex base: thread-local error messages, dtype helpers and the logger.
+ * The logger and its level are the only process-wide state in kvdex. */
+#include "kvstore/base.h"
+
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <strings.h>
+#include <time.h>
+
+static _Thread_local char tl_errmsg[512];
+
+const char *kvdex_errmsg(void) { return tl_errmsg; }
+
+int kvdex__seterr(int rc, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(tl_errmsg, sizeof tl_errmsg, fmt, ap);
+  va_end(ap);
+  return rc;
+}
+
+int kvdex__preerr(int rc, const char *prefix) {
+  char old[sizeof tl_errmsg];
+  memcpy(old, tl_errmsg, sizeof old);
+  snprintf(tl_errmsg, sizeof tl_errmsg, "%s: %s", prefix, old);
+  return rc;
+}
+
+const char *kvdex_errname(int rc) {
+  switch (rc) {
+    case KVDEX_OK: return "KVDEX_OK";
+    case KVDEX_EINVAL: return "KVDEX_EINVAL";
+    case KVDEX_ENOTFOUND: return "KVDEX_ENOTFOUND";
+    case KVDEX_EEXIST: return "KVDEX_EEXIST";
+    case KVDEX_ENOMEM: return "KVDEX_ENOMEM";
+    case KVDEX_ECONFLICT: return "KVDEX_ECONFLICT";
+    case KVDEX_EBUSY: return "KVDEX_EBUSY";
+    case KVDEX_ECANCELLED: return "KVDEX_ECANCELLED";
+    case KVDEX_ETIMEDOUT: return "KVDEX_ETIMEDOUT";
+    case KVDEX_EUNAVAIL: return "KVDEX_EUNAVAIL";
+    case KVDEX_EINTERNAL: return "KVDEX_EINTERNAL";
+    case KVDEX_EUNIMPL: return "KVDEX_EUNIMPL";
+    case KVDEX_EIO: return "KVDEX_EIO";
+    default: return "KVDEX_E?";
+  }
+}
+
+size_t kvdex_dtype_size(int dtype) {
+  switch (dtype) {
+    case KVDEX_DTYPE_F32: return 4;
+    case KVDEX_DTYPE_F16: return 2;
+    case KVDEX_DTYPE_BF16: return 2;
+    default: return 0;
+  }
+}
+
+const char *kvdex_dtype_name(int dtype) {
+  switch (dtype) {
+    case KVDEX_DTYPE_F32: return "f32";
+    case KVDEX_DTYPE_F16: return "f16";
+    case KVDEX_DTYPE_BF16: return "bf16";
+    default: return "?";
+  }
+}
+
+int kvdex_dtype_parse(const char *name) {
+  if (!name) return -1;
+  if (!strcasecmp(name, "f32") || !strcasecmp(name, "float32")) return KVDEX_DTYPE_F32;
+  if (!strcasecmp(name, "f16") || !strcasecmp(name, "float16")) return KVDEX_DTYPE_F16;
+  if (!strcasecmp(name, "bf16") || !strcasecmp(name, "bfloat16")) return KVDEX_DTYPE_BF16;
+  return -1;
+}
+
+void kvdex_to_f32(int src_dtype, const void *src, float *dst, size_t n) {
+  const uint16_t *h = src;
+  switch (src_dtype) {
+    case KVDEX_DTYPE_F32: memcpy(dst, src, n * 4); break;
+    case KVDEX_DTYPE_F16: for (size_t i = 0; i < n; i++) dst[i] = kvdex_f16_to_f32(h[i]); break;
+    case KVDEX_DTYPE_BF16: for (size_t i = 0; i < n; i++) dst[i] = kvdex_bf16_to_f32(h[i]); break;
+    default: break;
+  }
+}
+
+void kvdex_from_f32(int dst_dtype, const float *src, void *dst, size_t n) {
+  uint16_t *h = dst;
+  switch (dst_dtype) {
+    case KVDEX_DTYPE_F32: memcpy(dst, src, n * 4); break;
+    case KVDEX_DTYPE_F16: for (size_t i = 0; i < n; i++) h[i] = kvdex_f32_to_f16(src[i]); break;
+    case KVDEX_DTYPE_BF16: for (size_t i = 0; i < n; i++) h[i] = kvdex_f32_to_bf16(src[i]); break;
+    default: break;
+  }
+}
+
+/* ---- logger ---- */
+
+static _Atomic int g_log_level = KVDEX_LOG_INFO;
+static kvdex_log_fn g_log_fn;
+static void *g_log_ctx;
+
+void kvdex_log_configure(int level, kvdex_log_fn fn, void *ctx) {
+  g_log_fn = fn;
+  g_log_ctx = ctx;
+  atomic_store(&g_log_level, level);
+}
+
+int kvdex_log_level(void) { return atomic_load_explicit(&g_log_level, memory_order_relaxed); }
+
+int kvdex_log_level_parse(const char *name) {
+  if (!name) return -1;
+  if (!strcasecmp(name, "error")) return KVDEX_LOG_ERROR;
+  if (!strcasecmp(name, "warn") || !strcasecmp(name, "warning")) return KVDEX_LOG_WARN;
+  if (!strcasecmp(name, "info")) return KVDEX_LOG_INFO;
+  if (!strcasecmp(name, "debug")) return KVDEX_LOG_DEBUG;
+  return -1;
+}
+
+void kvdex__log(int level, const char *fmt, ...) {
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  if (g_log_fn) {
+    g_log_fn(g_log_ctx, level, msg);
+    return;
+  }
+  static const char *names[] = {"ERROR", "WARN", "INFO", "DEBUG"};
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  struct tm tm;
+  gmtime_r(&ts.tv_sec, &tm);
+  fprintf(stderr, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s kvdex: %s\n", tm.tm_year + 1900,
+          tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
+          names[level < 0 ? 0 : level > 3 ? 3 : level], msg);
+}

@@ -1,0 +1,141 @@
+/* kvdex base: error codes, dtypes, the thread-local error message, half-precision
+ * conversion and the logger. Every other kvdex module includes this; it depends on
+ * nothing but libc. Installed as <kvdex/base.h> and included by <kvdex/kvdex.h>.
+ */
+#ifndef KVDEX_BASE_H
+#define KVDEX_BASE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Return codes. 0 is success; every failure is negative and leaves a message for
+ * kvdex_errmsg() on the calling thread. A call that fails changes no state. */
+enum {
+  KVDEX_OK = 0,
+  KVDEX_EINVAL = -1,      /* bad argument, shape, size or name -> INVALID_ARGUMENT */
+  KVDEX_ENOTFOUND = -2,   /* no such sequence -> NOT_FOUND */
+  KVDEX_EEXIST = -3,      /* sequence exists -> ALREADY_EXISTS */
+  KVDEX_ENOMEM = -4,      /* memory cap reached -> RESOURCE_EXHAUSTED */
+  KVDEX_ECONFLICT = -5,   /* gap or conflicting rewrite -> FAILED_PRECONDITION */
+  KVDEX_EBUSY = -6,       /* another append in progress -> ABORTED */
+  KVDEX_ECANCELLED = -7,  /* cancelled by the caller -> CANCELLED */
+  KVDEX_ETIMEDOUT = -8,   /* deadline passed -> DEADLINE_EXCEEDED */
+  KVDEX_EUNAVAIL = -9,    /* server unreachable -> UNAVAILABLE */
+  KVDEX_EINTERNAL = -10,  /* bug or unexpected library failure -> INTERNAL */
+  KVDEX_EUNIMPL = -11,    /* not supported by this build/transport -> UNIMPLEMENTED */
+  KVDEX_EIO = -12,        /* file or socket error */
+};
+
+/* Storage element types. Values equal the wire enum kvdex.v1.DType. */
+typedef enum kvdex_dtype {
+  KVDEX_DTYPE_F32 = 1,
+  KVDEX_DTYPE_F16 = 2,
+  KVDEX_DTYPE_BF16 = 3,
+} kvdex_dtype;
+
+/* Bytes per element; 0 for an unknown dtype. */
+size_t kvdex_dtype_size(int dtype);
+/* "f32", "f16", "bf16", or "?" */
+const char *kvdex_dtype_name(int dtype);
+/* Parses "f32"/"f16"/"bf16" (also "float32"/"float16"/"bfloat16"); -1 if unknown. */
+int kvdex_dtype_parse(const char *name);
+
+/* The message of the last failed kvdex call on this thread ("" if none). The
+ * pointer stays valid until the next kvdex call on this thread. */
+const char *kvdex_errmsg(void);
+/* Name of a return code, e.g. "KVDEX_ENOMEM". */
+const char *kvdex_errname(int rc);
+
+/* Internal: record a message for kvdex_errmsg() and return rc (printf format). */
+int kvdex__seterr(int rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Internal: prefix the current message with context ("append: <old message>"). */
+int kvdex__preerr(int rc, const char *prefix);
+
+/* Half-precision conversions (scalar, exact; round to nearest even). */
+static inline float kvdex_f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else { /* subnormal: renormalise */
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) { man <<= 1; exp--; }
+      man &= 0x3ff;
+      bits = sign | (exp << 23) | (man << 13);
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline uint16_t kvdex_f32_to_f16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000;
+  uint32_t absx = x & 0x7fffffffu;
+  if (absx >= 0x7f800000u) /* inf or nan */
+    return (uint16_t)(sign | 0x7c00 | (absx > 0x7f800000u ? 0x200 : 0));
+  if (absx >= 0x477ff000u) /* rounds to >= 65520: overflow to inf */
+    return (uint16_t)(sign | 0x7c00);
+  if (absx < 0x38800000u) { /* subnormal half or zero */
+    if (absx < 0x33000000u) return (uint16_t)sign;
+    uint32_t e = absx >> 23, m = (absx & 0x7fffff) | 0x800000;
+    /* value = m * 2^(e-150); the half subnormal unit is 2^-24, so q = m * 2^(e-126) */
+    uint32_t sh = 126 - e;
+    uint32_t q = m >> sh, rem = m & ((1u << sh) - 1), half = 1u << (sh - 1);
+    if (rem > half || (rem == half && (q & 1))) q++;
+    return (uint16_t)(sign | q);
+  }
+  uint32_t e = (absx >> 23) - 127 + 15, m = absx & 0x7fffff;
+  uint32_t h = (e << 10) | (m >> 13), rem = m & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+  return (uint16_t)(sign | h);
+}
+
+static inline float kvdex_bf16_to_f32(uint16_t b) {
+  uint32_t bits = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline uint16_t kvdex_f32_to_bf16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40);
+  x += 0x7fff + ((x >> 16) & 1);
+  return (uint16_t)(x >> 16);
+}
+
+/* Converts n elements of dtype `src_dtype` at src to f32. */
+void kvdex_to_f32(int src_dtype, const void *src, float *dst, size_t n);
+/* Converts n f32 values to dtype `dst_dtype`. */
+void kvdex_from_f32(int dst_dtype, const float *src, void *dst, size_t n);
+
+/* Logger: the host chooses the level and the sink; default is stderr at INFO.
+ * The level is checked before anything is formatted. */
+enum { KVDEX_LOG_ERROR = 0, KVDEX_LOG_WARN = 1, KVDEX_LOG_INFO = 2, KVDEX_LOG_DEBUG = 3 };
+typedef void (*kvdex_log_fn)(void *ctx, int level, const char *msg);
+void kvdex_log_configure(int level, kvdex_log_fn fn, void *ctx);
+int kvdex_log_level(void);
+/* Parses "error"/"warn"/"info"/"debug"; -1 if unknown. */
+int kvdex_log_level_parse(const char *name);
+void kvdex__log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define KVDEX_LOG(level, ...) \
+  do { if ((level) <= kvdex_log_level()) kvdex__log((level), __VA_ARGS__); } while (0)
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVDEX_BASE_H */

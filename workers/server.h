@@ -1,0 +1,42 @@
+/* server: the kvdex gRPC server on the gRPC C core. Serves kvdex.v1.KVStore,
+ * kvdex.v1.Retrieval and grpc.health.v1.Health over a kvdex_store, with one
+ * completion queue per worker thread. It owns neither the store nor the pool.
+ * Signals and process lifetime belong to the caller (`kvdex serve` uses libuv).
+ */
+#ifndef KVDEX_SERVER_H
+#define KVDEX_SERVER_H
+
+#include <stdint.h>
+
+#include "index/index.h"
+#include "kvstore/kvstore.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvdex_server kvdex_server;
+
+typedef struct kvdex_server_opts {
+  const char *listen;        /* "host:port"; port 0 picks a free port */
+  unsigned threads;          /* completion-queue worker threads (0 = CPUs) */
+  uint64_t max_message_bytes;/* per gRPC message, both directions (0 = 64 MiB) */
+} kvdex_server_opts;
+
+/* Binds and starts serving. KVDEX_EIO if the address cannot be bound (a second
+ * server on a used port fails: SO_REUSEPORT is off). */
+int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_opts *opts,
+                       kvdex_server **out /* OUT */);
+
+/* The port actually bound (useful with port 0). */
+int kvdex_server_port(const kvdex_server *srv);
+
+/* Stops accepting calls, lets in-flight calls finish for up to drain_ms, cancels the
+ * rest, joins the workers and frees everything. NULL is a no-op. Thread-safe against
+ * running calls, not against itself. */
+void kvdex_server_stop(kvdex_server *srv, uint32_t drain_ms);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVDEX_SERVER_H */
