@@ -38,6 +38,16 @@ typedef enum kvdex_dtype {
   KVDEX_DTYPE_BF16 = 3,
 } kvdex_dtype;
 
+/* The model shape of a sequence, fixed at creation (public: used by kvdex.h too). */
+typedef struct kvdex_shape {
+  uint32_t n_layers;
+  uint32_t n_kv_heads;
+  uint32_t n_q_heads;    /* a multiple of n_kv_heads */
+  uint32_t head_dim;
+  uint32_t block_tokens; /* 0 = KVDEX_DEFAULT_BLOCK_TOKENS */
+  int dtype;             /* kvdex_dtype */
+} kvdex_shape;
+
 /* Bytes per element; 0 for an unknown dtype. */
 size_t kvdex_dtype_size(int dtype);
 /* "f32", "f16", "bf16", or "?" */
