@@ -1,0 +1,80 @@
+/* client_int.h — private to client/: the transport vtable behind kvdex_db.
+ * kvdex.c validates every public argument that needs no shape knowledge and then
+ * dispatches through db->vt; local.c (embedded store) and grpc.c (remote server)
+ * implement it. Nothing here is part of the public API.
+ */
+#ifndef KVDEX_CLIENT_INT_H
+#define KVDEX_CLIENT_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "client/kvdex.h"
+#include "kvstore/kvstore.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvdex__vt kvdex__vt;
+
+/* The common head of every transport's handle. A transport allocates its own
+ * struct with this as the first member. */
+struct kvdex_db {
+  const kvdex__vt *vt;
+  char ns[KVDEX_MAX_NAMESPACE + 1]; /* validated namespace, never empty */
+};
+
+/* The common head of every transport's appender. */
+struct kvdex_appender {
+  kvdex_db *db;
+  kvdex_shape shape; /* the sequence's shape, known from begin on */
+  int failed;        /* first failure code, 0 while healthy */
+  char why[256];     /* kvdex_errmsg() of that failure, reported again by commit */
+};
+
+/* Arguments reach these functions already checked by kvdex.c: non-NULL pointers,
+ * valid sequence ids, a valid shape for create, k in range, n_seqs > 0.
+ * Every function sets kvdex_errmsg() on failure and changes no state then. */
+struct kvdex__vt {
+  const char *name; /* "local" or "grpc", used in messages */
+  void (*close)(kvdex_db *db);
+  int (*create)(kvdex_db *db, const char *seq_id, const kvdex_shape *shape);
+  int (*del)(kvdex_db *db, const char *seq_id, uint64_t *bytes_freed /* OUT, or NULL */);
+  int (*stat)(kvdex_db *db, const char *seq_id, kvdex_seq_info *info /* OUT */);
+  /* *ids: n strings (malloc'd, as is the array), sorted by strcmp. */
+  int (*list)(kvdex_db *db, char ***ids /* OUT */, size_t *n /* OUT */);
+  /* Allocates the transport's appender and fills its head (db, shape). */
+  int (*append_begin)(kvdex_db *db, const char *seq_id, kvdex_appender **out /* OUT */);
+  /* layer < shape.n_layers, n_tokens > 0 and no overflow: checked by kvdex.c. */
+  int (*append_kv)(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
+                   const void *k, const void *v);
+  /* Ends the stream and frees the appender whatever the result. */
+  int (*append_commit)(kvdex_appender *ap, uint64_t *tokens_appended /* OUT, or NULL */);
+  void (*append_abort)(kvdex_appender *ap);
+  int (*read)(kvdex_db *db, const char *seq_id, uint32_t layer, const uint64_t *token_ids,
+              size_t n, void *k_out, void *v_out);
+  /* out[0..n_seqs) arrive zeroed; on failure they are left zeroed. */
+  int (*search)(kvdex_db *db, uint32_t layer, const kvdex_search_req *req, size_t n_seqs,
+                const char *const *seq_ids, const float *const *q, kvdex_search_out *out);
+};
+
+/* Transport constructors. `target` is the grpc "host:port" (already validated). */
+int kvdex__local_open(const kvdex_open_opts *opts, kvdex_db **out /* OUT */);
+int kvdex__grpc_open(const char *target, const kvdex_open_opts *opts, kvdex_db **out /* OUT */);
+
+/* Allocates out->heads as one block: the n_q_heads head array, then total_hits ids,
+ * then total_hits scores; *ids and *scores point at those two arrays, which the
+ * caller hands out to the heads in order. out->n_q_heads is set, the heads are
+ * zeroed. KVDEX_ENOMEM with *out untouched on failure. kvdex_search_out_free
+ * frees the block. */
+int kvdex__search_out_alloc(kvdex_search_out *out, uint32_t n_q_heads, size_t total_hits,
+                            uint64_t **ids /* OUT */, float **scores /* OUT */);
+
+/* Sorts ids by strcmp (for list). */
+void kvdex__sort_ids(char **ids, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVDEX_CLIENT_INT_H */

@@ -1,0 +1,884 @@
+/* grpc.c — the remote transport ("grpc://host:port"): kvdex.v1 over the gRPC C core.
+ * One channel per handle (thread-safe), registered methods, and for every call its
+ * own completion queue that runs the batches synchronously until the call's
+ * deadline (opts.timeout_ms). AppendKV is a real client stream (begin = initial
+ * metadata, one message per kvdex_append_kv, commit = half-close + response,
+ * abort = cancel); ReadKV is a server stream reassembled into the caller's buffers;
+ * Search packs every sequence of a batch into one SearchRequest.
+ * Caller buffers carry no sizes, so the client needs each sequence's shape: it
+ * keeps a small per-handle cache filled by create/stat and asks StatSequence on a
+ * miss. It does no retries and no routing over several hosts.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+
+#include "client/client_int.h"
+#include "index/index.h"
+#include "kvdex/v1/kvdex.pb-c.h"
+#include "proto/wire.h"
+
+#define DEFAULT_TIMEOUT_MS 30000
+/* Payload bytes (K + V) per AppendKV / ReadKV message: larger appends are split by
+ * token range. Well below the server's default 64 MiB message limit. */
+#define MSG_PAYLOAD_BYTES ((size_t)16 << 20)
+#define READ_MAX_TOKENS_PER_MSG 4096
+/* Token ids per ReadKV request (8 bytes each on the wire): larger reads are split. */
+#define READ_MAX_IDS_PER_CALL ((size_t)1 << 20)
+#define SHAPE_CACHE_SLOTS 1024 /* direct-mapped: a collision replaces the entry */
+
+enum { M_CREATE, M_DELETE, M_STAT, M_LIST, M_APPEND, M_READ, M_SEARCH, M_COUNT };
+
+static const char *const method_path[M_COUNT] = {
+    "/kvdex.v1.KVStore/CreateSequence", "/kvdex.v1.KVStore/DeleteSequence",
+    "/kvdex.v1.KVStore/StatSequence",   "/kvdex.v1.KVStore/ListSequences",
+    "/kvdex.v1.KVStore/AppendKV",       "/kvdex.v1.KVStore/ReadKV",
+    "/kvdex.v1.Retrieval/Search",
+};
+static const char *const method_name[M_COUNT] = {
+    "CreateSequence", "DeleteSequence", "StatSequence", "ListSequences",
+    "AppendKV",       "ReadKV",         "Search",
+};
+
+typedef struct shape_slot {
+  char *id; /* NULL = empty */
+  kvdex_shape shape;
+} shape_slot;
+
+typedef struct grpc_db {
+  kvdex_db base;
+  grpc_channel *channel;
+  void *method[M_COUNT]; /* grpc_channel_register_call handles */
+  char target[300];
+  uint32_t timeout_ms;
+  pthread_mutex_t cache_mu; /* guards cache */
+  shape_slot cache[SHAPE_CACHE_SLOTS];
+} grpc_db;
+
+static grpc_db *as_grpc(kvdex_db *db) { return (grpc_db *)db; }
+
+/* ---- shape cache ---------------------------------------------------------------- */
+
+static size_t slot_of(const char *id) {
+  uint64_t h = 1469598103934665603ull; /* FNV-1a */
+  for (const unsigned char *p = (const unsigned char *)id; *p; p++) h = (h ^ *p) * 1099511628211ull;
+  return (size_t)(h % SHAPE_CACHE_SLOTS);
+}
+
+static int cache_get(grpc_db *g, const char *id, kvdex_shape *out) {
+  shape_slot *s = &g->cache[slot_of(id)];
+  int hit = 0;
+  pthread_mutex_lock(&g->cache_mu);
+  if (s->id && strcmp(s->id, id) == 0) {
+    *out = s->shape;
+    hit = 1;
+  }
+  pthread_mutex_unlock(&g->cache_mu);
+  return hit;
+}
+
+static void cache_put(grpc_db *g, const char *id, const kvdex_shape *shape) {
+  shape_slot *s = &g->cache[slot_of(id)];
+  char *copy = strdup(id); /* outside the lock; no entry on failure */
+  if (!copy) return;
+  pthread_mutex_lock(&g->cache_mu);
+  char *old = s->id;
+  s->id = copy;
+  s->shape = *shape;
+  pthread_mutex_unlock(&g->cache_mu);
+  free(old);
+}
+
+static void cache_drop(grpc_db *g, const char *id) {
+  shape_slot *s = &g->cache[slot_of(id)];
+  char *old = NULL;
+  pthread_mutex_lock(&g->cache_mu);
+  if (s->id && strcmp(s->id, id) == 0) {
+    old = s->id;
+    s->id = NULL;
+  }
+  pthread_mutex_unlock(&g->cache_mu);
+  free(old);
+}
+
+/* ---- one call on its own completion queue --------------------------------------- */
+
+enum { TAG_OPS = 1, TAG_STATUS = 2 };
+#define TAG(t) ((void *)(uintptr_t)(t))
+
+typedef struct rpc {
+  grpc_db *g;
+  int m;
+  grpc_completion_queue *cq;
+  grpc_call *call;
+  grpc_metadata_array init_md, trail_md;
+  grpc_status_code status;
+  grpc_slice details;
+  const char *error_string;
+  int status_started; /* a separate RECV_STATUS_ON_CLIENT batch is pending or done */
+  int status_done;
+} rpc;
+
+static int rpc_begin(grpc_db *g, int m, rpc *r) {
+  memset(r, 0, sizeof *r);
+  r->g = g;
+  r->m = m;
+  r->status = GRPC_STATUS_UNKNOWN;
+  r->details = grpc_empty_slice();
+  grpc_metadata_array_init(&r->init_md);
+  grpc_metadata_array_init(&r->trail_md);
+  r->cq = grpc_completion_queue_create_for_next(NULL);
+  if (!r->cq) return kvdex__seterr(KVDEX_EINTERNAL, "%s: cannot create a completion queue",
+                                   method_name[m]);
+  gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                       gpr_time_from_millis(g->timeout_ms, GPR_TIMESPAN));
+  r->call = grpc_channel_create_registered_call(g->channel, NULL, GRPC_PROPAGATE_DEFAULTS, r->cq,
+                                                g->method[m], deadline, NULL);
+  if (!r->call) return kvdex__seterr(KVDEX_EINTERNAL, "%s: cannot create the call", method_name[m]);
+  return KVDEX_OK;
+}
+
+static int rpc_start(rpc *r, const grpc_op *ops, size_t n, int tag) {
+  grpc_call_error e = grpc_call_start_batch(r->call, ops, n, TAG(tag), NULL);
+  if (e != GRPC_CALL_OK)
+    return kvdex__seterr(KVDEX_EINTERNAL, "%s: grpc_call_start_batch failed (%d)",
+                         method_name[r->m], (int)e);
+  return KVDEX_OK;
+}
+
+/* Waits for batch `tag` and returns its success flag. The call's deadline bounds
+ * the wait: gRPC fails every pending batch when it passes. */
+static int rpc_wait(rpc *r, int tag) {
+  if (tag == TAG_STATUS && r->status_done) return 1;
+  for (;;) {
+    grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+    if (ev.type != GRPC_OP_COMPLETE) return 0;
+    if (ev.tag == TAG(TAG_STATUS)) r->status_done = 1;
+    if (ev.tag == TAG(tag)) return ev.success;
+  }
+}
+
+/* Waits for a send batch of a stream whose status batch is pending. A server that
+ * refuses a message ends the call with a status but stops reading, so a send that
+ * waits for flow-control window would only end at the deadline: once the status is
+ * in, cancel the call so that the send fails now. Returns the send's success flag. */
+static int rpc_wait_send(rpc *r) {
+  int cancelled = 0;
+  for (;;) {
+    grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+    if (ev.type != GRPC_OP_COMPLETE) return 0;
+    if (ev.tag == TAG(TAG_OPS)) return ev.success;
+    if (ev.tag == TAG(TAG_STATUS)) r->status_done = 1;
+    if (r->status_done && !cancelled) {
+      grpc_call_cancel(r->call, NULL); /* the status already received is kept */
+      cancelled = 1;
+    }
+  }
+}
+
+static void fill_status_op(rpc *r, grpc_op *op) {
+  memset(op, 0, sizeof *op);
+  op->op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  op->data.recv_status_on_client.trailing_metadata = &r->trail_md;
+  op->data.recv_status_on_client.status = &r->status;
+  op->data.recv_status_on_client.status_details = &r->details;
+  op->data.recv_status_on_client.error_string = &r->error_string;
+}
+
+/* Starts the status batch of a streaming call: RECV_INITIAL_METADATA and
+ * RECV_STATUS_ON_CLIENT. Initial metadata is received here, not with the first
+ * message, because a server that refuses a stream sends no message at all and the
+ * status is only delivered once the initial metadata has been taken. */
+static int rpc_start_status(rpc *r) {
+  grpc_op ops[2];
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_RECV_INITIAL_METADATA;
+  ops[0].data.recv_initial_metadata.recv_initial_metadata = &r->init_md;
+  fill_status_op(r, &ops[1]);
+  int rc = rpc_start(r, ops, 2, TAG_STATUS);
+  if (rc == KVDEX_OK) r->status_started = 1;
+  return rc;
+}
+
+static const char *status_name(grpc_status_code s) {
+  static const char *const names[] = {
+      "OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",    "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",       "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  return (unsigned)s < sizeof names / sizeof *names ? names[s] : "?";
+}
+
+/* Turns the received status into a kvdex code and message (0 for OK). */
+static int rpc_status_rc(rpc *r) {
+  if (r->status == GRPC_STATUS_OK) return KVDEX_OK;
+  int rc = kvdex_wire_rc(r->status);
+  size_t len = GRPC_SLICE_LENGTH(r->details);
+  const char *d = (const char *)GRPC_SLICE_START_PTR(r->details);
+  int dl = len > 400 ? 400 : (int)len;
+  const char *m = method_name[r->m];
+  if (rc == KVDEX_EUNAVAIL)
+    return kvdex__seterr(rc, "%s: server %s unavailable: %.*s", m, r->g->target, dl, d);
+  if (rc == KVDEX_ETIMEDOUT)
+    return kvdex__seterr(rc, "%s: deadline of %u ms exceeded (%.*s)", m, r->g->timeout_ms, dl, d);
+  return kvdex__seterr(rc, "%s: %s: %.*s", m, status_name(r->status), dl, d);
+}
+
+static void rpc_end(rpc *r) {
+  if (r->call) {
+    if (r->status_started && !r->status_done) {
+      grpc_call_cancel(r->call, NULL);
+      rpc_wait(r, TAG_STATUS);
+    }
+    grpc_call_unref(r->call);
+    r->call = NULL;
+  }
+  if (r->cq) {
+    grpc_completion_queue_shutdown(r->cq);
+    while (grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    grpc_completion_queue_destroy(r->cq);
+    r->cq = NULL;
+  }
+  grpc_metadata_array_destroy(&r->init_md);
+  grpc_metadata_array_destroy(&r->trail_md);
+  grpc_slice_unref(r->details);
+  r->details = grpc_empty_slice();
+  gpr_free((void *)r->error_string);
+  r->error_string = NULL;
+}
+
+static grpc_byte_buffer *pack(const ProtobufCMessage *msg) {
+  size_t n = protobuf_c_message_get_packed_size(msg);
+  grpc_slice s = grpc_slice_malloc(n);
+  protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(s));
+  grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+  grpc_slice_unref(s);
+  return bb;
+}
+
+static int unpack(rpc *r, grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc,
+                  ProtobufCMessage **out) {
+  grpc_byte_buffer_reader rd;
+  *out = NULL;
+  if (!grpc_byte_buffer_reader_init(&rd, bb))
+    return kvdex__seterr(KVDEX_EINTERNAL, "%s: cannot read the response", method_name[r->m]);
+  grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
+  grpc_byte_buffer_reader_destroy(&rd);
+  *out = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+  grpc_slice_unref(s);
+  if (!*out)
+    return kvdex__seterr(KVDEX_EINTERNAL, "%s: malformed %s from the server", method_name[r->m],
+                         desc->name);
+  return KVDEX_OK;
+}
+
+/* One unary call: sends req, waits for status and response. *resp is set (and must
+ * be freed with protobuf_c_message_free_unpacked) only on success. */
+static int unary(grpc_db *g, int m, const ProtobufCMessage *req,
+                 const ProtobufCMessageDescriptor *resp_desc, ProtobufCMessage **resp) {
+  *resp = NULL;
+  rpc r;
+  int rc = rpc_begin(g, m, &r);
+  grpc_byte_buffer *send = NULL, *recv = NULL;
+  if (rc == KVDEX_OK) {
+    send = pack(req);
+    grpc_op ops[6];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = send;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &r.init_md;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &recv;
+    fill_status_op(&r, &ops[5]);
+    rc = rpc_start(&r, ops, 6, TAG_OPS);
+    if (rc == KVDEX_OK) {
+      rpc_wait(&r, TAG_OPS); /* includes the status: always completes */
+      rc = rpc_status_rc(&r);
+    }
+  }
+  if (rc == KVDEX_OK) {
+    if (!recv)
+      rc = kvdex__seterr(KVDEX_EINTERNAL, "%s: the server sent no response", method_name[m]);
+    else
+      rc = unpack(&r, recv, resp_desc, resp);
+  }
+  if (send) grpc_byte_buffer_destroy(send);
+  if (recv) grpc_byte_buffer_destroy(recv);
+  rpc_end(&r);
+  return rc;
+}
+
+static void seq_ref(Kvdex__V1__SequenceRef *ref, const kvdex_db *db, const char *seq_id) {
+  kvdex__v1__sequence_ref__init(ref);
+  ref->namespace_ = (char *)db->ns;
+  ref->sequence_id = (char *)seq_id;
+}
+
+/* ---- sequences ------------------------------------------------------------------- */
+
+static int grpc_create(kvdex_db *db, const char *seq_id, const kvdex_shape *shape) {
+  grpc_db *g = as_grpc(db);
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__Shape pb_shape = KVDEX__V1__SHAPE__INIT;
+  Kvdex__V1__CreateSequenceRequest req = KVDEX__V1__CREATE_SEQUENCE_REQUEST__INIT;
+  seq_ref(&ref, db, seq_id);
+  kvdex_wire_shape_to_pb(shape, &pb_shape);
+  req.seq = &ref;
+  req.shape = &pb_shape;
+  ProtobufCMessage *resp;
+  int rc = unary(g, M_CREATE, &req.base, &kvdex__v1__create_sequence_response__descriptor, &resp);
+  if (rc) return rc;
+  protobuf_c_message_free_unpacked(resp, NULL);
+  cache_put(g, seq_id, shape);
+  return KVDEX_OK;
+}
+
+static int grpc_del(kvdex_db *db, const char *seq_id, uint64_t *bytes_freed) {
+  grpc_db *g = as_grpc(db);
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__DeleteSequenceRequest req = KVDEX__V1__DELETE_SEQUENCE_REQUEST__INIT;
+  seq_ref(&ref, db, seq_id);
+  req.seq = &ref;
+  ProtobufCMessage *resp;
+  cache_drop(g, seq_id);
+  int rc = unary(g, M_DELETE, &req.base, &kvdex__v1__delete_sequence_response__descriptor, &resp);
+  if (rc) return rc;
+  if (bytes_freed) *bytes_freed = ((Kvdex__V1__DeleteSequenceResponse *)resp)->bytes_freed;
+  protobuf_c_message_free_unpacked(resp, NULL);
+  return KVDEX_OK;
+}
+
+/* StatSequence; fills *shape and, when info is not NULL, *info. Refreshes the cache. */
+static int stat_call(grpc_db *g, const char *seq_id, kvdex_shape *shape, kvdex_seq_info *info) {
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__StatSequenceRequest req = KVDEX__V1__STAT_SEQUENCE_REQUEST__INIT;
+  seq_ref(&ref, &g->base, seq_id);
+  req.seq = &ref;
+  ProtobufCMessage *msg;
+  int rc = unary(g, M_STAT, &req.base, &kvdex__v1__stat_sequence_response__descriptor, &msg);
+  if (rc) {
+    if (rc == KVDEX_ENOTFOUND) cache_drop(g, seq_id);
+    return rc;
+  }
+  Kvdex__V1__StatSequenceResponse *resp = (Kvdex__V1__StatSequenceResponse *)msg;
+  if (!resp->info || !resp->info->shape) {
+    rc = kvdex__seterr(KVDEX_EINTERNAL, "StatSequence: the server sent no sequence info");
+  } else {
+    kvdex_wire_shape_from_pb(resp->info->shape, shape);
+    if (kvdex_shape_check(shape) != KVDEX_OK)
+      rc = kvdex__preerr(KVDEX_EINTERNAL, "StatSequence: the server sent a bad shape");
+  }
+  if (rc == KVDEX_OK && info) {
+    uint32_t n = shape->n_layers;
+    uint64_t *tokens = calloc(n, sizeof *tokens);
+    if (!tokens) {
+      rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+    } else {
+      for (size_t l = 0; l < n && l < resp->info->n_layer_tokens; l++)
+        tokens[l] = resp->info->layer_tokens[l];
+      info->shape = *shape;
+      info->bytes = resp->info->bytes;
+      info->n_layers = n;
+      info->layer_tokens = tokens;
+    }
+  }
+  protobuf_c_message_free_unpacked(msg, NULL);
+  if (rc == KVDEX_OK) cache_put(g, seq_id, shape);
+  return rc;
+}
+
+static int grpc_stat(kvdex_db *db, const char *seq_id, kvdex_seq_info *info) {
+  kvdex_shape shape;
+  return stat_call(as_grpc(db), seq_id, &shape, info);
+}
+
+/* The shape of a sequence: from the cache, or asked with StatSequence. */
+static int shape_get(grpc_db *g, const char *seq_id, kvdex_shape *shape) {
+  if (cache_get(g, seq_id, shape)) return KVDEX_OK;
+  return stat_call(g, seq_id, shape, NULL);
+}
+
+static int grpc_list(kvdex_db *db, char ***ids, size_t *n) {
+  grpc_db *g = as_grpc(db);
+  Kvdex__V1__ListSequencesRequest req = KVDEX__V1__LIST_SEQUENCES_REQUEST__INIT;
+  req.namespace_ = (char *)db->ns;
+  ProtobufCMessage *msg;
+  int rc = unary(g, M_LIST, &req.base, &kvdex__v1__list_sequences_response__descriptor, &msg);
+  if (rc) return rc;
+  Kvdex__V1__ListSequencesResponse *resp = (Kvdex__V1__ListSequencesResponse *)msg;
+  char **out = calloc(resp->n_sequences ? resp->n_sequences : 1, sizeof *out);
+  size_t k = 0;
+  if (!out) rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+  for (size_t i = 0; rc == KVDEX_OK && i < resp->n_sequences; i++) {
+    const Kvdex__V1__SequenceInfo *si = resp->sequences[i];
+    if (!si || !si->seq || !si->seq->sequence_id) continue;
+    if (!(out[k] = strdup(si->seq->sequence_id)))
+      rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+    else
+      k++;
+  }
+  protobuf_c_message_free_unpacked(msg, NULL);
+  if (rc) {
+    kvdex_list_free(out, k);
+    return rc;
+  }
+  kvdex__sort_ids(out, k);
+  *ids = out;
+  *n = k;
+  return KVDEX_OK;
+}
+
+/* ---- append: a client stream ------------------------------------------------------ */
+
+typedef struct grpc_appender {
+  kvdex_appender base;
+  rpc r;
+  char seq_id[KVDEX_MAX_SEQ_ID + 1];
+  int sent; /* messages sent so far */
+} grpc_appender;
+
+/* The status of a stream the server already ended (or that failed locally). */
+static int stream_failed(rpc *r) {
+  rpc_wait(r, TAG_STATUS);
+  int rc = rpc_status_rc(r);
+  if (rc == KVDEX_OK)
+    rc = kvdex__seterr(KVDEX_EINTERNAL, "%s: the server ended the stream early",
+                       method_name[r->m]);
+  return rc;
+}
+
+static void grpc_appender_free(grpc_appender *ap) {
+  rpc_end(&ap->r);
+  free(ap);
+}
+
+static int grpc_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **out) {
+  grpc_db *g = as_grpc(db);
+  kvdex_shape shape;
+  int rc = shape_get(g, seq_id, &shape);
+  if (rc) return rc;
+  grpc_appender *ap = calloc(1, sizeof *ap);
+  if (!ap) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+  ap->base.db = db;
+  ap->base.shape = shape;
+  snprintf(ap->seq_id, sizeof ap->seq_id, "%s", seq_id);
+  rc = rpc_begin(g, M_APPEND, &ap->r);
+  if (rc == KVDEX_OK) rc = rpc_start_status(&ap->r);
+  if (rc == KVDEX_OK) {
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_INITIAL_METADATA;
+    rc = rpc_start(&ap->r, &op, 1, TAG_OPS);
+    if (rc == KVDEX_OK && !rpc_wait_send(&ap->r)) rc = stream_failed(&ap->r);
+  }
+  if (rc) {
+    grpc_appender_free(ap);
+    return rc;
+  }
+  *out = &ap->base;
+  return KVDEX_OK;
+}
+
+/* Sends one AppendKVRequest and waits until gRPC has taken it. */
+static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
+                       const void *k, const void *v, size_t bytes) {
+  if (ap->r.status_done) return stream_failed(&ap->r); /* the server already refused */
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__AppendKVRequest req = KVDEX__V1__APPEND_KVREQUEST__INIT;
+  if (ap->sent == 0) { /* the first message names the sequence */
+    seq_ref(&ref, ap->base.db, ap->seq_id);
+    req.seq = &ref;
+  }
+  req.layer = layer;
+  req.token_start = token_start;
+  req.n_tokens = n_tokens;
+  req.k.data = (uint8_t *)k;
+  req.k.len = bytes;
+  req.v.data = (uint8_t *)v;
+  req.v.len = bytes;
+  grpc_byte_buffer *bb = pack(&req.base);
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_SEND_MESSAGE;
+  op.data.send_message.send_message = bb;
+  int rc = rpc_start(&ap->r, &op, 1, TAG_OPS);
+  if (rc == KVDEX_OK && !rpc_wait_send(&ap->r)) rc = stream_failed(&ap->r);
+  grpc_byte_buffer_destroy(bb);
+  if (rc == KVDEX_OK) ap->sent++;
+  return rc;
+}
+
+static int grpc_append_kv(kvdex_appender *base, uint32_t layer, uint64_t token_start,
+                          uint32_t n_tokens, const void *k, const void *v) {
+  grpc_appender *ap = (grpc_appender *)base;
+  const kvdex_shape *s = &base->shape;
+  size_t row = (size_t)s->head_dim * kvdex_dtype_size(s->dtype); /* bytes of one token, one head */
+  size_t heads = s->n_kv_heads;
+  size_t bytes = (size_t)n_tokens * heads * row; /* < 2^54: bounded by the shape limits */
+  if (2 * bytes <= MSG_PAYLOAD_BYTES) return send_append(ap, layer, token_start, n_tokens, k, v, bytes);
+  size_t per_msg = MSG_PAYLOAD_BYTES / (2 * heads * row);
+  if (per_msg == 0) per_msg = 1;
+  if (heads == 1) { /* pieces are contiguous in the caller's buffers */
+    int rc = KVDEX_OK;
+    for (size_t t0 = 0; rc == KVDEX_OK && t0 < n_tokens; t0 += per_msg) {
+      size_t t = n_tokens - t0 < per_msg ? n_tokens - t0 : per_msg;
+      rc = send_append(ap, layer, token_start + t0, (uint32_t)t, (const char *)k + t0 * row,
+                       (const char *)v + t0 * row, t * row);
+    }
+    return rc;
+  }
+  /* Too large for one message: split by token range. Each piece gathers its rows of
+   * every head into [n_kv_heads][piece][head_dim], which costs one extra copy. */
+  size_t piece_bytes = per_msg * heads * row;
+  char *kbuf = malloc(piece_bytes), *vbuf = malloc(piece_bytes);
+  int rc = KVDEX_OK;
+  if (!kbuf || !vbuf) rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory for %zu bytes", piece_bytes);
+  for (size_t t0 = 0; rc == KVDEX_OK && t0 < n_tokens; t0 += per_msg) {
+    size_t t = n_tokens - t0 < per_msg ? n_tokens - t0 : per_msg;
+    for (size_t h = 0; h < heads; h++) {
+      memcpy(kbuf + h * t * row, (const char *)k + (h * n_tokens + t0) * row, t * row);
+      memcpy(vbuf + h * t * row, (const char *)v + (h * n_tokens + t0) * row, t * row);
+    }
+    rc = send_append(ap, layer, token_start + t0, (uint32_t)t, kbuf, vbuf, t * heads * row);
+  }
+  free(kbuf);
+  free(vbuf);
+  return rc;
+}
+
+static int grpc_append_commit(kvdex_appender *base, uint64_t *tokens_appended) {
+  grpc_appender *ap = (grpc_appender *)base;
+  rpc *r = &ap->r;
+  int rc = KVDEX_OK;
+  if (ap->sent == 0) { /* nothing to commit: end the empty stream */
+    grpc_appender_free(ap);
+    return KVDEX_OK;
+  }
+  grpc_byte_buffer *recv = NULL;
+  grpc_op ops[2];
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+  ops[1].op = GRPC_OP_RECV_MESSAGE;
+  ops[1].data.recv_message.recv_message = &recv;
+  rc = rpc_start(r, ops, 2, TAG_OPS);
+  if (rc == KVDEX_OK) {
+    rpc_wait(r, TAG_OPS);
+    rpc_wait(r, TAG_STATUS);
+    rc = rpc_status_rc(r);
+  }
+  if (rc == KVDEX_OK && !recv)
+    rc = kvdex__seterr(KVDEX_EINTERNAL, "AppendKV: the server sent no response");
+  if (rc == KVDEX_OK) {
+    ProtobufCMessage *msg;
+    rc = unpack(r, recv, &kvdex__v1__append_kvresponse__descriptor, &msg);
+    if (rc == KVDEX_OK) {
+      if (tokens_appended) *tokens_appended = ((Kvdex__V1__AppendKVResponse *)msg)->tokens_appended;
+      protobuf_c_message_free_unpacked(msg, NULL);
+    }
+  }
+  if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL) cache_drop(as_grpc(base->db), ap->seq_id);
+  if (recv) grpc_byte_buffer_destroy(recv);
+  grpc_appender_free(ap);
+  return rc;
+}
+
+static void grpc_append_abort(kvdex_appender *base) {
+  grpc_appender *ap = (grpc_appender *)base;
+  grpc_call_cancel(ap->r.call, NULL); /* the server discards the stream */
+  grpc_appender_free(ap);             /* waits for the cancelled status */
+}
+
+/* ---- read: a server stream ---------------------------------------------------------- */
+
+/* Reads ids[0..n) into columns [col, col + n) of k_out/v_out ([heads][n_total][row]). */
+static int read_call(grpc_db *g, const char *seq_id, const kvdex_shape *s, uint32_t layer,
+                     const uint64_t *ids, size_t n, size_t col, size_t n_total, char *k_out,
+                     char *v_out) {
+  size_t row = (size_t)s->head_dim * kvdex_dtype_size(s->dtype);
+  size_t heads = s->n_kv_heads;
+  size_t per_msg = MSG_PAYLOAD_BYTES / (2 * heads * row);
+  if (per_msg == 0) per_msg = 1;
+  if (per_msg > READ_MAX_TOKENS_PER_MSG) per_msg = READ_MAX_TOKENS_PER_MSG;
+
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__ReadKVRequest req = KVDEX__V1__READ_KVREQUEST__INIT;
+  Kvdex__V1__TokenRange range = KVDEX__V1__TOKEN_RANGE__INIT, *ranges[1] = {&range};
+  seq_ref(&ref, &g->base, seq_id);
+  req.seq = &ref;
+  req.layer = layer;
+  req.max_tokens_per_message = (uint32_t)per_msg;
+  int contiguous = 1;
+  for (size_t i = 1; i < n && contiguous; i++) contiguous = ids[i] == ids[0] + i;
+  if (n > 1 && contiguous && ids[0] <= UINT64_MAX - n) { /* one range instead of n ids */
+    range.start = ids[0];
+    range.end = ids[0] + n;
+    req.n_ranges = 1;
+    req.ranges = ranges;
+  } else {
+    req.n_token_ids = n;
+    req.token_ids = (uint64_t *)ids;
+  }
+
+  rpc r;
+  int rc = rpc_begin(g, M_READ, &r);
+  if (rc == KVDEX_OK) rc = rpc_start_status(&r);
+  if (rc) {
+    rpc_end(&r);
+    return rc;
+  }
+  grpc_byte_buffer *send = pack(&req.base);
+  grpc_op ops[3];
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[1].op = GRPC_OP_SEND_MESSAGE;
+  ops[1].data.send_message.send_message = send;
+  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+  rc = rpc_start(&r, ops, 3, TAG_OPS);
+  if (rc == KVDEX_OK) rpc_wait(&r, TAG_OPS); /* a failure shows in the status below */
+  grpc_byte_buffer_destroy(send);
+
+  size_t got = 0;
+  int bad = 0; /* the server sent something that does not fit: stop reading */
+  while (rc == KVDEX_OK && !bad) {
+    grpc_byte_buffer *recv = NULL;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &recv;
+    rc = rpc_start(&r, &op, 1, TAG_OPS);
+    if (rc) break;
+    if (!rpc_wait(&r, TAG_OPS) || !recv) break; /* end of stream (or failure: see status) */
+    ProtobufCMessage *msg;
+    rc = unpack(&r, recv, &kvdex__v1__read_kvresponse__descriptor, &msg);
+    grpc_byte_buffer_destroy(recv);
+    if (rc) break;
+    const Kvdex__V1__ReadKVResponse *chunk = (const Kvdex__V1__ReadKVResponse *)msg;
+    size_t t = chunk->n_token_ids;
+    if (t == 0 || t > n - got || chunk->k.len != t * heads * row || chunk->v.len != t * heads * row) {
+      rc = kvdex__seterr(KVDEX_EINTERNAL,
+                         "ReadKV: the server sent a chunk of %zu tokens with %zu/%zu bytes of K/V "
+                         "(expected at most %zu tokens of %zu bytes each); has the sequence been "
+                         "recreated with another shape?",
+                         t, chunk->k.len, chunk->v.len, n - got, heads * row);
+      bad = 1;
+    }
+    for (size_t j = 0; !bad && j < t; j++) {
+      if (chunk->token_ids[j] != ids[got + j]) {
+        rc = kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: the server sent token %llu where %llu was due",
+                           (unsigned long long)chunk->token_ids[j],
+                           (unsigned long long)ids[got + j]);
+        bad = 1;
+      }
+    }
+    if (!bad) {
+      for (size_t h = 0; h < heads; h++) {
+        memcpy(k_out + (h * n_total + col + got) * row, chunk->k.data + h * t * row, t * row);
+        memcpy(v_out + (h * n_total + col + got) * row, chunk->v.data + h * t * row, t * row);
+      }
+      got += t;
+    }
+    protobuf_c_message_free_unpacked(msg, NULL);
+  }
+  if (rc == KVDEX_OK) {
+    rpc_wait(&r, TAG_STATUS);
+    rc = rpc_status_rc(&r);
+    if (rc == KVDEX_OK && got != n)
+      rc = kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: the server sent %zu of %zu tokens", got, n);
+  }
+  if (rc == KVDEX_ENOTFOUND || bad) cache_drop(g, seq_id);
+  rpc_end(&r); /* cancels the call if it is still running */
+  return rc;
+}
+
+static int grpc_read(kvdex_db *db, const char *seq_id, uint32_t layer, const uint64_t *token_ids,
+                     size_t n, void *k_out, void *v_out) {
+  grpc_db *g = as_grpc(db);
+  kvdex_shape shape;
+  int rc = shape_get(g, seq_id, &shape);
+  if (rc) return rc;
+  if (layer >= shape.n_layers)
+    return kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (n_layers %u)", layer,
+                         shape.n_layers);
+  for (size_t done = 0; done < n && rc == KVDEX_OK; done += READ_MAX_IDS_PER_CALL) {
+    size_t m = n - done < READ_MAX_IDS_PER_CALL ? n - done : READ_MAX_IDS_PER_CALL;
+    rc = read_call(g, seq_id, &shape, layer, token_ids + done, m, done, n, k_out, v_out);
+  }
+  return rc;
+}
+
+/* ---- search: one unary call for the whole batch ------------------------------------- */
+
+static int grpc_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *sreq, size_t n_seqs,
+                       const char *const *seq_ids, const float *const *q, kvdex_search_out *out) {
+  grpc_db *g = as_grpc(db);
+  int rc = KVDEX_OK;
+  /* One allocation for the per-sequence parts of the request. */
+  size_t bytes = n_seqs * (sizeof(kvdex_shape) + sizeof(Kvdex__V1__SequenceRef) +
+                           sizeof(Kvdex__V1__SearchQuery) + sizeof(Kvdex__V1__SearchQuery *));
+  char *block = malloc(bytes);
+  if (!block) return kvdex__seterr(KVDEX_ENOMEM, "out of memory for %zu bytes", bytes);
+  kvdex_shape *shapes = (kvdex_shape *)block;
+  Kvdex__V1__SequenceRef *refs = (Kvdex__V1__SequenceRef *)(shapes + n_seqs);
+  Kvdex__V1__SearchQuery *queries = (Kvdex__V1__SearchQuery *)(refs + n_seqs);
+  Kvdex__V1__SearchQuery **qptrs = (Kvdex__V1__SearchQuery **)(queries + n_seqs);
+
+  size_t i;
+  for (i = 0; i < n_seqs && rc == KVDEX_OK; i++) {
+    rc = shape_get(g, seq_ids[i], &shapes[i]);
+    if (rc == KVDEX_OK && layer >= shapes[i].n_layers)
+      rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (n_layers %u)", layer,
+                         shapes[i].n_layers);
+    if (rc) break;
+    seq_ref(&refs[i], db, seq_ids[i]);
+    kvdex__v1__search_query__init(&queries[i]);
+    queries[i].seq = &refs[i];
+    queries[i].q.data = (uint8_t *)q[i];
+    queries[i].q.len = (size_t)shapes[i].n_q_heads * shapes[i].head_dim * sizeof(float);
+    queries[i].query_dtype = KVDEX__V1__DTYPE__DTYPE_F32;
+    qptrs[i] = &queries[i];
+  }
+  if (rc) {
+    char where[KVDEX_MAX_SEQ_ID + 48];
+    snprintf(where, sizeof where, "sequence \"%s\" (entry %zu)", seq_ids[i], i);
+    free(block);
+    return kvdex__preerr(rc, where);
+  }
+
+  Kvdex__V1__SearchOptions opts = KVDEX__V1__SEARCH_OPTIONS__INIT;
+  opts.k = sreq->k;
+  opts.sinks = sreq->sinks;
+  opts.window = sreq->window;
+  Kvdex__V1__SearchRequest req = KVDEX__V1__SEARCH_REQUEST__INIT;
+  req.layer = layer;
+  req.options = &opts;
+  req.n_queries = n_seqs;
+  req.queries = qptrs;
+  ProtobufCMessage *msg;
+  rc = unary(g, M_SEARCH, &req.base, &kvdex__v1__search_response__descriptor, &msg);
+  if (rc) {
+    /* Which entry failed is in the server's message; forget the shapes so that a
+     * recreated sequence is asked again next time. */
+    if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL)
+      for (i = 0; i < n_seqs; i++) cache_drop(g, seq_ids[i]);
+    free(block);
+    return rc;
+  }
+  const Kvdex__V1__SearchResponse *resp = (const Kvdex__V1__SearchResponse *)msg;
+  if (resp->n_results != n_seqs)
+    rc = kvdex__seterr(KVDEX_EINTERNAL, "Search: the server sent %zu results for %zu queries",
+                       resp->n_results, n_seqs);
+  for (i = 0; i < n_seqs && rc == KVDEX_OK; i++) {
+    const Kvdex__V1__SearchResult *res = resp->results[i];
+    uint32_t nq = shapes[i].n_q_heads;
+    size_t total = 0;
+    if (!res || res->n_heads != nq) {
+      rc = kvdex__seterr(KVDEX_EINTERNAL, "Search: result %zu has %zu heads, expected %u", i,
+                         res ? res->n_heads : 0, nq);
+      break;
+    }
+    for (uint32_t h = 0; h < nq && rc == KVDEX_OK; h++) {
+      const Kvdex__V1__HeadHits *hh = res->heads[h];
+      if (!hh || hh->n_token_ids != hh->n_scores || hh->n_token_ids > sreq->k)
+        rc = kvdex__seterr(KVDEX_EINTERNAL, "Search: result %zu head %u is malformed", i, h);
+      else
+        total += hh->n_token_ids;
+    }
+    uint64_t *ids;
+    float *scores;
+    if (rc == KVDEX_OK) rc = kvdex__search_out_alloc(&out[i], nq, total, &ids, &scores);
+    if (rc) break;
+    for (uint32_t h = 0; h < nq; h++) {
+      const Kvdex__V1__HeadHits *hh = res->heads[h];
+      out[i].heads[h].n = (uint32_t)hh->n_token_ids;
+      out[i].heads[h].ids = ids;
+      out[i].heads[h].scores = scores;
+      if (hh->n_token_ids) {
+        memcpy(ids, hh->token_ids, hh->n_token_ids * sizeof *ids);
+        memcpy(scores, hh->scores, hh->n_scores * sizeof *scores);
+      }
+      ids += hh->n_token_ids;
+      scores += hh->n_token_ids;
+    }
+    out[i].keys_scanned = res->keys_scanned;
+    out[i].tokens = res->tokens;
+  }
+  if (rc)
+    for (size_t j = 0; j < n_seqs; j++) kvdex_search_out_free(&out[j]);
+  protobuf_c_message_free_unpacked(msg, NULL);
+  free(block);
+  return rc;
+}
+
+/* ---- open / close ---------------------------------------------------------------------- */
+
+static void grpc_close(kvdex_db *db) {
+  grpc_db *g = as_grpc(db);
+  for (size_t i = 0; i < SHAPE_CACHE_SLOTS; i++) free(g->cache[i].id);
+  pthread_mutex_destroy(&g->cache_mu);
+  if (g->channel) grpc_channel_destroy(g->channel);
+  free(g);
+  grpc_shutdown();
+}
+
+static const kvdex__vt grpc_vt = {
+    .name = "grpc",
+    .close = grpc_close,
+    .create = grpc_create,
+    .del = grpc_del,
+    .stat = grpc_stat,
+    .list = grpc_list,
+    .append_begin = grpc_append_begin,
+    .append_kv = grpc_append_kv,
+    .append_commit = grpc_append_commit,
+    .append_abort = grpc_append_abort,
+    .read = grpc_read,
+    .search = grpc_search,
+};
+
+int kvdex__grpc_open(const char *target, const kvdex_open_opts *opts, kvdex_db **out) {
+  grpc_db *g = calloc(1, sizeof *g);
+  if (!g) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+  grpc_init();
+  g->base.vt = &grpc_vt;
+  g->timeout_ms = (opts && opts->timeout_ms) ? opts->timeout_ms : DEFAULT_TIMEOUT_MS;
+  snprintf(g->target, sizeof g->target, "%s", target);
+  pthread_mutex_init(&g->cache_mu, NULL);
+
+  grpc_arg args[3];
+  args[0].type = GRPC_ARG_INTEGER;
+  args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+  args[0].value.integer = -1; /* responses are checked against the shape instead */
+  args[1].type = GRPC_ARG_INTEGER;
+  args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+  args[1].value.integer = -1; /* we keep our own messages small (MSG_PAYLOAD_BYTES) */
+  args[2].type = GRPC_ARG_INTEGER;
+  args[2].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
+  args[2].value.integer = 5000; /* a restarted server is found again within seconds */
+  grpc_channel_args cargs = {.num_args = 3, .args = args};
+  grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+  g->channel = grpc_channel_create(target, creds, &cargs);
+  grpc_channel_credentials_release(creds);
+  if (!g->channel) {
+    grpc_close(&g->base);
+    return kvdex__seterr(KVDEX_EINTERNAL, "cannot create a gRPC channel to %s", target);
+  }
+  for (int m = 0; m < M_COUNT; m++)
+    g->method[m] = grpc_channel_register_call(g->channel, method_path[m], NULL, NULL);
+  *out = &g->base;
+  return KVDEX_OK;
+}
