@@ -2,6 +2,8 @@
  * kvdex.v1.Retrieval and grpc.health.v1.Health over a kvdex_store, with one
  * completion queue per worker thread. It owns neither the store nor the pool.
  * Signals and process lifetime belong to the caller (`kvdex serve` uses libuv).
+ * From the first kvdex_server_start on, gRPC's own log lines go to KVDEX_LOG (its
+ * errors at WARN, the rest at DEBUG).
  */
 #ifndef KVDEX_SERVER_H
 #define KVDEX_SERVER_H

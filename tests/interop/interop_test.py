@@ -1,0 +1,735 @@
+#!/usr/bin/python3
+"""Interop test: a real kvdex server process against a real grpcio client.
+
+Usage: interop_test.py SERVER_CMD [ARGS...]
+The server command must serve on an ephemeral port and print a line containing
+"listening on HOST:PORT" to stderr once it is serving (`kvdex serve --listen
+127.0.0.1:0 ...` and tests/interop/test_server both do). Its memory cap must be
+64 MiB or less for the RESOURCE_EXHAUSTED case (it is read from ListSequences).
+The server is stopped with SIGTERM at the end and must exit 0 (so sanitizer
+reports at exit fail the test).
+
+Runs under `bazel test` with Debian's /usr/bin/python3 (python3-grpcio,
+python3-protobuf, python3-numpy); the generated stubs come from //proto:kvdex_py.
+"""
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import grpc
+import numpy as np
+
+
+def _stub_dir():
+    """proto/py in the runfiles (bazel test) or in bazel-bin (by hand)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = []
+    for env in ("TEST_SRCDIR", "RUNFILES_DIR"):
+        if os.environ.get(env):
+            ws = os.environ.get("TEST_WORKSPACE", "kvdex")
+            candidates.append(os.path.join(os.environ[env], ws, "proto", "py"))
+    candidates += [
+        os.path.join(os.getcwd(), "proto", "py"),
+        os.path.join(here, "..", "..", "proto", "py"),
+        os.path.join(here, "..", "..", "bazel-bin", "proto", "py"),
+    ]
+    for c in candidates:
+        if os.path.exists(os.path.join(c, "kvdex", "v1", "kvdex_pb2.py")):
+            return c
+    raise RuntimeError("generated stubs not found in %s" % candidates)
+
+
+STUBS = _stub_dir()
+sys.path.insert(0, STUBS)
+from kvdex.v1 import kvdex_pb2, kvdex_pb2_grpc  # noqa: E402
+
+# health_pb2 lives under a `grpc/` folder that the real grpc package shadows: load
+# it by path (it imports only google.protobuf).
+_spec = importlib.util.spec_from_file_location(
+    "kvdex_health_pb2", os.path.join(STUBS, "grpc", "health", "v1", "health_pb2.py"))
+health_pb2 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(health_pb2)
+
+SERVER_CMD = []
+TIMEOUT = 30  # seconds, every RPC
+MAX_MSG = 256 << 20
+F16, F32, BF16 = kvdex_pb2.DTYPE_F16, kvdex_pb2.DTYPE_F32, kvdex_pb2.DTYPE_BF16
+C = grpc.StatusCode
+
+
+class ServerProcess:
+    """The server under test: started once, its stderr collected, always killed."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+        self.lines = []
+        self.port = None
+        self._ready = threading.Event()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            m = re.search(r"listening on (\S+):(\d+)", line)
+            if m and self.port is None:
+                self.port = int(m.group(2))
+                self._ready.set()
+        self._ready.set()  # EOF: the process died
+
+    def wait_ready(self, timeout=60):
+        if not self._ready.wait(timeout) or self.port is None:
+            raise RuntimeError("server did not report its port within %ss (exit %s):\n%s" %
+                               (timeout, self.proc.poll(), self.log()))
+
+    def log(self, last=200):
+        return "\n".join(self.lines[-last:])
+
+    def stop(self, timeout=30):
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(10)
+        return self.proc.returncode
+
+
+SERVER = None
+CHANNEL = None
+
+
+def setUpModule():
+    global SERVER, CHANNEL
+    SERVER = ServerProcess(SERVER_CMD)
+    try:
+        SERVER.wait_ready()
+    except Exception:
+        SERVER.stop()
+        raise
+    CHANNEL = grpc.insecure_channel(
+        "127.0.0.1:%d" % SERVER.port,
+        options=[("grpc.max_receive_message_length", MAX_MSG),
+                 ("grpc.max_send_message_length", MAX_MSG)])
+    grpc.channel_ready_future(CHANNEL).result(timeout=TIMEOUT)
+
+
+def tearDownModule():
+    if CHANNEL is not None:
+        CHANNEL.close()
+    rc = SERVER.stop() if SERVER else 0
+    if rc != 0:
+        raise AssertionError("server exited with %s:\n%s" % (rc, SERVER.log()))
+
+
+# ---- helpers -------------------------------------------------------------------
+
+def ref(sid, ns=""):
+    return kvdex_pb2.SequenceRef(namespace=ns, sequence_id=sid)
+
+
+NP_DTYPE = {F32: np.float32, F16: np.float16}
+_rng = np.random.default_rng(20240601)
+
+
+class Seq:
+    """A sequence on the server and its mirror here (K and V per layer)."""
+
+    def __init__(self, test, sid, n_layers=2, n_kv=2, n_q=4, d=64, dtype=F16, block=16, ns=""):
+        self.t, self.sid, self.ns = test, sid, ns
+        self.n_layers, self.n_kv, self.n_q, self.d, self.dtype = n_layers, n_kv, n_q, d, dtype
+        self.np = NP_DTYPE[dtype]
+        self.K = [np.zeros((n_kv, 0, d), self.np) for _ in range(n_layers)]
+        self.V = [np.zeros((n_kv, 0, d), self.np) for _ in range(n_layers)]
+        test.kv.CreateSequence(kvdex_pb2.CreateSequenceRequest(
+            seq=self.ref(), shape=self.shape(block)), timeout=TIMEOUT)
+
+    def ref(self):
+        return ref(self.sid, self.ns)
+
+    def shape(self, block=16):
+        return kvdex_pb2.Shape(n_layers=self.n_layers, n_kv_heads=self.n_kv, n_q_heads=self.n_q,
+                               head_dim=self.d, dtype=self.dtype, block_tokens=block)
+
+    def rand(self, n):
+        k = _rng.standard_normal((self.n_kv, n, self.d)).astype(self.np)
+        v = _rng.standard_normal((self.n_kv, n, self.d)).astype(self.np)
+        return k, v
+
+    def msg(self, layer, start, k, v, first=True):
+        return kvdex_pb2.AppendKVRequest(seq=self.ref() if first else None, layer=layer,
+                                         token_start=start, n_tokens=k.shape[1],
+                                         k=k.tobytes(), v=v.tobytes())
+
+    def append(self, blocks):
+        """blocks: [(layer, n_tokens)]; appends new random tokens in one stream."""
+        msgs = []
+        for i, (layer, n) in enumerate(blocks):
+            k, v = self.rand(n)
+            msgs.append(self.msg(layer, self.K[layer].shape[1], k, v, first=(i == 0)))
+            self.K[layer] = np.concatenate([self.K[layer], k], axis=1)
+            self.V[layer] = np.concatenate([self.V[layer], v], axis=1)
+        return self.t.kv.AppendKV(iter(msgs), timeout=TIMEOUT)
+
+    def stat(self):
+        return self.t.kv.StatSequence(kvdex_pb2.StatSequenceRequest(seq=self.ref()),
+                                      timeout=TIMEOUT).info
+
+    def tokens(self):
+        return list(self.stat().layer_tokens)
+
+    def read(self, layer, ranges=(), ids=(), chunk=0):
+        req = kvdex_pb2.ReadKVRequest(
+            seq=self.ref(), layer=layer,
+            ranges=[kvdex_pb2.TokenRange(start=a, end=b) for a, b in ranges],
+            token_ids=list(ids), max_tokens_per_message=chunk)
+        got_ids, ks, vs, n_msgs = [], [], [], 0
+        for r in self.t.kv.ReadKV(req, timeout=TIMEOUT):
+            n = len(r.token_ids)
+            got_ids += list(r.token_ids)
+            ks.append(np.frombuffer(r.k, self.np).reshape(self.n_kv, n, self.d))
+            vs.append(np.frombuffer(r.v, self.np).reshape(self.n_kv, n, self.d))
+            n_msgs += 1
+        if not ks:
+            empty = np.zeros((self.n_kv, 0, self.d), self.np)
+            return got_ids, empty, empty, 0
+        return got_ids, np.concatenate(ks, axis=1), np.concatenate(vs, axis=1), n_msgs
+
+    def delete(self):
+        return self.t.kv.DeleteSequence(kvdex_pb2.DeleteSequenceRequest(seq=self.ref()),
+                                        timeout=TIMEOUT)
+
+
+def bytes_used(test):
+    return test.kv.ListSequences(kvdex_pb2.ListSequencesRequest(),
+                                 timeout=TIMEOUT).node_bytes_used
+
+
+def wait_until(pred, timeout=15.0, step=0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+class InteropTest(unittest.TestCase):
+    def setUp(self):
+        self.kv = kvdex_pb2_grpc.KVStoreStub(CHANNEL)
+        self.ret = kvdex_pb2_grpc.RetrievalStub(CHANNEL)
+
+    def assertCode(self, code, fn, *args, **kwargs):
+        with self.assertRaises(grpc.RpcError) as cm:
+            r = fn(*args, **kwargs)
+            if hasattr(r, "__iter__") and not isinstance(r, (bytes, str)):
+                list(r)
+        self.assertEqual(cm.exception.code(), code, cm.exception.details())
+        return cm.exception.details()
+
+    def search(self, seq, q, k, layer=0, qdtype=F32, **opts):
+        qb = q.astype({F32: np.float32, F16: np.float16}[qdtype]).tobytes()
+        req = kvdex_pb2.SearchRequest(
+            layer=layer, options=kvdex_pb2.SearchOptions(k=k, **opts),
+            queries=[kvdex_pb2.SearchQuery(seq=seq.ref(), q=qb, query_dtype=qdtype)])
+        return self.ret.Search(req, timeout=TIMEOUT).results[0]
+
+    def check_topk(self, seq, layer, q, res, k, lo=0, hi=None):
+        """res against numpy brute force over tokens [lo, hi)."""
+        T = seq.K[layer].shape[1]
+        hi = T if hi is None else hi
+        group = seq.n_q // seq.n_kv
+        self.assertEqual(len(res.heads), seq.n_q)
+        self.assertEqual(res.tokens, T)
+        for h in range(seq.n_q):
+            keys = seq.K[layer][h // group].astype(np.float64)
+            true = keys @ q[h].astype(np.float64)
+            elig = np.arange(lo, hi)
+            want = min(k, len(elig))
+            hh = res.heads[h]
+            ids = np.array(hh.token_ids, dtype=np.int64)
+            scores = np.array(hh.scores, dtype=np.float64)
+            self.assertEqual(len(ids), want)
+            self.assertEqual(len(scores), want)
+            if want == 0:
+                continue
+            self.assertTrue(np.all((ids >= lo) & (ids < hi)), ids)
+            self.assertEqual(len(set(ids.tolist())), want)
+            self.assertTrue(np.all(np.diff(scores) <= 1e-6), scores)
+            np.testing.assert_allclose(scores, true[ids], rtol=1e-3, atol=1e-3)
+            kth = np.sort(true[elig])[::-1][want - 1]
+            self.assertGreaterEqual(scores.min(), kth - 1e-3)
+            exact = set(elig[np.argsort(-true[elig], kind="stable")[:want]].tolist())
+            # identical unless near-ties reorder the boundary
+            self.assertGreaterEqual(len(exact & set(ids.tolist())), want - 2)
+
+    # ---- the main flow ----------------------------------------------------------
+
+    def test_flow(self):
+        s = Seq(self, "flow-1", n_layers=2, n_kv=2, n_q=4, d=64, dtype=F16, block=16)
+        r = s.append([(0, 40), (0, 30), (1, 50), (0, 30), (1, 50)])
+        self.assertEqual(r.tokens_appended, 200)
+        self.assertEqual(r.tokens_replayed, 0)
+        self.assertEqual(list(r.layer_tokens), [100, 100])
+        self.assertEqual(s.tokens(), [100, 100])
+        info = s.stat()
+        self.assertEqual(info.seq.namespace, "default")
+        self.assertEqual(info.seq.sequence_id, "flow-1")
+        self.assertEqual((info.shape.n_layers, info.shape.n_kv_heads, info.shape.n_q_heads,
+                          info.shape.head_dim, info.shape.dtype), (2, 2, 4, 64, F16))
+        self.assertGreater(info.bytes, 2 * 2 * 100 * 64 * 2 * 2 - 1)
+
+        lst = self.kv.ListSequences(kvdex_pb2.ListSequencesRequest(), timeout=TIMEOUT)
+        mine = [x for x in lst.sequences if x.seq.sequence_id == "flow-1"]
+        self.assertEqual(len(mine), 1)
+        self.assertEqual(list(mine[0].layer_tokens), [100, 100])
+        self.assertGreater(lst.node_bytes_cap, 0)
+        self.assertGreaterEqual(lst.node_bytes_used, info.bytes)
+        lst = self.kv.ListSequences(kvdex_pb2.ListSequencesRequest(namespace="default"),
+                                    timeout=TIMEOUT)
+        self.assertIn("flow-1", [x.seq.sequence_id for x in lst.sequences])
+        lst = self.kv.ListSequences(kvdex_pb2.ListSequencesRequest(namespace="nobody"),
+                                    timeout=TIMEOUT)
+        self.assertEqual(len(lst.sequences), 0)
+
+        # Search: f32 and f16 queries, both layers, against numpy.
+        for layer in (0, 1):
+            for qd in (F32, F16):
+                q = _rng.standard_normal((s.n_q, s.d)).astype(np.float32)
+                if qd == F16:
+                    q = q.astype(np.float16).astype(np.float32)
+                res = self.search(s, q, 10, layer=layer, qdtype=qd)
+                self.check_topk(s, layer, q, res, 10)
+                self.assertGreaterEqual(res.keys_scanned, 100)
+        # sinks and window; k larger than the eligible tokens.
+        q = _rng.standard_normal((s.n_q, s.d)).astype(np.float32)
+        res = self.search(s, q, 7, sinks=5, window=10)
+        self.check_topk(s, 0, q, res, 7, lo=5, hi=90)
+        res = self.search(s, q, 500, sinks=40, window=40)
+        self.check_topk(s, 0, q, res, 500, lo=40, hi=60)
+        res = self.search(s, q, 5, index="exact")
+        self.check_topk(s, 0, q, res, 5)
+        res = self.search(s, q, 5, index="auto")
+        self.check_topk(s, 0, q, res, 5)
+        # return_kv: the K/V rows of each head's hits.
+        res = self.search(s, q, 6, layer=1, return_kv=True)
+        self.check_topk(s, 1, q, res, 6)
+        for h, hh in enumerate(res.heads):
+            kvh = h // (s.n_q // s.n_kv)
+            ids = list(hh.token_ids)
+            np.testing.assert_array_equal(
+                np.frombuffer(hh.k, np.float16).reshape(len(ids), s.d), s.K[1][kvh][ids])
+            np.testing.assert_array_equal(
+                np.frombuffer(hh.v, np.float16).reshape(len(ids), s.d), s.V[1][kvh][ids])
+
+        # Batched search over two sequences.
+        s2 = Seq(self, "flow-2", n_layers=1, n_kv=1, n_q=2, d=64, dtype=F16)
+        s2.append([(0, 33)])
+        q2 = _rng.standard_normal((2, 64)).astype(np.float32)
+        req = kvdex_pb2.SearchRequest(
+            layer=0, options=kvdex_pb2.SearchOptions(k=4),
+            queries=[kvdex_pb2.SearchQuery(seq=s.ref(), q=q.tobytes()),
+                     kvdex_pb2.SearchQuery(seq=s2.ref(), q=q2.tobytes(), query_dtype=F32)])
+        resp = self.ret.Search(req, timeout=TIMEOUT)
+        self.assertEqual(len(resp.results), 2)
+        self.check_topk(s, 0, q, resp.results[0], 4)
+        self.check_topk(s2, 0, q2, resp.results[1], 4)
+
+        # ReadKV: whole layers in several chunks, then ranges + ids in request order.
+        for layer in (0, 1):
+            ids, k, v, n_msgs = s.read(layer, ranges=[(0, 100)], chunk=32)
+            self.assertEqual(ids, list(range(100)))
+            self.assertEqual(n_msgs, 4)
+            np.testing.assert_array_equal(k, s.K[layer])
+            np.testing.assert_array_equal(v, s.V[layer])
+        ids, k, v, n_msgs = s.read(0, ranges=[(10, 13), (50, 50), (98, 100)], ids=[7, 3, 99, 0])
+        want = [10, 11, 12, 98, 99, 7, 3, 99, 0]
+        self.assertEqual(ids, want)
+        self.assertEqual(n_msgs, 1)
+        np.testing.assert_array_equal(k, s.K[0][:, want])
+        np.testing.assert_array_equal(v, s.V[0][:, want])
+        ids, k, v, n_msgs = s.read(0)
+        self.assertEqual((ids, n_msgs), ([], 0))
+
+        # Health.
+        check = CHANNEL.unary_unary("/grpc.health.v1.Health/Check",
+                                    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                    response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        for svc in ("", "kvdex.v1.KVStore", "kvdex.v1.Retrieval"):
+            self.assertEqual(check(health_pb2.HealthCheckRequest(service=svc), timeout=TIMEOUT).status,
+                             health_pb2.HealthCheckResponse.SERVING)
+        self.assertCode(C.NOT_FOUND, check, health_pb2.HealthCheckRequest(service="nope"),
+                        timeout=TIMEOUT)
+        watch = CHANNEL.unary_stream("/grpc.health.v1.Health/Watch",
+                                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                     response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        self.assertCode(C.UNIMPLEMENTED, watch, health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+
+        # Delete.
+        d = s.delete()
+        self.assertGreater(d.bytes_freed, 0)
+        self.assertCode(C.NOT_FOUND, s.stat)
+        self.assertCode(C.NOT_FOUND, s.delete)
+        s2.delete()
+
+    # ---- malformed requests ------------------------------------------------------
+
+    def test_garbage_bytes(self):
+        garbage = b"\xff\xff\xff"
+        for m in ("CreateSequence", "DeleteSequence", "StatSequence", "ListSequences"):
+            call = CHANNEL.unary_unary("/kvdex.v1.KVStore/" + m)
+            d = self.assertCode(C.INVALID_ARGUMENT, call, garbage, timeout=TIMEOUT)
+            self.assertIn("cannot parse", d)
+        call = CHANNEL.unary_unary("/kvdex.v1.Retrieval/Search")
+        self.assertCode(C.INVALID_ARGUMENT, call, garbage, timeout=TIMEOUT)
+        call = CHANNEL.unary_unary("/grpc.health.v1.Health/Check")
+        self.assertCode(C.INVALID_ARGUMENT, call, garbage, timeout=TIMEOUT)
+        call = CHANNEL.unary_stream("/kvdex.v1.KVStore/ReadKV")
+        self.assertCode(C.INVALID_ARGUMENT, call, garbage, timeout=TIMEOUT)
+        call = CHANNEL.stream_unary("/kvdex.v1.KVStore/AppendKV")
+        self.assertCode(C.INVALID_ARGUMENT, call, iter([garbage]), timeout=TIMEOUT)
+        # a valid first message, then garbage: nothing stored
+        s = Seq(self, "garbage-1", n_layers=1, n_kv=1, n_q=1, d=8)
+        k, v = s.rand(4)
+        first = s.msg(0, 0, k, v).SerializeToString()
+        self.assertCode(C.INVALID_ARGUMENT, call, iter([first, garbage]), timeout=TIMEOUT)
+        self.assertEqual(s.tokens(), [0])
+        # unknown methods
+        call = CHANNEL.unary_unary("/kvdex.v1.KVStore/Nope")
+        self.assertCode(C.UNIMPLEMENTED, call, b"", timeout=TIMEOUT)
+        call = CHANNEL.unary_unary("/nope.Service/Method")
+        self.assertCode(C.UNIMPLEMENTED, call, garbage, timeout=TIMEOUT)
+        s.delete()
+
+    def test_bad_create(self):
+        sh = kvdex_pb2.Shape(n_layers=1, n_kv_heads=2, n_q_heads=4, head_dim=8, dtype=F16)
+        bad = [
+            kvdex_pb2.CreateSequenceRequest(seq=ref("bad-1"), shape=kvdex_pb2.Shape(
+                n_layers=1, n_kv_heads=3, n_q_heads=4, head_dim=8, dtype=F16)),  # GQA
+            kvdex_pb2.CreateSequenceRequest(seq=ref("bad-1"), shape=kvdex_pb2.Shape(
+                n_layers=1, n_kv_heads=2, n_q_heads=4, head_dim=0, dtype=F16)),
+            kvdex_pb2.CreateSequenceRequest(seq=ref("bad-1"), shape=kvdex_pb2.Shape(
+                n_layers=0, n_kv_heads=2, n_q_heads=4, head_dim=8, dtype=F16)),
+            kvdex_pb2.CreateSequenceRequest(seq=ref("bad-1"), shape=kvdex_pb2.Shape(
+                n_layers=1, n_kv_heads=2, n_q_heads=4, head_dim=8, dtype=0)),
+            kvdex_pb2.CreateSequenceRequest(seq=ref("bad-1"), shape=kvdex_pb2.Shape(
+                n_layers=1, n_kv_heads=2, n_q_heads=4, head_dim=8, dtype=9)),
+            kvdex_pb2.CreateSequenceRequest(seq=ref("bad-1")),  # no shape
+            kvdex_pb2.CreateSequenceRequest(shape=sh),  # no seq
+            kvdex_pb2.CreateSequenceRequest(seq=ref("has space"), shape=sh),
+            kvdex_pb2.CreateSequenceRequest(seq=ref("x" * 300), shape=sh),
+            kvdex_pb2.CreateSequenceRequest(seq=ref("ok", ns="bad ns"), shape=sh),
+        ]
+        for req in bad:
+            self.assertCode(C.INVALID_ARGUMENT, self.kv.CreateSequence, req, timeout=TIMEOUT)
+        self.assertCode(C.INVALID_ARGUMENT, self.kv.ListSequences,
+                        kvdex_pb2.ListSequencesRequest(namespace="bad ns"), timeout=TIMEOUT)
+        # duplicate create
+        req = kvdex_pb2.CreateSequenceRequest(seq=ref("dup-1", ns="t1"), shape=sh)
+        self.kv.CreateSequence(req, timeout=TIMEOUT)
+        self.assertCode(C.ALREADY_EXISTS, self.kv.CreateSequence, req, timeout=TIMEOUT)
+        # same id in another namespace is another sequence
+        self.kv.CreateSequence(kvdex_pb2.CreateSequenceRequest(seq=ref("dup-1"), shape=sh),
+                               timeout=TIMEOUT)
+        lst = self.kv.ListSequences(kvdex_pb2.ListSequencesRequest(namespace="t1"),
+                                    timeout=TIMEOUT)
+        self.assertEqual([x.seq.sequence_id for x in lst.sequences], ["dup-1"])
+        for ns in ("t1", ""):
+            self.kv.DeleteSequence(kvdex_pb2.DeleteSequenceRequest(seq=ref("dup-1", ns=ns)),
+                                   timeout=TIMEOUT)
+
+    def test_unknown_sequence(self):
+        r = ref("missing-1")
+        self.assertCode(C.NOT_FOUND, self.kv.StatSequence,
+                        kvdex_pb2.StatSequenceRequest(seq=r), timeout=TIMEOUT)
+        self.assertCode(C.NOT_FOUND, self.kv.DeleteSequence,
+                        kvdex_pb2.DeleteSequenceRequest(seq=r), timeout=TIMEOUT)
+        self.assertCode(C.NOT_FOUND, self.kv.ReadKV,
+                        kvdex_pb2.ReadKVRequest(seq=r, ranges=[kvdex_pb2.TokenRange(end=1)]),
+                        timeout=TIMEOUT)
+        self.assertCode(C.NOT_FOUND, self.kv.AppendKV,
+                        iter([kvdex_pb2.AppendKVRequest(seq=r, n_tokens=0)]), timeout=TIMEOUT)
+        self.assertCode(C.NOT_FOUND, self.ret.Search, kvdex_pb2.SearchRequest(
+            options=kvdex_pb2.SearchOptions(k=1),
+            queries=[kvdex_pb2.SearchQuery(seq=r, q=b"\0" * 16)]), timeout=TIMEOUT)
+
+    def test_bad_append_and_search(self):
+        s = Seq(self, "bad-shapes", n_layers=2, n_kv=2, n_q=4, d=16, dtype=F16)
+        s.append([(0, 20), (1, 20)])
+        before = s.tokens()
+        k, v = s.rand(5)
+        k32 = k.astype(np.float32)
+        wrong_d = np.zeros((2, 5, 8), np.float16)
+        bad_streams = [
+            [s.msg(0, 20, wrong_d, wrong_d)],                                  # head_dim
+            [s.msg(0, 20, k32, k32)],                                          # dtype (f32 bytes)
+            [kvdex_pb2.AppendKVRequest(seq=s.ref(), layer=0, token_start=20, n_tokens=5,
+                                       k=k.tobytes()[:-2], v=v.tobytes())],    # size
+            [kvdex_pb2.AppendKVRequest(seq=s.ref(), layer=0, token_start=20, n_tokens=6,
+                                       k=k.tobytes(), v=v.tobytes())],         # n_tokens
+            [s.msg(2, 0, k, v)],                                               # layer
+            [s.msg(0, 20, k, v), s.msg(0, 25, wrong_d, wrong_d, first=False)], # 2nd message
+            [kvdex_pb2.AppendKVRequest(layer=0, token_start=20, n_tokens=5,
+                                       k=k.tobytes(), v=v.tobytes())],         # no seq
+            [s.msg(0, 20, k, v), kvdex_pb2.AppendKVRequest(
+                seq=ref("other"), layer=0, token_start=25, n_tokens=0)],      # other seq
+            [],                                                                # empty stream
+        ]
+        for msgs in bad_streams:
+            self.assertCode(C.INVALID_ARGUMENT, self.kv.AppendKV, iter(msgs), timeout=TIMEOUT)
+            self.assertEqual(s.tokens(), before)
+
+        q = _rng.standard_normal((4, 16)).astype(np.float32)
+
+        def sreq(qb=q.tobytes(), qd=F32, layer=0, k=3, index=""):
+            return kvdex_pb2.SearchRequest(
+                layer=layer, options=kvdex_pb2.SearchOptions(k=k, index=index),
+                queries=[kvdex_pb2.SearchQuery(seq=s.ref(), q=qb, query_dtype=qd)])
+        bad_searches = [
+            sreq(qb=q[:, :8].tobytes()),                   # head_dim
+            sreq(qb=q[:2].tobytes()),                      # n_q_heads
+            sreq(qd=F16),                                  # dtype vs size
+            sreq(qb=q.astype(np.float16).tobytes()),       # f16 bytes declared f32
+            sreq(qd=7),                                    # unknown dtype
+            sreq(layer=2),
+            sreq(k=0),
+            sreq(k=70000),
+            sreq(index="hnsw"),
+            kvdex_pb2.SearchRequest(queries=[kvdex_pb2.SearchQuery(seq=s.ref(), q=q.tobytes())]),
+        ]
+        for req in bad_searches:
+            self.assertCode(C.INVALID_ARGUMENT, self.ret.Search, req, timeout=TIMEOUT)
+        qn = q.copy()
+        qn[0, 0] = np.nan
+        self.assertCode(C.INVALID_ARGUMENT, self.ret.Search, sreq(qb=qn.tobytes()),
+                        timeout=TIMEOUT)
+
+        # ReadKV out of range
+        for ranges, ids, layer in (([(0, 21)], [], 0), ([(5, 4)], [], 0), ([], [20], 0),
+                                   ([], [0], 2)):
+            self.assertCode(C.INVALID_ARGUMENT, s.read, layer, ranges=ranges, ids=ids)
+        # bf16 queries against an f16 sequence are fine (converted to f32)
+        qb = (q.view(np.uint32) >> 16).astype(np.uint16)
+        res = self.ret.Search(sreq(qb=qb.tobytes(), qd=BF16), timeout=TIMEOUT).results[0]
+        qbf = (qb.astype(np.uint32) << 16).view(np.float32)
+        self.check_topk(s, 0, qbf, res, 3)
+        s.delete()
+
+    # ---- append semantics ----------------------------------------------------------
+
+    def test_gap_conflict_replay(self):
+        s = Seq(self, "idem-1", n_layers=2, n_kv=2, n_q=2, d=32, dtype=F16, block=8)
+        s.append([(0, 30), (1, 30)])
+        before = s.tokens()
+        used = bytes_used(self)
+        # gap
+        k, v = s.rand(4)
+        d = self.assertCode(C.FAILED_PRECONDITION, self.kv.AppendKV,
+                            iter([s.msg(0, 31, k, v)]), timeout=TIMEOUT)
+        self.assertEqual(s.tokens(), before)
+        # a good message then a gap: nothing of the stream stored
+        self.assertCode(C.FAILED_PRECONDITION, self.kv.AppendKV,
+                        iter([s.msg(0, 30, k, v), s.msg(1, 40, k, v, first=False)]),
+                        timeout=TIMEOUT)
+        self.assertEqual(s.tokens(), before)
+        # conflicting rewrite of stored tokens
+        kk = s.K[0][:, 10:20].copy()
+        kk[0, 0, 0] += 1
+        self.assertCode(C.FAILED_PRECONDITION, self.kv.AppendKV,
+                        iter([s.msg(0, 10, kk, s.V[0][:, 10:20])]), timeout=TIMEOUT)
+        self.assertEqual(s.tokens(), before)
+        self.assertEqual(bytes_used(self), used)
+        # idempotent replay: same bytes -> OK, nothing new
+        r = self.kv.AppendKV(iter([s.msg(0, 0, s.K[0], s.V[0]),
+                                   s.msg(1, 5, s.K[1][:, 5:30], s.V[1][:, 5:30], first=False)]),
+                             timeout=TIMEOUT)
+        self.assertEqual((r.tokens_appended, r.tokens_replayed), (0, 55))
+        self.assertEqual(list(r.layer_tokens), before)
+        self.assertEqual(s.tokens(), before)
+        # replay overlapping new tokens: the overlap is replayed, the rest appended
+        k, v = s.rand(10)
+        kk = np.concatenate([s.K[0][:, 25:30], k], axis=1)
+        vv = np.concatenate([s.V[0][:, 25:30], v], axis=1)
+        r = self.kv.AppendKV(iter([s.msg(0, 25, kk, vv)]), timeout=TIMEOUT)
+        self.assertEqual((r.tokens_appended, r.tokens_replayed), (10, 5))
+        s.K[0] = np.concatenate([s.K[0], k], axis=1)
+        s.V[0] = np.concatenate([s.V[0], v], axis=1)
+        self.assertEqual(s.tokens(), [40, 30])
+        _, rk, rv, _ = s.read(0, ranges=[(0, 40)])
+        np.testing.assert_array_equal(rk, s.K[0])
+        np.testing.assert_array_equal(rv, s.V[0])
+        s.delete()
+
+    def test_memory_cap(self):
+        cap = self.kv.ListSequences(kvdex_pb2.ListSequencesRequest(),
+                                    timeout=TIMEOUT).node_bytes_cap
+        self.assertGreater(cap, 0)
+        self.assertLessEqual(cap, 64 << 20, "the interop test wants a server capped at <= 64 MiB")
+        s = Seq(self, "cap-1", n_layers=1, n_kv=8, n_q=8, d=128, dtype=F32, block=64)
+        s.append([(0, 512)])  # 4 MiB
+        before_tokens = s.tokens()
+        _, k0, v0, _ = s.read(0, ranges=[(0, 512)])
+        used = bytes_used(self)
+        per_token = 8 * 128 * 4 * 2
+        n_msgs = int(cap // (per_token * 1024)) + 2
+
+        def msgs():
+            for i in range(n_msgs):
+                k, v = s.rand(1024)  # 8 MiB per message
+                yield s.msg(0, 512 + 1024 * i, k, v, first=(i == 0))
+        self.assertCode(C.RESOURCE_EXHAUSTED, self.kv.AppendKV, msgs(), timeout=TIMEOUT)
+        self.assertEqual(s.tokens(), before_tokens)
+        _, k1, v1, _ = s.read(0, ranges=[(0, 512)])
+        np.testing.assert_array_equal(k0, k1)
+        np.testing.assert_array_equal(v0, v1)
+        self.assertTrue(wait_until(lambda: bytes_used(self) == used), (bytes_used(self), used))
+        # still usable: a small append fits
+        s.K[0], s.V[0] = k0, v0
+        s.append([(0, 16)])
+        self.assertEqual(s.tokens(), [528])
+        s.delete()
+
+    def _cancel_case(self, sid, how):
+        """A stream that sends some messages, then is cancelled by the client."""
+        s = Seq(self, sid, n_layers=1, n_kv=2, n_q=2, d=32, dtype=F16, block=8)
+        s.append([(0, 8)])
+        used = bytes_used(self)
+        sent = threading.Event()
+        release = threading.Event()
+
+        def gen():
+            for i in range(3):
+                k, v = s.rand(10)
+                yield s.msg(0, 8 + 10 * i, k, v, first=(i == 0))
+            sent.set()
+            release.wait(20)
+            if how == "raise":
+                raise RuntimeError("client gives up mid-stream")
+
+        fut = self.kv.AppendKV.future(gen(), timeout=TIMEOUT)
+        self.assertTrue(sent.wait(TIMEOUT))
+        # The server has staged them once its reserved memory grew (client send
+        # completion is not server receipt).
+        staged = wait_until(lambda: bytes_used(self) > used, timeout=10)
+        if how == "cancel":
+            fut.cancel()
+            release.set()
+        else:
+            release.set()
+        with self.assertRaises((grpc.RpcError, grpc.FutureCancelledError)):
+            fut.result(timeout=TIMEOUT)
+        if not fut.cancelled():
+            self.assertIn(fut.code(), (C.CANCELLED, C.UNKNOWN), fut.details())
+        # Wait until the server has processed the cancel: its transaction is gone (a
+        # new append is not ABORTED) and the reserved memory returned.
+        self.assertTrue(wait_until(lambda: bytes_used(self) == used), (bytes_used(self), used))
+        self.assertEqual(s.tokens(), [8])
+        k, v = s.rand(2)
+        r = self.kv.AppendKV(iter([s.msg(0, 8, k, v)]), timeout=TIMEOUT)
+        self.assertEqual(r.tokens_appended, 2)
+        self.assertEqual(s.tokens(), [10])
+        s.delete()
+        return staged
+
+    def test_cancel_mid_stream(self):
+        for i in range(3):
+            self.assertTrue(self._cancel_case("cancel-%d" % i, "cancel"))
+
+    def test_request_iterator_raises(self):
+        self._cancel_case("raise-1", "raise")
+
+    def test_concurrent_stream_aborted(self):
+        s = Seq(self, "busy-1", n_layers=1, n_kv=1, n_q=1, d=16, dtype=F16)
+        used = bytes_used(self)
+        sent = threading.Event()
+        release = threading.Event()
+        k, v = s.rand(4)
+
+        def gen():
+            yield s.msg(0, 0, k, v)
+            sent.set()
+            release.wait(20)
+
+        fut = self.kv.AppendKV.future(gen(), timeout=TIMEOUT)
+        self.assertTrue(sent.wait(TIMEOUT))
+        self.assertTrue(wait_until(lambda: bytes_used(self) > used, timeout=10))
+        k2, v2 = s.rand(4)
+        self.assertCode(C.ABORTED, self.kv.AppendKV, iter([s.msg(0, 0, k2, v2)]),
+                        timeout=TIMEOUT)
+        release.set()  # the first stream half-closes cleanly: committed
+        r = fut.result(timeout=TIMEOUT)
+        self.assertEqual(r.tokens_appended, 4)
+        _, rk, _, _ = s.read(0, ranges=[(0, 4)])
+        np.testing.assert_array_equal(rk, k)
+        s.delete()
+
+    def test_zz_still_serving(self):
+        """Runs last (alphabetical order): after everything above, a search works."""
+        s = Seq(self, "final-1", n_layers=1, n_kv=2, n_q=4, d=64, dtype=F16)
+        s.append([(0, 64), (0, 64)])
+        q = _rng.standard_normal((4, 64)).astype(np.float32)
+        self.check_topk(s, 0, q, self.search(s, q, 8), 8)
+        s.delete()
+
+
+class _RecordingResult(unittest.TextTestResult):
+    """Remembers passing tests too, so each case can be reported to Bazel."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.passed = []
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self.passed.append(test)
+
+
+def _write_junit(result):
+    """Writes one <testcase> per test to $XML_OUTPUT_FILE (Bazel's test.xml)."""
+    path = os.environ.get("XML_OUTPUT_FILE")
+    if not path:
+        return
+    from xml.sax.saxutils import escape, quoteattr
+    rows = [(t, "") for t in result.passed]
+    rows += [(t, f"<failure message={quoteattr('failed')}>{escape(tb)}</failure>")
+             for t, tb in result.failures + result.errors]
+    rows += [(t, f"<skipped message={quoteattr(why)}/>") for t, why in result.skipped]
+    with open(path, "w") as fh:
+        fh.write('<?xml version="1.0" encoding="UTF-8"?>\n<testsuites>\n'
+                 f'<testsuite name="interop" tests="{len(rows)}">\n')
+        for t, body in rows:
+            fh.write(f'<testcase classname="{type(t).__name__}" '
+                     f'name={quoteattr(t._testMethodName)}>{body}</testcase>\n')
+        fh.write("</testsuite>\n</testsuites>\n")
+
+
+def main():
+    global SERVER_CMD
+    if len(sys.argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    SERVER_CMD = sys.argv[1:]
+    prog = unittest.main(argv=[sys.argv[0], "-v"], exit=False,
+                         testRunner=unittest.TextTestRunner(resultclass=_RecordingResult,
+                                                            verbosity=2))
+    ok = prog.result.wasSuccessful()
+    _write_junit(prog.result)
+    if (not ok or os.environ.get("KVDEX_TEST_SHOWLOG")) and SERVER is not None:
+        print("---- server log (last lines) ----\n" + SERVER.log(), file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+/* kvdex: one binary, subcommands serve, demo, bench, inspect. */
+#include <stdio.h>
+#include <string.h>
+
+#include "workers/commands.h"
+#include "workers/settings.h"
+
+static void usage(FILE *out) {
+  fprintf(out,
+          "usage: kvdex <command> [options]\n\n"
+          "commands:\n"
+          "  serve     run a kvdex node (gRPC server)\n"
+          "  demo      ingest a synthetic long-context sequence and run decode-step searches\n"
+          "  bench     benchmarks: `kvdex bench scan`\n"
+          "  inspect   list the sequences of a store with their shape, tokens and bytes\n"
+          "  settings  print every option of every command as a Markdown table\n\n"
+          "`kvdex <command> --help` lists the options of a command; every option can also\n"
+          "be set through the KVDEX_* environment variable shown there.\n");
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
+      !strcmp(argv[1], "help")) {
+    usage(argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const char *cmd = argv[1];
+  if (!strcmp(cmd, "serve")) return kvdex_cmd_serve(argc - 1, argv + 1);
+  if (!strcmp(cmd, "demo")) return kvdex_cmd_demo(argc - 1, argv + 1);
+  if (!strcmp(cmd, "bench")) return kvdex_cmd_bench(argc - 1, argv + 1);
+  if (!strcmp(cmd, "inspect")) return kvdex_cmd_inspect(argc - 1, argv + 1);
+  if (!strcmp(cmd, "settings")) {
+    kvdex_settings_print_table(stdout);
+    return 0;
+  }
+  fprintf(stderr, "kvdex: unknown command '%s'\n\n", cmd);
+  usage(stderr);
+  return 2;
+}

@@ -1,0 +1,1331 @@
+/* server: the kvdex gRPC server on the gRPC C core (C API only). Serves
+ * kvdex.v1.KVStore, kvdex.v1.Retrieval and grpc.health.v1.Health/Check over a
+ * kvdex_store; every other method answers UNIMPLEMENTED.
+ *
+ * N worker threads, each with its own completion queue and one outstanding request
+ * slot per method. A call is a small state machine (kvdex__call_state) driven only by
+ * events of its worker's queue, so no call is ever touched by two threads and calls
+ * need no locks. Requests are unpacked with protobuf-c and every size is checked
+ * against the sequence's shape before the store or the index sees it.
+ * It does not own the store or the pool, and it never prints (KVDEX_LOG only).
+ */
+#include "workers/server.h"
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/log.h>
+#include <grpc/support/time.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "grpc/health/v1/health.pb-c.h"
+#include "kvdex/v1/kvdex.pb-c.h"
+#include "proto/wire.h"
+
+#define KVDEX__DEFAULT_MAX_MESSAGE (64u << 20)
+#define KVDEX__DEFAULT_READ_CHUNK 4096u
+#define KVDEX__MAX_THREADS 256u
+/* Room for the fields around the tensor bytes of one message (ids are counted apart). */
+#define KVDEX__MSG_OVERHEAD 1024u
+
+/* ---- Methods ------------------------------------------------------------------ */
+
+typedef enum kvdex__method {
+  KVDEX__M_CREATE,
+  KVDEX__M_DELETE,
+  KVDEX__M_STAT,
+  KVDEX__M_LIST,
+  KVDEX__M_APPEND,
+  KVDEX__M_READ,
+  KVDEX__M_SEARCH,
+  KVDEX__M_HEALTH,
+  KVDEX__M_UNKNOWN, /* everything not registered: grpc_server_request_call */
+  KVDEX__M_COUNT
+} kvdex__method;
+
+static const struct {
+  const char *path;
+  const char *name;
+  grpc_server_register_method_payload_handling payload;
+} kvdex__methods[KVDEX__M_COUNT] = {
+    {"/kvdex.v1.KVStore/CreateSequence", "CreateSequence", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {"/kvdex.v1.KVStore/DeleteSequence", "DeleteSequence", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {"/kvdex.v1.KVStore/StatSequence", "StatSequence", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {"/kvdex.v1.KVStore/ListSequences", "ListSequences", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {"/kvdex.v1.KVStore/AppendKV", "AppendKV", GRPC_SRM_PAYLOAD_NONE},
+    {"/kvdex.v1.KVStore/ReadKV", "ReadKV", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {"/kvdex.v1.Retrieval/Search", "Search", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {"/grpc.health.v1.Health/Check", "Health/Check", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {NULL, "(unregistered)", GRPC_SRM_PAYLOAD_NONE},
+};
+
+/* ---- Per-worker arena: request-scoped memory of one event's handling ----------- */
+
+typedef struct kvdex__chunk {
+  struct kvdex__chunk *next;
+  size_t cap, used;
+} kvdex__chunk;
+
+#define KVDEX__CHUNK_HDR ((sizeof(kvdex__chunk) + 15) & ~(size_t)15)
+#define KVDEX__CHUNK_SIZE ((size_t)64 << 10)
+
+typedef struct kvdex__arena {
+  kvdex__chunk *head;
+} kvdex__arena;
+
+/* 16-byte aligned, zeroed memory that lives until kvdex__arena_reset. NULL (with
+ * KVDEX_ENOMEM recorded) when malloc fails. */
+static void *kvdex__arena_alloc(kvdex__arena *a, size_t n) {
+  if (n > SIZE_MAX / 4) {
+    kvdex__seterr(KVDEX_ENOMEM, "out of memory (%zu bytes)", n);
+    return NULL;
+  }
+  n = (n + 15) & ~(size_t)15;
+  kvdex__chunk *c = a->head;
+  if (!c || c->cap - c->used < n) {
+    size_t cap = n > KVDEX__CHUNK_SIZE ? n : KVDEX__CHUNK_SIZE;
+    c = malloc(KVDEX__CHUNK_HDR + cap);
+    if (!c) {
+      kvdex__seterr(KVDEX_ENOMEM, "out of memory (%zu bytes)", n);
+      return NULL;
+    }
+    c->cap = cap;
+    c->used = 0;
+    c->next = a->head;
+    a->head = c;
+  }
+  void *p = (char *)c + KVDEX__CHUNK_HDR + c->used;
+  c->used += n;
+  memset(p, 0, n);
+  return p;
+}
+
+static char *kvdex__arena_strdup(kvdex__arena *a, const char *s) {
+  size_t n = strlen(s) + 1;
+  char *p = kvdex__arena_alloc(a, n);
+  if (p) memcpy(p, s, n);
+  return p;
+}
+
+/* Frees everything; keeps one standard chunk for the next event. */
+static void kvdex__arena_reset(kvdex__arena *a) {
+  kvdex__chunk *keep = NULL;
+  for (kvdex__chunk *c = a->head, *next; c; c = next) {
+    next = c->next;
+    if (!keep && c->cap == KVDEX__CHUNK_SIZE) {
+      keep = c;
+    } else {
+      free(c);
+    }
+  }
+  if (keep) {
+    keep->next = NULL;
+    keep->used = 0;
+  }
+  a->head = keep;
+}
+
+static void kvdex__arena_free(kvdex__arena *a) {
+  for (kvdex__chunk *c = a->head, *next; c; c = next) {
+    next = c->next;
+    free(c);
+  }
+  a->head = NULL;
+}
+
+/* ---- Server, workers, calls ---------------------------------------------------- */
+
+typedef struct kvdex__worker kvdex__worker;
+typedef struct kvdex__call kvdex__call;
+
+typedef enum kvdex__tag_kind { KVDEX__TAG_NEW, KVDEX__TAG_OPS, KVDEX__TAG_CLOSE } kvdex__tag_kind;
+
+/* What a completion-queue event points at: a call and which of its operations. */
+typedef struct kvdex__tag {
+  kvdex__call *call;
+  kvdex__tag_kind kind;
+} kvdex__tag;
+
+/* The life of a call context:
+ *   REQUESTED --new call--> (RECV_CLOSE_ON_SERVER is started at once, then)
+ *     unary methods:  handled synchronously --------------------------> FINISH
+ *     AppendKV:       APPEND_RECV (one RECV_MESSAGE at a time)
+ *                       message   -> stage it (refused -> abort -> FINISH)
+ *                       no message-> APPEND_PROBE: send initial metadata; it fails
+ *                                    when the stream was cancelled (a cancel looks
+ *                                    like end-of-stream) -> abort -> FINISH,
+ *                                    else commit -> FINISH
+ *     ReadKV:         READ_SEND (one chunk at a time) -> FINISH
+ *   FINISH: status (and response) being sent -> DONE
+ *   DONE: freed once no batch and no RECV_CLOSE_ON_SERVER is outstanding.
+ * A slot whose request fails (server shutting down) goes REQUESTED -> DONE. */
+typedef enum kvdex__call_state {
+  KVDEX__ST_REQUESTED,
+  KVDEX__ST_APPEND_RECV,
+  KVDEX__ST_APPEND_PROBE,
+  KVDEX__ST_READ_SEND,
+  KVDEX__ST_FINISH,
+  KVDEX__ST_DONE,
+} kvdex__call_state;
+
+struct kvdex__call {
+  kvdex__worker *w;
+  kvdex__method method;
+  kvdex__call_state state;
+  grpc_call *call;
+  gpr_timespec deadline;      /* registered methods */
+  grpc_call_details details;  /* unregistered methods (deadline, method name) */
+  grpc_metadata_array md;
+  grpc_byte_buffer *payload;  /* request of unary and server-streaming methods */
+  grpc_byte_buffer *recv_buf; /* AppendKV: the message being received */
+  grpc_byte_buffer *send_buf; /* the message being sent */
+  int cancelled;              /* RECV_CLOSE_ON_SERVER's result */
+  bool close_pending;         /* RECV_CLOSE_ON_SERVER started, not completed */
+  bool close_done;
+  bool md_sent;               /* initial metadata sent (or being sent) */
+  int ops_pending;            /* batches on t_ops not yet completed (0 or 1) */
+  kvdex__tag t_new, t_ops, t_close;
+  kvdex_seq *seq; /* AppendKV, ReadKV: a reference held for the call */
+  /* AppendKV */
+  kvdex_txn *txn;
+  uint64_t n_msgs;
+  /* ReadKV */
+  Kvdex__V1__ReadKVRequest *rd_req;
+  size_t rd_rng, rd_id, rd_chunk;
+  uint64_t rd_pos;
+  uint64_t *rd_ids;
+  void *rd_k, *rd_v;
+  size_t rd_row; /* bytes of one token of one kv head */
+};
+
+struct kvdex__worker {
+  kvdex_server *srv;
+  unsigned idx;
+  grpc_completion_queue *cq;
+  pthread_t thread;
+  bool started;
+  /* per-thread scratch, reused across calls */
+  kvdex__arena arena;
+  float *qf;
+  size_t qf_cap;
+  kvdex_search_result res;
+};
+
+struct kvdex_server {
+  grpc_server *server;
+  grpc_completion_queue *shutdown_cq;
+  kvdex_store *store;
+  kvdex_pool *pool;
+  void *methods[KVDEX__M_COUNT];
+  unsigned n_workers;
+  kvdex__worker *workers;
+  int port;
+  uint64_t max_message;
+  atomic_int stopping;
+  /* live call contexts (request slots included); stop waits for zero */
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  long live;
+};
+
+static void kvdex__live_add(kvdex_server *srv, long d) {
+  pthread_mutex_lock(&srv->mu);
+  srv->live += d;
+  if (srv->live == 0) pthread_cond_broadcast(&srv->cv);
+  pthread_mutex_unlock(&srv->mu);
+}
+
+/* ---- Small helpers ------------------------------------------------------------- */
+
+static bool kvdex__deadline_passed(gpr_timespec dl) {
+  if (dl.clock_type == GPR_TIMESPAN) return false;
+  return gpr_time_cmp(dl, gpr_now(dl.clock_type)) < 0;
+}
+
+static gpr_timespec kvdex__call_deadline(const kvdex__call *c) {
+  return c->method == KVDEX__M_UNKNOWN ? c->details.deadline : c->deadline;
+}
+
+static void kvdex__bb_destroy(grpc_byte_buffer *bb) {
+  if (bb) grpc_byte_buffer_destroy(bb);
+}
+
+/* The bytes of a received message as one slice (a reference when the buffer is a
+ * single uncompressed slice, a copy otherwise). */
+static int kvdex__bb_slice(grpc_byte_buffer *bb, grpc_slice *out /* OUT */) {
+  if (bb->type == GRPC_BB_RAW && bb->data.raw.compression == GRPC_COMPRESS_NONE &&
+      bb->data.raw.slice_buffer.count == 1) {
+    *out = grpc_slice_ref(bb->data.raw.slice_buffer.slices[0]);
+    return KVDEX_OK;
+  }
+  grpc_byte_buffer_reader r;
+  if (!grpc_byte_buffer_reader_init(&r, bb))
+    return kvdex__seterr(KVDEX_EINVAL, "cannot decompress the request message");
+  *out = grpc_byte_buffer_reader_readall(&r);
+  grpc_byte_buffer_reader_destroy(&r);
+  return KVDEX_OK;
+}
+
+/* Unpacks a request; NULL with KVDEX_EINVAL "cannot parse <what>" on garbage. */
+static void *kvdex__unpack(const ProtobufCMessageDescriptor *d, const char *what,
+                           grpc_byte_buffer *bb) {
+  grpc_slice s;
+  if (kvdex__bb_slice(bb, &s)) return NULL;
+  ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(s),
+                                                  GRPC_SLICE_START_PTR(s));
+  grpc_slice_unref(s);
+  if (!m) kvdex__seterr(KVDEX_EINVAL, "cannot parse %s", what);
+  return m;
+}
+
+/* Packs a response into a byte buffer (owned by the caller). KVDEX_ENOMEM when it
+ * is larger than the max message size or memory runs out. */
+static int kvdex__pack(const kvdex_server *srv, const ProtobufCMessage *m,
+                       grpc_byte_buffer **out /* OUT */) {
+  size_t n = protobuf_c_message_get_packed_size(m);
+  if (n > srv->max_message)
+    return kvdex__seterr(KVDEX_ENOMEM,
+                         "response of %zu bytes exceeds the max message size (%llu bytes)", n,
+                         (unsigned long long)srv->max_message);
+  grpc_slice s;
+  if (n == 0) {
+    s = grpc_empty_slice();
+  } else {
+    uint8_t *buf = malloc(n);
+    if (!buf) return kvdex__seterr(KVDEX_ENOMEM, "out of memory packing %zu bytes", n);
+    protobuf_c_message_pack(m, buf);
+    s = grpc_slice_new(buf, n, free);
+  }
+  *out = grpc_raw_byte_buffer_create(&s, 1);
+  grpc_slice_unref(s);
+  return KVDEX_OK;
+}
+
+/* Checks a SequenceRef; *ns gets the namespace to use ("" -> "default"). */
+static int kvdex__ref_check(const Kvdex__V1__SequenceRef *ref, const char *field,
+                            const char **ns /* OUT */, const char **id /* OUT */) {
+  if (!ref) return kvdex__seterr(KVDEX_EINVAL, "%s is required", field);
+  const char *n = ref->namespace_ ? ref->namespace_ : "";
+  const char *i = ref->sequence_id ? ref->sequence_id : "";
+  if (kvdex_name_check(n, i)) return kvdex__preerr(KVDEX_EINVAL, field);
+  *ns = kvdex_wire_namespace(n);
+  *id = i;
+  return KVDEX_OK;
+}
+
+static int kvdex__open(kvdex_server *srv, const Kvdex__V1__SequenceRef *ref, const char *field,
+                       kvdex_seq **out /* OUT */) {
+  const char *ns, *id;
+  int rc = kvdex__ref_check(ref, field, &ns, &id);
+  if (rc) return rc;
+  return kvdex_seq_open(srv->store, ns, id, out);
+}
+
+static int kvdex__fill_info(kvdex__arena *a, kvdex_seq *seq,
+                            Kvdex__V1__SequenceInfo *info /* OUT */) {
+  kvdex__v1__sequence_info__init(info);
+  Kvdex__V1__SequenceRef *ref = kvdex__arena_alloc(a, sizeof *ref);
+  Kvdex__V1__Shape *shape = kvdex__arena_alloc(a, sizeof *shape);
+  if (!ref || !shape) return KVDEX_ENOMEM;
+  kvdex__v1__sequence_ref__init(ref);
+  kvdex__v1__shape__init(shape);
+  ref->namespace_ = kvdex__arena_strdup(a, kvdex_seq_namespace(seq));
+  ref->sequence_id = kvdex__arena_strdup(a, kvdex_seq_id(seq));
+  if (!ref->namespace_ || !ref->sequence_id) return KVDEX_ENOMEM;
+  const kvdex_shape *sh = kvdex_seq_shape(seq);
+  kvdex_wire_shape_to_pb(sh, shape);
+  info->seq = ref;
+  info->shape = shape;
+  info->n_layer_tokens = sh->n_layers;
+  info->layer_tokens = kvdex__arena_alloc(a, sizeof(uint64_t) * sh->n_layers);
+  if (!info->layer_tokens) return KVDEX_ENOMEM;
+  for (uint32_t l = 0; l < sh->n_layers; l++) info->layer_tokens[l] = kvdex_seq_tokens(seq, l);
+  info->bytes = kvdex_seq_bytes(seq);
+  return KVDEX_OK;
+}
+
+/* ---- Batches ------------------------------------------------------------------- */
+
+static void kvdex__call_finish(kvdex__call *c, grpc_status_code code, const char *details);
+
+/* Starts a batch on t_ops. On a refused batch (a bug) the call is cancelled so its
+ * RECV_CLOSE_ON_SERVER completes, and the call goes to DONE. */
+static bool kvdex__start_ops(kvdex__call *c, const grpc_op *ops, size_t n) {
+  grpc_call_error err = grpc_call_start_batch(c->call, ops, n, &c->t_ops, NULL);
+  if (err != GRPC_CALL_OK) {
+    KVDEX_LOG(KVDEX_LOG_ERROR, "%s: grpc_call_start_batch: %s", kvdex__methods[c->method].name,
+              grpc_call_error_to_string(err));
+    grpc_call_cancel(c->call, NULL);
+    c->state = KVDEX__ST_DONE;
+    return false;
+  }
+  c->ops_pending++;
+  return true;
+}
+
+/* Sends [initial metadata,] [c->send_buf,] status; the call goes to FINISH. */
+static void kvdex__call_finish(kvdex__call *c, grpc_status_code code, const char *details) {
+  grpc_op ops[3];
+  size_t n = 0;
+  memset(ops, 0, sizeof ops);
+  if (!c->md_sent) {
+    ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+    n++;
+    c->md_sent = true;
+  }
+  if (c->send_buf && code == GRPC_STATUS_OK) {
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n].data.send_message.send_message = c->send_buf;
+    n++;
+  }
+  grpc_slice det = grpc_slice_from_copied_string(details ? details : "");
+  ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+  ops[n].data.send_status_from_server.status = code;
+  ops[n].data.send_status_from_server.status_details = details && details[0] ? &det : NULL;
+  n++;
+  if (code != GRPC_STATUS_OK)
+    KVDEX_LOG(code == GRPC_STATUS_INTERNAL ? KVDEX_LOG_WARN : KVDEX_LOG_DEBUG,
+              "%s: status %d: %s", kvdex__methods[c->method].name, (int)code,
+              details ? details : "");
+  c->state = KVDEX__ST_FINISH;
+  kvdex__start_ops(c, ops, n);
+  grpc_slice_unref(det); /* not retained past grpc_call_start_batch */
+}
+
+/* Finishes with rc (KVDEX_OK: send c->send_buf) and kvdex_errmsg() as details. */
+static void kvdex__call_finish_rc(kvdex__call *c, int rc) {
+  if (rc == KVDEX_OK) {
+    kvdex__call_finish(c, GRPC_STATUS_OK, NULL);
+  } else {
+    kvdex__call_finish(c, kvdex_wire_status(rc), kvdex_errmsg());
+  }
+}
+
+/* ---- Unary handlers: request payload -> c->send_buf, or an error --------------- */
+
+static int kvdex__do_create(kvdex__call *c) {
+  kvdex_server *srv = c->w->srv;
+  Kvdex__V1__CreateSequenceRequest *req =
+      kvdex__unpack(&kvdex__v1__create_sequence_request__descriptor, "CreateSequenceRequest",
+                    c->payload);
+  if (!req) return KVDEX_EINVAL;
+  const char *ns, *id;
+  int rc = kvdex__ref_check(req->seq, "seq", &ns, &id);
+  if (!rc && !req->shape) rc = kvdex__seterr(KVDEX_EINVAL, "shape is required");
+  if (!rc) {
+    kvdex_shape shape;
+    kvdex_wire_shape_from_pb(req->shape, &shape);
+    rc = kvdex_shape_check(&shape);
+    if (!rc) rc = kvdex_seq_create(srv->store, ns, id, &shape);
+  }
+  if (!rc) {
+    Kvdex__V1__CreateSequenceResponse resp = KVDEX__V1__CREATE_SEQUENCE_RESPONSE__INIT;
+    rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  }
+  protobuf_c_message_free_unpacked(&req->base, NULL);
+  return rc;
+}
+
+static int kvdex__do_delete(kvdex__call *c) {
+  kvdex_server *srv = c->w->srv;
+  Kvdex__V1__DeleteSequenceRequest *req = kvdex__unpack(
+      &kvdex__v1__delete_sequence_request__descriptor, "DeleteSequenceRequest", c->payload);
+  if (!req) return KVDEX_EINVAL;
+  const char *ns, *id;
+  uint64_t freed = 0;
+  int rc = kvdex__ref_check(req->seq, "seq", &ns, &id);
+  if (!rc) rc = kvdex_seq_delete(srv->store, ns, id, &freed);
+  if (!rc) {
+    Kvdex__V1__DeleteSequenceResponse resp = KVDEX__V1__DELETE_SEQUENCE_RESPONSE__INIT;
+    resp.bytes_freed = freed;
+    rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  }
+  protobuf_c_message_free_unpacked(&req->base, NULL);
+  return rc;
+}
+
+static int kvdex__do_stat(kvdex__call *c) {
+  kvdex_server *srv = c->w->srv;
+  Kvdex__V1__StatSequenceRequest *req = kvdex__unpack(
+      &kvdex__v1__stat_sequence_request__descriptor, "StatSequenceRequest", c->payload);
+  if (!req) return KVDEX_EINVAL;
+  kvdex_seq *seq = NULL;
+  int rc = kvdex__open(srv, req->seq, "seq", &seq);
+  if (!rc) {
+    Kvdex__V1__SequenceInfo info;
+    Kvdex__V1__StatSequenceResponse resp = KVDEX__V1__STAT_SEQUENCE_RESPONSE__INIT;
+    rc = kvdex__fill_info(&c->w->arena, seq, &info);
+    resp.info = &info;
+    if (!rc) rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  }
+  kvdex_seq_release(seq);
+  protobuf_c_message_free_unpacked(&req->base, NULL);
+  return rc;
+}
+
+typedef struct kvdex__list_ctx {
+  kvdex__arena *arena;
+  Kvdex__V1__SequenceInfo **infos;
+  size_t n, cap;
+  int rc;
+} kvdex__list_ctx;
+
+static void kvdex__list_visit(void *ctx, kvdex_seq *seq) {
+  kvdex__list_ctx *l = ctx;
+  if (l->rc) return;
+  if (l->n == l->cap) {
+    size_t cap = l->cap ? 2 * l->cap : 64;
+    Kvdex__V1__SequenceInfo **infos = kvdex__arena_alloc(l->arena, cap * sizeof *infos);
+    if (!infos) {
+      l->rc = KVDEX_ENOMEM;
+      return;
+    }
+    if (l->n) memcpy(infos, l->infos, l->n * sizeof *infos);
+    l->infos = infos;
+    l->cap = cap;
+  }
+  Kvdex__V1__SequenceInfo *info = kvdex__arena_alloc(l->arena, sizeof *info);
+  if (!info || kvdex__fill_info(l->arena, seq, info)) {
+    l->rc = KVDEX_ENOMEM;
+    return;
+  }
+  l->infos[l->n++] = info;
+}
+
+static int kvdex__do_list(kvdex__call *c) {
+  kvdex_server *srv = c->w->srv;
+  Kvdex__V1__ListSequencesRequest *req = kvdex__unpack(
+      &kvdex__v1__list_sequences_request__descriptor, "ListSequencesRequest", c->payload);
+  if (!req) return KVDEX_EINVAL;
+  int rc = KVDEX_OK;
+  const char *ns = req->namespace_ && req->namespace_[0] ? req->namespace_ : NULL;
+  if (ns && kvdex_name_check(ns, "x")) rc = KVDEX_EINVAL; /* names the namespace */
+  if (!rc) {
+    kvdex__list_ctx l = {.arena = &c->w->arena};
+    kvdex_store_list(srv->store, ns, kvdex__list_visit, &l);
+    rc = l.rc;
+    if (rc) rc = kvdex__seterr(rc, "out of memory listing sequences");
+    if (!rc) {
+      kvdex_store_stats st;
+      kvdex_store_stats_get(srv->store, &st);
+      Kvdex__V1__ListSequencesResponse resp = KVDEX__V1__LIST_SEQUENCES_RESPONSE__INIT;
+      resp.n_sequences = l.n;
+      resp.sequences = l.infos;
+      resp.node_bytes_used = st.bytes_used;
+      resp.node_bytes_cap = st.bytes_cap;
+      rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+    }
+  }
+  protobuf_c_message_free_unpacked(&req->base, NULL);
+  return rc;
+}
+
+static int kvdex__do_health(kvdex__call *c) {
+  kvdex_server *srv = c->w->srv;
+  Grpc__Health__V1__HealthCheckRequest *req = kvdex__unpack(
+      &grpc__health__v1__health_check_request__descriptor, "HealthCheckRequest", c->payload);
+  if (!req) return KVDEX_EINVAL;
+  int rc = KVDEX_OK;
+  const char *svc = req->service ? req->service : "";
+  if (svc[0] && strcmp(svc, "kvdex.v1.KVStore") && strcmp(svc, "kvdex.v1.Retrieval") &&
+      strcmp(svc, "grpc.health.v1.Health"))
+    rc = kvdex__seterr(KVDEX_ENOTFOUND, "unknown service \"%.200s\"", svc);
+  if (!rc) {
+    Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    resp.status = atomic_load(&srv->stopping)
+                      ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
+                      : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+    rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  }
+  protobuf_c_message_free_unpacked(&req->base, NULL);
+  return rc;
+}
+
+/* ---- Search -------------------------------------------------------------------- */
+
+/* Copies the hit rows of one (layer, kv head) into k/v ([hits][head_dim], seq dtype). */
+static int kvdex__copy_rows(kvdex_seq *seq, uint32_t layer, uint32_t kv_head,
+                            const kvdex_hit *hits, uint32_t n, uint8_t *k, uint8_t *v) {
+  kvdex_kv_view view;
+  int rc = kvdex_seq_view(seq, layer, kv_head, &view);
+  if (rc) return rc;
+  size_t row = (size_t)view.head_dim * kvdex_dtype_size(view.dtype);
+  for (uint32_t i = 0; i < n; i++) {
+    uint64_t t = hits[i].id;
+    if (t >= view.n_tokens)
+      return kvdex__seterr(KVDEX_EINTERNAL, "hit %llu beyond the %llu committed tokens",
+                           (unsigned long long)t, (unsigned long long)view.n_tokens);
+    uint64_t b = t / view.block_tokens, off = t % view.block_tokens;
+    memcpy(k + i * row, (const uint8_t *)view.k_blocks[b] + off * row, row);
+    memcpy(v + i * row, (const uint8_t *)view.v_blocks[b] + off * row, row);
+  }
+  return KVDEX_OK;
+}
+
+/* One SearchQuery -> one SearchResult (arrays in the arena). *budget is what is left
+ * of the max message size; the estimate of this result is taken from it. */
+static int kvdex__search_one(kvdex__worker *w, const Kvdex__V1__SearchRequest *req, size_t qi,
+                             const kvdex_search_opts *opts, bool return_kv, uint64_t *budget,
+                             Kvdex__V1__SearchResult *out /* OUT */) {
+  kvdex_server *srv = w->srv;
+  kvdex__arena *a = &w->arena;
+  const Kvdex__V1__SearchQuery *q = req->queries[qi];
+  char field[48];
+  snprintf(field, sizeof field, "queries[%zu]", qi);
+  kvdex_seq *seq = NULL;
+  int rc = kvdex__open(srv, q->seq, field, &seq);
+  if (rc) return rc;
+  const kvdex_shape *sh = kvdex_seq_shape(seq);
+  int qd = q->query_dtype == KVDEX__V1__DTYPE__DTYPE_UNSPECIFIED ? KVDEX_DTYPE_F32
+                                                                 : (int)q->query_dtype;
+  size_t qsz = kvdex_dtype_size(qd);
+  size_t n_q = (size_t)sh->n_q_heads * sh->head_dim;
+  if (req->layer >= sh->n_layers) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (the sequence has %u layers)",
+                       req->layer, sh->n_layers);
+  } else if (qsz == 0) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "%s.query_dtype %d is not a known dtype", field, qd);
+  } else if (q->q.len != n_q * qsz) {
+    rc = kvdex__seterr(KVDEX_EINVAL,
+                       "%s.q has %zu bytes, expected n_q_heads (%u) x head_dim (%u) x %zu (%s) "
+                       "= %zu",
+                       field, q->q.len, sh->n_q_heads, sh->head_dim, qsz, kvdex_dtype_name(qd),
+                       n_q * qsz);
+  }
+  if (rc) goto out;
+
+  /* Bound the response before doing the work: n_q_heads x min(k, tokens) hits. */
+  uint64_t tokens = kvdex_seq_tokens(seq, req->layer);
+  uint64_t max_hits = opts->k < tokens ? opts->k : tokens;
+  size_t row = (size_t)sh->head_dim * kvdex_dtype_size(sh->dtype);
+  uint64_t per_hit = 8 + 11 + (return_kv ? 2 * (uint64_t)row : 0);
+  uint64_t est = (uint64_t)sh->n_q_heads * (max_hits * per_hit + 32) + 64;
+  if (est > *budget) {
+    rc = kvdex__seterr(KVDEX_ENOMEM,
+                       "the response would exceed the max message size (%llu bytes): lower k, "
+                       "drop return_kv or split the batch",
+                       (unsigned long long)srv->max_message);
+    goto out;
+  }
+  *budget -= est;
+
+  if (w->qf_cap < n_q) {
+    float *qf = realloc(w->qf, n_q * sizeof(float));
+    if (!qf) {
+      rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+      goto out;
+    }
+    w->qf = qf;
+    w->qf_cap = n_q;
+  }
+  kvdex_to_f32(qd, q->q.data, w->qf, n_q);
+  rc = kvdex_exact_search(seq, req->layer, w->qf, opts, srv->pool, &w->res);
+  if (rc) {
+    rc = kvdex__preerr(rc, field);
+    goto out;
+  }
+
+  kvdex__v1__search_result__init(out);
+  out->keys_scanned = w->res.keys_scanned;
+  out->tokens = w->res.tokens;
+  out->n_heads = w->res.n_q_heads;
+  out->heads = kvdex__arena_alloc(a, sizeof(*out->heads) * out->n_heads);
+  if (!out->heads) goto oom;
+  uint32_t group = sh->n_q_heads / sh->n_kv_heads;
+  for (uint32_t h = 0; h < w->res.n_q_heads; h++) {
+    const kvdex_head_result *hr = &w->res.heads[h];
+    Kvdex__V1__HeadHits *hh = kvdex__arena_alloc(a, sizeof *hh);
+    if (!hh) goto oom;
+    kvdex__v1__head_hits__init(hh);
+    out->heads[h] = hh;
+    hh->n_token_ids = hh->n_scores = hr->n_hits;
+    hh->token_ids = kvdex__arena_alloc(a, sizeof(uint64_t) * hr->n_hits + 1);
+    hh->scores = kvdex__arena_alloc(a, sizeof(float) * hr->n_hits + 1);
+    if (!hh->token_ids || !hh->scores) goto oom;
+    for (uint32_t i = 0; i < hr->n_hits; i++) {
+      hh->token_ids[i] = hr->hits[i].id;
+      hh->scores[i] = hr->hits[i].score;
+    }
+    if (return_kv && hr->n_hits) {
+      size_t bytes = (size_t)hr->n_hits * row;
+      hh->k.data = kvdex__arena_alloc(a, bytes);
+      hh->v.data = kvdex__arena_alloc(a, bytes);
+      if (!hh->k.data || !hh->v.data) goto oom;
+      hh->k.len = hh->v.len = bytes;
+      rc = kvdex__copy_rows(seq, req->layer, h / group, hr->hits, hr->n_hits, hh->k.data,
+                            hh->v.data);
+      if (rc) goto out;
+    }
+  }
+  goto out;
+oom:
+  rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory building the search response");
+out:
+  kvdex_seq_release(seq);
+  return rc;
+}
+
+static int kvdex__do_search(kvdex__call *c) {
+  kvdex__worker *w = c->w;
+  kvdex_server *srv = w->srv;
+  Kvdex__V1__SearchRequest *req =
+      kvdex__unpack(&kvdex__v1__search_request__descriptor, "SearchRequest", c->payload);
+  if (!req) return KVDEX_EINVAL;
+  int rc = KVDEX_OK;
+  const Kvdex__V1__SearchOptions *o = req->options;
+  const char *index = o && o->index ? o->index : "";
+  if (!o || o->k < 1 || o->k > KVDEX_MAX_K) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "options.k must be in 1..%d (got %u)", KVDEX_MAX_K,
+                       o ? o->k : 0);
+  } else if (index[0] && strcmp(index, "exact") && strcmp(index, "auto")) {
+    rc = kvdex__seterr(KVDEX_EINVAL,
+                       "options.index \"%.64s\" is not known (use \"\", \"exact\" or \"auto\")",
+                       index);
+  }
+  Kvdex__V1__SearchResponse resp = KVDEX__V1__SEARCH_RESPONSE__INIT;
+  if (!rc && req->n_queries) {
+    resp.results = kvdex__arena_alloc(&w->arena, sizeof(*resp.results) * req->n_queries);
+    if (!resp.results) rc = KVDEX_ENOMEM;
+  }
+  kvdex_search_opts opts = {.k = o ? o->k : 0,
+                            .sinks = o ? o->sinks : 0,
+                            .window = o ? o->window : 0,
+                            .simd = KVDEX_SIMD_AUTO};
+  uint64_t budget = srv->max_message;
+  for (size_t i = 0; !rc && i < req->n_queries; i++) {
+    if (kvdex__deadline_passed(kvdex__call_deadline(c))) {
+      rc = kvdex__seterr(KVDEX_ETIMEDOUT, "deadline passed after %zu of %zu queries", i,
+                         req->n_queries);
+      break;
+    }
+    Kvdex__V1__SearchResult *r = kvdex__arena_alloc(&w->arena, sizeof *r);
+    if (!r) {
+      rc = KVDEX_ENOMEM;
+      break;
+    }
+    rc = kvdex__search_one(w, req, i, &opts, o->return_kv, &budget, r);
+    resp.results[i] = r;
+    resp.n_results = i + 1;
+  }
+  if (!rc) rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  protobuf_c_message_free_unpacked(&req->base, NULL);
+  return rc;
+}
+
+/* ---- AppendKV ------------------------------------------------------------------ */
+
+static void kvdex__append_recv(kvdex__call *c) {
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_RECV_MESSAGE;
+  op.data.recv_message.recv_message = &c->recv_buf;
+  c->state = KVDEX__ST_APPEND_RECV;
+  kvdex__start_ops(c, &op, 1);
+}
+
+/* Ends the stream with a failure: nothing of it is stored. */
+static void kvdex__append_fail(kvdex__call *c, int rc) {
+  kvdex_txn_abort(c->txn);
+  c->txn = NULL;
+  kvdex__call_finish_rc(c, rc);
+}
+
+/* Validates and stages one message. */
+static int kvdex__append_msg(kvdex__call *c, const Kvdex__V1__AppendKVRequest *m) {
+  kvdex_server *srv = c->w->srv;
+  int rc;
+  const Kvdex__V1__SequenceRef *ref = m->seq;
+  bool named = ref && ((ref->sequence_id && ref->sequence_id[0]) ||
+                       (ref->namespace_ && ref->namespace_[0]));
+  if (!c->seq) {
+    if (!named) return kvdex__seterr(KVDEX_EINVAL, "the first AppendKV message must set seq");
+    rc = kvdex__open(srv, ref, "seq", &c->seq);
+    if (rc) return rc;
+    rc = kvdex_txn_begin(c->seq, &c->txn);
+    if (rc) return rc;
+  } else if (named) {
+    const char *ns, *id;
+    rc = kvdex__ref_check(ref, "seq", &ns, &id);
+    if (rc) return rc;
+    if (strcmp(ns, kvdex_seq_namespace(c->seq)) || strcmp(id, kvdex_seq_id(c->seq)))
+      return kvdex__seterr(KVDEX_EINVAL, "seq names %s/%s, but the stream is for %s/%s", ns,
+                           id, kvdex_seq_namespace(c->seq), kvdex_seq_id(c->seq));
+  }
+  const kvdex_shape *sh = kvdex_seq_shape(c->seq);
+  if (m->layer >= sh->n_layers)
+    return kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (the sequence has %u layers)",
+                         m->layer, sh->n_layers);
+  if (m->token_start > UINT64_MAX - m->n_tokens)
+    return kvdex__seterr(KVDEX_EINVAL, "token_start %llu + n_tokens %u overflows",
+                         (unsigned long long)m->token_start, m->n_tokens);
+  size_t dsz = kvdex_dtype_size(sh->dtype);
+  uint64_t want = (uint64_t)sh->n_kv_heads * m->n_tokens * sh->head_dim * dsz;
+  if (m->k.len != want || m->v.len != want)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "k has %zu and v %zu bytes, expected n_kv_heads (%u) x n_tokens (%u) x "
+                         "head_dim (%u) x %zu (%s) = %llu",
+                         m->k.len, m->v.len, sh->n_kv_heads, m->n_tokens, sh->head_dim, dsz,
+                         kvdex_dtype_name(sh->dtype), (unsigned long long)want);
+  if (m->n_tokens == 0) return KVDEX_OK; /* only names the sequence */
+  return kvdex_txn_append(c->txn, m->layer, m->token_start, m->n_tokens, m->k.data, m->v.data);
+}
+
+/* A RECV_MESSAGE completed. */
+static void kvdex__append_on_recv(kvdex__call *c, bool success) {
+  if (!success) { /* the call is gone: cancelled or the connection broke */
+    kvdex__append_fail(c, kvdex__seterr(KVDEX_ECANCELLED, "the stream failed; nothing was stored"));
+    return;
+  }
+  if (!c->recv_buf) {
+    /* End of stream: a clean half-close, or a cancel (which looks the same). Send the
+     * initial metadata as a probe; on a cancelled call it fails. */
+    if (c->close_done) {
+      kvdex__append_fail(c, kvdex__seterr(KVDEX_ECANCELLED,
+                                          "the client cancelled the stream; nothing was stored"));
+      return;
+    }
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_INITIAL_METADATA;
+    c->md_sent = true;
+    c->state = KVDEX__ST_APPEND_PROBE;
+    kvdex__start_ops(c, &op, 1);
+    return;
+  }
+  Kvdex__V1__AppendKVRequest *m =
+      kvdex__unpack(&kvdex__v1__append_kvrequest__descriptor, "AppendKVRequest", c->recv_buf);
+  kvdex__bb_destroy(c->recv_buf);
+  c->recv_buf = NULL;
+  int rc = m ? kvdex__append_msg(c, m) : KVDEX_EINVAL;
+  if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
+  if (rc) {
+    char prefix[48];
+    snprintf(prefix, sizeof prefix, "message %llu", (unsigned long long)c->n_msgs);
+    kvdex__append_fail(c, kvdex__preerr(rc, prefix));
+    return;
+  }
+  c->n_msgs++;
+  kvdex__append_recv(c);
+}
+
+/* The probe after end-of-stream completed: commit unless the stream was cancelled. */
+static void kvdex__append_on_probe(kvdex__call *c, bool success) {
+  if (!success || (c->close_done && c->cancelled)) {
+    KVDEX_LOG(KVDEX_LOG_DEBUG, "AppendKV: cancelled after %llu messages (seen by %s)",
+              (unsigned long long)c->n_msgs, success ? "close" : "probe");
+    kvdex__append_fail(c, kvdex__seterr(KVDEX_ECANCELLED,
+                                        "the client cancelled the stream; nothing was stored"));
+    return;
+  }
+  if (!c->txn) {
+    kvdex__call_finish_rc(c, kvdex__seterr(KVDEX_EINVAL, "the AppendKV stream had no message"));
+    return;
+  }
+  kvdex_txn_result res = {0};
+  int rc = kvdex_txn_commit(c->txn, &res);
+  c->txn = NULL;
+  if (!rc) {
+    kvdex__arena *a = &c->w->arena;
+    const kvdex_shape *sh = kvdex_seq_shape(c->seq);
+    Kvdex__V1__AppendKVResponse resp = KVDEX__V1__APPEND_KVRESPONSE__INIT;
+    resp.tokens_appended = res.tokens_appended;
+    resp.tokens_replayed = res.tokens_replayed;
+    resp.n_layer_tokens = sh->n_layers;
+    resp.layer_tokens = kvdex__arena_alloc(a, sizeof(uint64_t) * sh->n_layers);
+    if (!resp.layer_tokens) {
+      rc = KVDEX_ENOMEM;
+    } else {
+      for (uint32_t l = 0; l < sh->n_layers; l++)
+        resp.layer_tokens[l] = kvdex_seq_tokens(c->seq, l);
+      rc = kvdex__pack(c->w->srv, &resp.base, &c->send_buf);
+    }
+  }
+  kvdex__call_finish_rc(c, rc);
+}
+
+/* ---- ReadKV -------------------------------------------------------------------- */
+
+static int kvdex__read_setup(kvdex__call *c) {
+  kvdex_server *srv = c->w->srv;
+  Kvdex__V1__ReadKVRequest *req =
+      kvdex__unpack(&kvdex__v1__read_kvrequest__descriptor, "ReadKVRequest", c->payload);
+  if (!req) return KVDEX_EINVAL;
+  c->rd_req = req;
+  int rc = kvdex__open(srv, req->seq, "seq", &c->seq);
+  if (rc) return rc;
+  const kvdex_shape *sh = kvdex_seq_shape(c->seq);
+  if (req->layer >= sh->n_layers)
+    return kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (the sequence has %u layers)",
+                         req->layer, sh->n_layers);
+  uint64_t n = kvdex_seq_tokens(c->seq, req->layer);
+  for (size_t i = 0; i < req->n_ranges; i++) {
+    const Kvdex__V1__TokenRange *r = req->ranges[i];
+    if (r->start > r->end)
+      return kvdex__seterr(KVDEX_EINVAL, "ranges[%zu]: start %llu > end %llu", i,
+                           (unsigned long long)r->start, (unsigned long long)r->end);
+    if (r->end > n)
+      return kvdex__seterr(KVDEX_EINVAL,
+                           "ranges[%zu]: end %llu beyond the %llu committed tokens of layer %u", i,
+                           (unsigned long long)r->end, (unsigned long long)n, req->layer);
+  }
+  for (size_t i = 0; i < req->n_token_ids; i++)
+    if (req->token_ids[i] >= n)
+      return kvdex__seterr(KVDEX_EINVAL,
+                           "token_ids[%zu] = %llu, not below the %llu committed tokens of layer %u",
+                           i, (unsigned long long)req->token_ids[i], (unsigned long long)n,
+                           req->layer);
+  /* Tokens per message: as asked (default 4096), within the max message size. */
+  c->rd_row = (size_t)sh->head_dim * kvdex_dtype_size(sh->dtype);
+  uint64_t per_token = 2 * (uint64_t)sh->n_kv_heads * c->rd_row + 10;
+  uint64_t fit = srv->max_message > KVDEX__MSG_OVERHEAD
+                     ? (srv->max_message - KVDEX__MSG_OVERHEAD) / per_token
+                     : 0;
+  if (fit == 0)
+    return kvdex__seterr(KVDEX_ENOMEM,
+                         "one token (%llu bytes) does not fit the max message size (%llu bytes)",
+                         (unsigned long long)per_token, (unsigned long long)srv->max_message);
+  uint64_t chunk = req->max_tokens_per_message ? req->max_tokens_per_message
+                                               : KVDEX__DEFAULT_READ_CHUNK;
+  if (chunk > fit) chunk = fit;
+  c->rd_chunk = (size_t)chunk;
+  size_t kv_bytes = c->rd_chunk * sh->n_kv_heads * c->rd_row;
+  c->rd_ids = malloc(c->rd_chunk * sizeof(uint64_t));
+  c->rd_k = malloc(kv_bytes ? kv_bytes : 1);
+  c->rd_v = malloc(kv_bytes ? kv_bytes : 1);
+  if (!c->rd_ids || !c->rd_k || !c->rd_v)
+    return kvdex__seterr(KVDEX_ENOMEM, "out of memory for %zu-token chunks", c->rd_chunk);
+  c->rd_rng = 0;
+  c->rd_id = 0;
+  c->rd_pos = req->n_ranges ? req->ranges[0]->start : 0;
+  return KVDEX_OK;
+}
+
+/* Sends the next chunk, or finishes with OK after the last. */
+static void kvdex__read_next(kvdex__call *c) {
+  const Kvdex__V1__ReadKVRequest *r = c->rd_req;
+  size_t n = 0;
+  while (n < c->rd_chunk) {
+    if (c->rd_rng < r->n_ranges) {
+      const Kvdex__V1__TokenRange *tr = r->ranges[c->rd_rng];
+      if (c->rd_pos >= tr->end) {
+        if (++c->rd_rng < r->n_ranges) c->rd_pos = r->ranges[c->rd_rng]->start;
+        continue;
+      }
+      c->rd_ids[n++] = c->rd_pos++;
+    } else if (c->rd_id < r->n_token_ids) {
+      c->rd_ids[n++] = r->token_ids[c->rd_id++];
+    } else {
+      break;
+    }
+  }
+  kvdex__bb_destroy(c->send_buf);
+  c->send_buf = NULL;
+  if (n == 0) {
+    kvdex__call_finish(c, GRPC_STATUS_OK, NULL);
+    return;
+  }
+  int rc = kvdex_seq_read(c->seq, r->layer, c->rd_ids, n, c->rd_k, c->rd_v);
+  if (!rc) {
+    Kvdex__V1__ReadKVResponse resp = KVDEX__V1__READ_KVRESPONSE__INIT;
+    resp.n_token_ids = n;
+    resp.token_ids = c->rd_ids;
+    resp.k.len = resp.v.len = n * kvdex_seq_shape(c->seq)->n_kv_heads * c->rd_row;
+    resp.k.data = c->rd_k;
+    resp.v.data = c->rd_v;
+    rc = kvdex__pack(c->w->srv, &resp.base, &c->send_buf);
+  }
+  if (rc) {
+    kvdex__call_finish_rc(c, rc);
+    return;
+  }
+  grpc_op ops[2];
+  size_t nops = 0;
+  memset(ops, 0, sizeof ops);
+  if (!c->md_sent) {
+    ops[nops++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    c->md_sent = true;
+  }
+  ops[nops].op = GRPC_OP_SEND_MESSAGE;
+  ops[nops].data.send_message.send_message = c->send_buf;
+  nops++;
+  c->state = KVDEX__ST_READ_SEND;
+  kvdex__start_ops(c, ops, nops);
+}
+
+/* ---- Call lifecycle ------------------------------------------------------------ */
+
+static int kvdex__request_slot(kvdex__worker *w, kvdex__method method);
+
+static void kvdex__call_free(kvdex__call *c) {
+  kvdex_server *srv = c->w->srv;
+  kvdex_txn_abort(c->txn);
+  kvdex_seq_release(c->seq);
+  if (c->rd_req) protobuf_c_message_free_unpacked(&c->rd_req->base, NULL);
+  free(c->rd_ids);
+  free(c->rd_k);
+  free(c->rd_v);
+  kvdex__bb_destroy(c->payload);
+  kvdex__bb_destroy(c->recv_buf);
+  kvdex__bb_destroy(c->send_buf);
+  grpc_metadata_array_destroy(&c->md);
+  if (c->method == KVDEX__M_UNKNOWN) grpc_call_details_destroy(&c->details);
+  if (c->call) grpc_call_unref(c->call);
+  free(c);
+  kvdex__live_add(srv, -1);
+}
+
+/* A request slot got a call (or failed: the server is shutting down). */
+static void kvdex__call_on_new(kvdex__call *c, bool success) {
+  kvdex__worker *w = c->w;
+  kvdex_server *srv = w->srv;
+  if (!success) {
+    c->state = KVDEX__ST_DONE;
+    return;
+  }
+  if (!atomic_load(&srv->stopping)) kvdex__request_slot(w, c->method);
+
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+  op.data.recv_close_on_server.cancelled = &c->cancelled;
+  grpc_call_error err = grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL);
+  if (err != GRPC_CALL_OK) {
+    KVDEX_LOG(KVDEX_LOG_ERROR, "%s: RECV_CLOSE_ON_SERVER: %s", kvdex__methods[c->method].name,
+              grpc_call_error_to_string(err));
+    grpc_call_cancel(c->call, NULL);
+    c->state = KVDEX__ST_DONE;
+    return;
+  }
+  c->close_pending = true;
+
+  if (kvdex__deadline_passed(kvdex__call_deadline(c))) {
+    kvdex__call_finish(c, GRPC_STATUS_DEADLINE_EXCEEDED,
+                       "the deadline passed before the call was served");
+    return;
+  }
+  if (c->method == KVDEX__M_UNKNOWN) {
+    char msg[320];
+    grpc_slice m = c->details.method;
+    int len = (int)(GRPC_SLICE_LENGTH(m) > 256 ? 256 : GRPC_SLICE_LENGTH(m));
+    const char *p = (const char *)GRPC_SLICE_START_PTR(m);
+    if (len == (int)strlen("/grpc.health.v1.Health/Watch") &&
+        !memcmp(p, "/grpc.health.v1.Health/Watch", (size_t)len)) {
+      snprintf(msg, sizeof msg, "grpc.health.v1.Health/Watch is not served; use Check");
+    } else {
+      snprintf(msg, sizeof msg, "unknown method %.*s", len, p);
+    }
+    kvdex__call_finish(c, GRPC_STATUS_UNIMPLEMENTED, msg);
+    return;
+  }
+  if (c->method == KVDEX__M_APPEND) {
+    kvdex__append_recv(c);
+    return;
+  }
+  if (!c->payload) { /* the client sent no message (or is already gone) */
+    kvdex__call_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "the request message is missing");
+    return;
+  }
+  int rc;
+  switch (c->method) {
+    case KVDEX__M_CREATE: rc = kvdex__do_create(c); break;
+    case KVDEX__M_DELETE: rc = kvdex__do_delete(c); break;
+    case KVDEX__M_STAT: rc = kvdex__do_stat(c); break;
+    case KVDEX__M_LIST: rc = kvdex__do_list(c); break;
+    case KVDEX__M_SEARCH: rc = kvdex__do_search(c); break;
+    case KVDEX__M_HEALTH: rc = kvdex__do_health(c); break;
+    case KVDEX__M_READ:
+      rc = kvdex__read_setup(c);
+      if (!rc) {
+        kvdex__read_next(c);
+        return;
+      }
+      break;
+    default: rc = kvdex__seterr(KVDEX_EINTERNAL, "unhandled method %d", (int)c->method); break;
+  }
+  if (rc && c->send_buf) {
+    kvdex__bb_destroy(c->send_buf);
+    c->send_buf = NULL;
+  }
+  kvdex__call_finish_rc(c, rc);
+}
+
+/* A batch on t_ops completed. */
+static void kvdex__call_on_ops(kvdex__call *c, bool success) {
+  c->ops_pending--;
+  switch (c->state) {
+    case KVDEX__ST_APPEND_RECV: kvdex__append_on_recv(c, success); break;
+    case KVDEX__ST_APPEND_PROBE: kvdex__append_on_probe(c, success); break;
+    case KVDEX__ST_READ_SEND:
+      if (!success || (c->close_done && c->cancelled)) {
+        kvdex__call_finish(c, GRPC_STATUS_CANCELLED, "the stream was cancelled");
+      } else {
+        kvdex__read_next(c);
+      }
+      break;
+    case KVDEX__ST_FINISH: c->state = KVDEX__ST_DONE; break;
+    default:
+      KVDEX_LOG(KVDEX_LOG_ERROR, "%s: unexpected completion in state %d",
+                kvdex__methods[c->method].name, (int)c->state);
+      break;
+  }
+}
+
+/* Posts a request slot for `method` on worker w. */
+static int kvdex__request_slot(kvdex__worker *w, kvdex__method method) {
+  kvdex_server *srv = w->srv;
+  kvdex__call *c = calloc(1, sizeof *c);
+  if (!c) {
+    KVDEX_LOG(KVDEX_LOG_ERROR, "%s: out of memory for a request slot (worker %u)",
+              kvdex__methods[method].name, w->idx);
+    return KVDEX_ENOMEM;
+  }
+  c->w = w;
+  c->method = method;
+  c->state = KVDEX__ST_REQUESTED;
+  c->t_new = (kvdex__tag){c, KVDEX__TAG_NEW};
+  c->t_ops = (kvdex__tag){c, KVDEX__TAG_OPS};
+  c->t_close = (kvdex__tag){c, KVDEX__TAG_CLOSE};
+  grpc_metadata_array_init(&c->md);
+  kvdex__live_add(srv, 1);
+  grpc_call_error err;
+  if (method == KVDEX__M_UNKNOWN) {
+    grpc_call_details_init(&c->details);
+    err = grpc_server_request_call(srv->server, &c->call, &c->details, &c->md, w->cq, w->cq,
+                                   &c->t_new);
+  } else {
+    err = grpc_server_request_registered_call(
+        srv->server, srv->methods[method], &c->call, &c->deadline, &c->md,
+        kvdex__methods[method].payload == GRPC_SRM_PAYLOAD_NONE ? NULL : &c->payload, w->cq,
+        w->cq, &c->t_new);
+  }
+  if (err != GRPC_CALL_OK) {
+    KVDEX_LOG(KVDEX_LOG_ERROR, "%s: cannot request a call: %s", kvdex__methods[method].name,
+              grpc_call_error_to_string(err));
+    kvdex__call_free(c);
+    return KVDEX_EINTERNAL;
+  }
+  return KVDEX_OK;
+}
+
+static void *kvdex__worker_main(void *arg) {
+  kvdex__worker *w = arg;
+  for (;;) {
+    grpc_event ev = grpc_completion_queue_next(w->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+    if (ev.type != GRPC_OP_COMPLETE) continue;
+    kvdex__tag *t = ev.tag;
+    kvdex__call *c = t->call;
+    switch (t->kind) {
+      case KVDEX__TAG_NEW: kvdex__call_on_new(c, ev.success != 0); break;
+      case KVDEX__TAG_OPS: kvdex__call_on_ops(c, ev.success != 0); break;
+      case KVDEX__TAG_CLOSE:
+        c->close_pending = false;
+        c->close_done = true;
+        break;
+    }
+    kvdex__arena_reset(&w->arena);
+    if (c->state == KVDEX__ST_DONE && c->ops_pending == 0 && !c->close_pending)
+      kvdex__call_free(c);
+  }
+  return NULL;
+}
+
+/* ---- Start and stop ------------------------------------------------------------ */
+
+/* gRPC's own log lines go to the kvdex logger too: its errors at WARN (the server
+ * reports the failures that matter itself), everything else at DEBUG. */
+static void kvdex__grpc_log(gpr_log_func_args *a) {
+  const char *file = a->file ? strrchr(a->file, '/') : NULL;
+  file = file ? file + 1 : (a->file ? a->file : "?");
+  KVDEX_LOG(a->severity == GPR_LOG_SEVERITY_ERROR ? KVDEX_LOG_WARN : KVDEX_LOG_DEBUG,
+            "grpc: %s:%d: %s", file, a->line, a->message ? a->message : "");
+}
+
+/* Frees what start built, for a server that was never started. */
+static void kvdex__server_free(kvdex_server *srv) {
+  if (srv->server) grpc_server_destroy(srv->server);
+  grpc_completion_queue *cqs[KVDEX__MAX_THREADS + 1];
+  size_t n = 0;
+  for (unsigned i = 0; srv->workers && i < srv->n_workers; i++)
+    if (srv->workers[i].cq) cqs[n++] = srv->workers[i].cq;
+  if (srv->shutdown_cq) cqs[n++] = srv->shutdown_cq;
+  for (size_t i = 0; i < n; i++) {
+    grpc_completion_queue_shutdown(cqs[i]);
+    while (grpc_completion_queue_next(cqs[i], gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    grpc_completion_queue_destroy(cqs[i]);
+  }
+  for (unsigned i = 0; srv->workers && i < srv->n_workers; i++) {
+    kvdex__arena_free(&srv->workers[i].arena);
+    free(srv->workers[i].qf);
+    kvdex_search_result_free(&srv->workers[i].res);
+  }
+  free(srv->workers);
+  pthread_cond_destroy(&srv->cv);
+  pthread_mutex_destroy(&srv->mu);
+  free(srv);
+  grpc_shutdown();
+}
+
+int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_opts *opts,
+                       kvdex_server **out) {
+  if (!out) return kvdex__seterr(KVDEX_EINVAL, "server: out is NULL");
+  *out = NULL;
+  if (!store || !opts || !opts->listen || !opts->listen[0])
+    return kvdex__seterr(KVDEX_EINVAL, "server: store and opts->listen are required");
+  kvdex_server *srv = calloc(1, sizeof *srv);
+  if (!srv) return kvdex__seterr(KVDEX_ENOMEM, "server: out of memory");
+  gpr_set_log_function(kvdex__grpc_log);
+  grpc_init();
+  pthread_mutex_init(&srv->mu, NULL);
+  pthread_cond_init(&srv->cv, NULL);
+  srv->store = store;
+  srv->pool = pool;
+  unsigned threads = opts->threads;
+  if (threads == 0) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    threads = cpus > 0 ? (unsigned)cpus : 1;
+  }
+  if (threads > KVDEX__MAX_THREADS) threads = KVDEX__MAX_THREADS;
+  srv->max_message = opts->max_message_bytes ? opts->max_message_bytes : KVDEX__DEFAULT_MAX_MESSAGE;
+  if (srv->max_message > INT_MAX) srv->max_message = INT_MAX;
+
+  grpc_arg args[3];
+  memset(args, 0, sizeof args);
+  args[0].type = GRPC_ARG_INTEGER;
+  args[0].key = GRPC_ARG_ALLOW_REUSEPORT;
+  args[0].value.integer = 0;
+  args[1].type = GRPC_ARG_INTEGER;
+  args[1].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+  args[1].value.integer = (int)srv->max_message;
+  args[2].type = GRPC_ARG_INTEGER;
+  args[2].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+  args[2].value.integer = (int)srv->max_message;
+  grpc_channel_args cargs = {.num_args = 3, .args = args};
+  srv->server = grpc_server_create(&cargs, NULL);
+  srv->workers = calloc(threads, sizeof *srv->workers);
+  if (!srv->server || !srv->workers) {
+    kvdex__server_free(srv);
+    return kvdex__seterr(KVDEX_ENOMEM, "server: out of memory");
+  }
+  srv->n_workers = threads;
+  for (unsigned i = 0; i < threads; i++) {
+    kvdex__worker *w = &srv->workers[i];
+    w->srv = srv;
+    w->idx = i;
+    w->cq = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(srv->server, w->cq, NULL);
+  }
+  srv->shutdown_cq = grpc_completion_queue_create_for_next(NULL);
+  grpc_server_register_completion_queue(srv->server, srv->shutdown_cq, NULL);
+  for (int m = 0; m < KVDEX__M_UNKNOWN; m++) {
+    srv->methods[m] = grpc_server_register_method(srv->server, kvdex__methods[m].path, NULL,
+                                                  kvdex__methods[m].payload, 0);
+    if (!srv->methods[m]) {
+      kvdex__server_free(srv);
+      return kvdex__seterr(KVDEX_EINTERNAL, "server: cannot register %s", kvdex__methods[m].path);
+    }
+  }
+  grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+  srv->port = grpc_server_add_http2_port(srv->server, opts->listen, creds);
+  grpc_server_credentials_release(creds);
+  if (srv->port <= 0) {
+    kvdex__server_free(srv);
+    return kvdex__seterr(KVDEX_EIO, "cannot bind %.200s (address in use, or not host:port)",
+                         opts->listen);
+  }
+  grpc_server_start(srv->server);
+
+  /* From here on, failures go through kvdex_server_stop. Threads first, so every
+   * posted slot is on a queue that some worker polls. */
+  int rc = KVDEX_OK;
+  for (unsigned i = 0; i < threads && !rc; i++) {
+    if (pthread_create(&srv->workers[i].thread, NULL, kvdex__worker_main, &srv->workers[i])) {
+      rc = KVDEX_EINTERNAL;
+    } else {
+      srv->workers[i].started = true;
+    }
+  }
+  for (unsigned i = 0; i < threads && !rc; i++)
+    for (int m = 0; m < KVDEX__M_COUNT && !rc; m++)
+      rc = kvdex__request_slot(&srv->workers[i], (kvdex__method)m);
+  if (rc) {
+    kvdex_server_stop(srv, 0);
+    return kvdex__seterr(rc, "server: cannot start %u workers", threads);
+  }
+  KVDEX_LOG(KVDEX_LOG_DEBUG, "server: %u workers on port %d, max message %llu bytes", threads,
+            srv->port, (unsigned long long)srv->max_message);
+  *out = srv;
+  return KVDEX_OK;
+}
+
+int kvdex_server_port(const kvdex_server *srv) { return srv ? srv->port : 0; }
+
+/* Waits for the server's shutdown tag until `deadline`; true if it arrived. */
+static bool kvdex__wait_shutdown_tag(kvdex_server *srv, gpr_timespec deadline) {
+  for (;;) {
+    grpc_event ev = grpc_completion_queue_next(srv->shutdown_cq, deadline, NULL);
+    if (ev.type == GRPC_OP_COMPLETE) return true;
+    if (ev.type == GRPC_QUEUE_TIMEOUT) return false;
+    if (ev.type == GRPC_QUEUE_SHUTDOWN) return true; /* not expected */
+  }
+}
+
+void kvdex_server_stop(kvdex_server *srv, uint32_t drain_ms) {
+  if (!srv) return;
+  static int shutdown_tag;
+  atomic_store(&srv->stopping, 1);
+  gpr_timespec drain_end = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                        gpr_time_from_millis(drain_ms, GPR_TIMESPAN));
+  grpc_server_shutdown_and_notify(srv->server, srv->shutdown_cq, &shutdown_tag);
+  bool cancelled = false;
+  if (!kvdex__wait_shutdown_tag(srv, drain_end)) {
+    KVDEX_LOG(KVDEX_LOG_INFO, "server: calls still running after %u ms: cancelling them",
+              drain_ms);
+    grpc_server_cancel_all_calls(srv->server);
+    cancelled = true;
+    kvdex__wait_shutdown_tag(srv, gpr_inf_future(GPR_CLOCK_MONOTONIC));
+  }
+  /* The tag does not mean the workers are done with their calls: wait until every
+   * call context (request slots included) has been freed by its worker. */
+  pthread_mutex_lock(&srv->mu);
+  while (srv->live > 0) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 100 * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000L;
+    }
+    pthread_cond_timedwait(&srv->cv, &srv->mu, &ts);
+    if (srv->live > 0 && !cancelled &&
+        gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), drain_end) > 0) {
+      pthread_mutex_unlock(&srv->mu);
+      grpc_server_cancel_all_calls(srv->server);
+      cancelled = true;
+      pthread_mutex_lock(&srv->mu);
+    }
+  }
+  pthread_mutex_unlock(&srv->mu);
+
+  grpc_server_destroy(srv->server);
+  srv->server = NULL;
+  for (unsigned i = 0; i < srv->n_workers; i++) {
+    grpc_completion_queue_shutdown(srv->workers[i].cq);
+    if (srv->workers[i].started) pthread_join(srv->workers[i].thread, NULL);
+  }
+  /* kvdex__server_free drains (workers never started) and destroys the queues. */
+  KVDEX_LOG(KVDEX_LOG_DEBUG, "server: stopped%s", cancelled ? " (calls cancelled)" : "");
+  kvdex__server_free(srv);
+}

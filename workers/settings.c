@@ -1,0 +1,260 @@
+/* settings: the table and its parser. Adding a setting means one enum entry in
+ * settings.h and one row here; --help, the environment and docs follow. */
+#include "workers/settings.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kvstore/base.h"
+
+typedef enum { T_STR, T_INT, T_SIZE, T_BOOL, T_DTYPE, T_LEVEL } kind;
+
+typedef struct row {
+  kvdex_setting_id id;
+  const char *flag; /* without the leading "--" */
+  const char *env;
+  kind type;
+  const char *def;
+  int64_t min, max;
+  const char *unit;
+  unsigned cmds;
+  const char *help;
+} row;
+
+#define ALL (KVDEX_CMD_SERVE | KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | KVDEX_CMD_INSPECT)
+#define GB (1LL << 30)
+
+static const row TABLE[KVDEX_SET_COUNT_] = {
+    {KVDEX_SET_LISTEN, "listen", "KVDEX_LISTEN", T_STR, "0.0.0.0:50051", 0, 0, "host:port",
+     KVDEX_CMD_SERVE, "address to serve gRPC on (port 0 picks a free one)"},
+    {KVDEX_SET_URI, "uri", "KVDEX_URI", T_STR, "local:", 0, 0, "uri",
+     KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT,
+     "store to use: local: (embedded) or grpc://host:port"},
+    {KVDEX_SET_MEMORY, "memory", "KVDEX_MEMORY", T_SIZE, "75%", 1 << 20, 1LL << 50, "bytes",
+     KVDEX_CMD_SERVE | KVDEX_CMD_DEMO,
+     "memory cap for stored K/V (K/M/G/T suffixes or % of RAM)"},
+    {KVDEX_SET_THREADS, "threads", "KVDEX_THREADS", T_INT, "0", 0, 1024, "threads",
+     KVDEX_CMD_SERVE | KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN,
+     "worker threads (0 = one per CPU)"},
+    {KVDEX_SET_MAX_MESSAGE, "max-message", "KVDEX_MAX_MESSAGE", T_SIZE, "64M", 4096, 1LL << 31,
+     "bytes", KVDEX_CMD_SERVE, "largest gRPC message accepted or sent"},
+    {KVDEX_SET_DRAIN_MS, "drain", "KVDEX_DRAIN_MS", T_INT, "10000", 0, 3600000, "ms",
+     KVDEX_CMD_SERVE, "on SIGTERM/SIGINT, time given to in-flight calls before cancelling"},
+    {KVDEX_SET_TIMEOUT_MS, "timeout", "KVDEX_TIMEOUT_MS", T_INT, "30000", 1, 86400000, "ms",
+     KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT, "deadline of each remote call"},
+    {KVDEX_SET_NAMESPACE, "namespace", "KVDEX_NAMESPACE", T_STR, "default", 0, 0, "name",
+     KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT, "tenant namespace"},
+    {KVDEX_SET_TOKENS, "tokens", "KVDEX_TOKENS", T_INT, "131072", 1, 1LL << 32, "tokens",
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "context length of the synthetic sequence"},
+    {KVDEX_SET_LAYERS, "layers", "KVDEX_LAYERS", T_INT, "1", 1, 1024, "layers", KVDEX_CMD_DEMO,
+     "layers of the synthetic sequence"},
+    {KVDEX_SET_KV_HEADS, "kv-heads", "KVDEX_KV_HEADS", T_INT, "8", 1, 1024, "heads",
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "KV heads"},
+    {KVDEX_SET_Q_HEADS, "q-heads", "KVDEX_Q_HEADS", T_INT, "32", 1, 1024, "heads",
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "query heads (a multiple of --kv-heads)"},
+    {KVDEX_SET_HEAD_DIM, "head-dim", "KVDEX_HEAD_DIM", T_INT, "128", 1, 1024, "elements",
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "head dimension"},
+    {KVDEX_SET_DTYPE, "dtype", "KVDEX_DTYPE", T_DTYPE, "f16", 0, 0, "f32|f16|bf16",
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "storage type of K and V"},
+    {KVDEX_SET_BLOCK_TOKENS, "block-tokens", "KVDEX_BLOCK_TOKENS", T_INT, "64", 1, 65536,
+     "tokens", KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "tokens per storage block"},
+    {KVDEX_SET_STEPS, "steps", "KVDEX_STEPS", T_INT, "200", 1, 1000000, "steps", KVDEX_CMD_DEMO,
+     "decode-step searches to run"},
+    {KVDEX_SET_K, "k", "KVDEX_K", T_INT, "100", 1, 65536, "tokens", KVDEX_CMD_DEMO,
+     "top-k per query head"},
+    {KVDEX_SET_SINKS, "sinks", "KVDEX_SINKS", T_INT, "0", 0, 1LL << 31, "tokens", KVDEX_CMD_DEMO,
+     "exclude the first N tokens (the caller attends them)"},
+    {KVDEX_SET_WINDOW, "window", "KVDEX_WINDOW", T_INT, "0", 0, 1LL << 31, "tokens",
+     KVDEX_CMD_DEMO, "exclude the last N tokens (the caller attends them)"},
+    {KVDEX_SET_CHECK, "check", "KVDEX_CHECK", T_INT, "-1", -1, 1000000, "steps", KVDEX_CMD_DEMO,
+     "steps checked against the scalar reference (-1 = all if quick, else a sample)"},
+    {KVDEX_SET_SEED, "seed", "KVDEX_SEED", T_INT, "1", 0, INT64_MAX, "", KVDEX_CMD_DEMO,
+     "random seed of the synthetic data"},
+    {KVDEX_SET_REPEAT, "repeat", "KVDEX_REPEAT", T_INT, "5", 1, 1000, "runs", KVDEX_CMD_BENCH_SCAN,
+     "timed repetitions (the best and median are reported)"},
+    {KVDEX_SET_JSON, "json", "KVDEX_JSON", T_BOOL, "0", 0, 1, "", KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN,
+     "print one JSON object instead of text"},
+    {KVDEX_SET_LOG_LEVEL, "log-level", "KVDEX_LOG_LEVEL", T_LEVEL, "info", 0, 0,
+     "error|warn|info|debug", ALL, "log verbosity (logs go to stderr)"},
+};
+
+int64_t kvdex_parse_size(const char *text) {
+  if (!text || !*text) return -1;
+  errno = 0;
+  char *end;
+  double v = strtod(text, &end);
+  if (errno || end == text || v < 0) return -1;
+  while (*end == ' ') end++;
+  double mult = 1;
+  if (*end == '%') {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages <= 0 || page <= 0 || v > 100) return -1;
+    mult = (double)pages * (double)page / 100.0;
+    end++;
+  } else if (*end) {
+    switch (toupper((unsigned char)*end)) {
+      case 'K': mult = 1024.0; break;
+      case 'M': mult = 1024.0 * 1024; break;
+      case 'G': mult = 1024.0 * 1024 * 1024; break;
+      case 'T': mult = 1024.0 * 1024 * 1024 * 1024; break;
+      case 'B': mult = 1; break;
+      default: return -1;
+    }
+    end++;
+    if (*end == 'i' || *end == 'I') end++;
+    if (*end == 'B' || *end == 'b') end++;
+  }
+  if (*end) return -1;
+  double bytes = v * mult;
+  if (bytes > 9.0e18) return -1;
+  return (int64_t)bytes;
+}
+
+static const row *find_flag(const char *name, size_t len) {
+  for (int i = 0; i < KVDEX_SET_COUNT_; i++)
+    if (strlen(TABLE[i].flag) == len && !strncmp(TABLE[i].flag, name, len)) return &TABLE[i];
+  return NULL;
+}
+
+static int set_value(kvdex_settings *s, const row *r, const char *text, const char *origin) {
+  int64_t v = 0;
+  switch (r->type) {
+    case T_STR:
+      break;
+    case T_INT: {
+      errno = 0;
+      char *end;
+      long long x = strtoll(text, &end, 10);
+      if (errno || end == text || *end)
+        return kvdex__seterr(KVDEX_EINVAL, "%s %s: '%s' is not an integer", origin, r->flag, text);
+      v = x;
+      break;
+    }
+    case T_SIZE:
+      v = kvdex_parse_size(text);
+      if (v < 0)
+        return kvdex__seterr(KVDEX_EINVAL,
+                             "%s %s: '%s' is not a size (e.g. 512M, 4G, 75%%)", origin, r->flag,
+                             text);
+      break;
+    case T_BOOL:
+      if (!strcmp(text, "1") || !strcasecmp(text, "true") || !strcasecmp(text, "yes")) v = 1;
+      else if (!strcmp(text, "0") || !strcasecmp(text, "false") || !strcasecmp(text, "no")) v = 0;
+      else return kvdex__seterr(KVDEX_EINVAL, "%s %s: '%s' is not a boolean", origin, r->flag, text);
+      break;
+    case T_DTYPE:
+      v = kvdex_dtype_parse(text);
+      if (v < 0)
+        return kvdex__seterr(KVDEX_EINVAL, "%s %s: '%s' is not one of f32, f16, bf16", origin,
+                             r->flag, text);
+      break;
+    case T_LEVEL:
+      v = kvdex_log_level_parse(text);
+      if (v < 0)
+        return kvdex__seterr(KVDEX_EINVAL, "%s %s: '%s' is not one of error, warn, info, debug",
+                             origin, r->flag, text);
+      break;
+  }
+  if ((r->type == T_INT || r->type == T_SIZE) && (v < r->min || v > r->max))
+    return kvdex__seterr(KVDEX_EINVAL, "%s %s: %s is out of range [%lld, %lld] %s", origin,
+                         r->flag, text, (long long)r->min, (long long)r->max, r->unit);
+  char *copy = strdup(text);
+  if (!copy) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+  free(s->str[r->id]);
+  s->str[r->id] = copy;
+  s->num[r->id] = v;
+  return 0;
+}
+
+static void print_help(FILE *out, unsigned cmd, const char *usage) {
+  fprintf(out, "%s\n\nOptions (flag, environment variable, default):\n", usage);
+  for (int i = 0; i < KVDEX_SET_COUNT_; i++) {
+    const row *r = &TABLE[i];
+    if (!(r->cmds & cmd)) continue;
+    char flag[64];
+    if (r->type == T_BOOL) snprintf(flag, sizeof flag, "--%s", r->flag);
+    else snprintf(flag, sizeof flag, "--%s %s", r->flag, r->unit[0] ? r->unit : "N");
+    fprintf(out, "  %-34s %s\n  %-34s   [env %s, default %s", flag, r->help, "", r->env, r->def);
+    if (r->type == T_INT || r->type == T_SIZE)
+      fprintf(out, ", range %lld..%lld", (long long)r->min, (long long)r->max);
+    fprintf(out, "]\n");
+  }
+  fprintf(out, "  %-34s show this help\n", "--help");
+}
+
+int kvdex_settings_parse(kvdex_settings *s, unsigned cmd, const char *usage, int argc,
+                         char **argv, FILE *out) {
+  memset(s, 0, sizeof *s);
+  s->cmd = cmd;
+  int rc;
+  for (int i = 0; i < KVDEX_SET_COUNT_; i++) {
+    if ((rc = set_value(s, &TABLE[i], TABLE[i].def, "default"))) goto fail;
+  }
+  for (int i = 0; i < KVDEX_SET_COUNT_; i++) {
+    const char *e = getenv(TABLE[i].env);
+    if (e && (TABLE[i].cmds & cmd) && (rc = set_value(s, &TABLE[i], e, TABLE[i].env))) goto fail;
+  }
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+      print_help(out, cmd, usage);
+      kvdex_settings_free(s);
+      return 1;
+    }
+    if (strncmp(a, "--", 2)) {
+      rc = kvdex__seterr(KVDEX_EINVAL, "unexpected argument '%s' (see --help)", a);
+      goto fail;
+    }
+    const char *name = a + 2, *eq = strchr(name, '=');
+    size_t len = eq ? (size_t)(eq - name) : strlen(name);
+    const row *r = find_flag(name, len);
+    if (!r || !(r->cmds & cmd)) {
+      rc = kvdex__seterr(KVDEX_EINVAL, "unknown option '%.*s' (see --help)", (int)len + 2, a);
+      goto fail;
+    }
+    const char *val;
+    if (eq) val = eq + 1;
+    else if (r->type == T_BOOL) val = "1";
+    else if (i + 1 < argc) val = argv[++i];
+    else {
+      rc = kvdex__seterr(KVDEX_EINVAL, "option --%s needs a value (%s)", r->flag, r->unit);
+      goto fail;
+    }
+    if ((rc = set_value(s, r, val, "option"))) goto fail;
+  }
+  return 0;
+fail:
+  kvdex_settings_free(s);
+  return rc;
+}
+
+void kvdex_settings_free(kvdex_settings *s) {
+  if (!s) return;
+  for (int i = 0; i < KVDEX_SET_COUNT_; i++) {
+    free(s->str[i]);
+    s->str[i] = NULL;
+  }
+}
+
+void kvdex_settings_print_table(FILE *out) {
+  static const char *cmd_names[] = {"serve", "demo", "bench scan", "inspect"};
+  fprintf(out, "| flag | env | default | bounds | unit | used by | meaning |\n");
+  fprintf(out, "|---|---|---|---|---|---|---|\n");
+  for (int i = 0; i < KVDEX_SET_COUNT_; i++) {
+    const row *r = &TABLE[i];
+    char bounds[64] = "";
+    if (r->type == T_INT || r->type == T_SIZE)
+      snprintf(bounds, sizeof bounds, "%lld..%lld", (long long)r->min, (long long)r->max);
+    char used[64] = "";
+    for (int c = 0; c < 4; c++)
+      if (r->cmds & (1u << c)) {
+        if (used[0]) strcat(used, ", ");
+        strcat(used, cmd_names[c]);
+      }
+    fprintf(out, "| `--%s` | `%s` | `%s` | %s | %s | %s | %s |\n", r->flag, r->env, r->def, bounds,
+            r->unit, used, r->help);
+  }
+}

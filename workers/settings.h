@@ -1,0 +1,75 @@
+/* settings: the one table of every kvdex setting — flag, environment variable,
+ * default, bounds, unit and help — read by the same code for every subcommand
+ * (defaults, then KVDEX_* environment variables, then flags) and printed by --help.
+ * Holds values only; it does not act on them.
+ */
+#ifndef KVDEX_SETTINGS_H
+#define KVDEX_SETTINGS_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+/* Subcommands a setting applies to (bit mask). */
+enum {
+  KVDEX_CMD_SERVE = 1 << 0,
+  KVDEX_CMD_DEMO = 1 << 1,
+  KVDEX_CMD_BENCH_SCAN = 1 << 2,
+  KVDEX_CMD_INSPECT = 1 << 3,
+};
+
+/* Every setting, in table order. */
+typedef enum kvdex_setting_id {
+  KVDEX_SET_LISTEN,
+  KVDEX_SET_URI,
+  KVDEX_SET_MEMORY,
+  KVDEX_SET_THREADS,
+  KVDEX_SET_MAX_MESSAGE,
+  KVDEX_SET_DRAIN_MS,
+  KVDEX_SET_TIMEOUT_MS,
+  KVDEX_SET_NAMESPACE,
+  KVDEX_SET_TOKENS,
+  KVDEX_SET_LAYERS,
+  KVDEX_SET_KV_HEADS,
+  KVDEX_SET_Q_HEADS,
+  KVDEX_SET_HEAD_DIM,
+  KVDEX_SET_DTYPE,
+  KVDEX_SET_BLOCK_TOKENS,
+  KVDEX_SET_STEPS,
+  KVDEX_SET_K,
+  KVDEX_SET_SINKS,
+  KVDEX_SET_WINDOW,
+  KVDEX_SET_CHECK,
+  KVDEX_SET_SEED,
+  KVDEX_SET_REPEAT,
+  KVDEX_SET_JSON,
+  KVDEX_SET_LOG_LEVEL,
+  KVDEX_SET_COUNT_
+} kvdex_setting_id;
+
+typedef struct kvdex_settings {
+  unsigned cmd;                     /* the subcommand these were parsed for */
+  char *str[KVDEX_SET_COUNT_];      /* raw text of each value */
+  int64_t num[KVDEX_SET_COUNT_];    /* parsed value for int/size/bool/ms settings */
+} kvdex_settings;
+
+/* Parses defaults, environment and argv (argv[0] is the subcommand name) for `cmd`.
+ * Returns 0, 1 if --help was printed to `out`, or KVDEX_EINVAL with kvdex_errmsg()
+ * naming the flag and the accepted range. `usage` is the first help line. */
+int kvdex_settings_parse(kvdex_settings *s, unsigned cmd, const char *usage, int argc,
+                         char **argv, FILE *out);
+void kvdex_settings_free(kvdex_settings *s);
+
+static inline int64_t kvdex_setting_num(const kvdex_settings *s, kvdex_setting_id id) {
+  return s->num[id];
+}
+static inline const char *kvdex_setting_str(const kvdex_settings *s, kvdex_setting_id id) {
+  return s->str[id];
+}
+
+/* Parses "64M", "2GiB", "1024", "75%" (of physical memory) into bytes; -1 if bad. */
+int64_t kvdex_parse_size(const char *text);
+
+/* Prints every setting of every subcommand as a Markdown table (docs). */
+void kvdex_settings_print_table(FILE *out);
+
+#endif /* KVDEX_SETTINGS_H */
