@@ -189,10 +189,12 @@ int kvdex_cmd_demo(int argc, char **argv) {
   if (d.sh.n_q_heads % d.sh.n_kv_heads) {
     fprintf(stderr, "kvdex demo: --q-heads %u is not a multiple of --kv-heads %u\n",
             d.sh.n_q_heads, d.sh.n_kv_heads);
+    exit_code = 2;
     goto out;
   }
   if ((uint64_t)req.sinks + req.window >= d.tokens) {
     fprintf(stderr, "kvdex demo: --sinks + --window must leave tokens to search\n");
+    exit_code = 2;
     goto out;
   }
   kvdex_open_opts oo = {.memory_cap = (uint64_t)kvdex_setting_num(&s, KVDEX_SET_MEMORY),

@@ -1,6 +1,7 @@
 /* inspect: `kvdex inspect` — lists the sequences of a store (normally a server)
  * with their shape, committed tokens per layer and bytes. */
 #include <stdio.h>
+#include <string.h>
 
 #include "client/kvdex.h"
 #include "workers/commands.h"
@@ -25,6 +26,12 @@ int kvdex_cmd_inspect(int argc, char **argv) {
   size_t n = 0;
   int exit_code = 1;
   const char *uri = kvdex_setting_str(&s, KVDEX_SET_URI);
+  if (!strncmp(uri, "local:", 6)) {
+    /* An embedded store lives and dies with this process: nothing to inspect. */
+    fprintf(stderr, "kvdex inspect: needs a server: --uri grpc://HOST:PORT (or KVDEX_URI)\n");
+    kvdex_settings_free(&s);
+    return 2;
+  }
   if (kvdex_open(uri, &oo, &db) || kvdex_list(db, &ids, &n)) {
     fprintf(stderr, "kvdex inspect: %s: %s\n", uri, kvdex_errmsg());
     goto out;
