@@ -1,6 +1,6 @@
-/* membw: a plain sequential read-bandwidth probe. It sums 64-bit words in
- * 16-byte vectors with independent accumulators, so the loop is bound by
- * memory, not by the add chain. This is the "physical limit" beside
+/* membw: a plain sequential read-bandwidth probe. It sums 64-bit words with the
+ * widest vectors the CPU has and independent accumulators, so the loop is bound
+ * by memory, not by the add chain. This is the "physical limit" beside
  * which scan throughput is reported. */
 #include <stdlib.h>
 #include <string.h>
@@ -20,32 +20,73 @@ typedef struct probe {
   uint64_t sink[64]; /* per worker, so the sums are not optimised away */
 } probe;
 
-/* 16-byte vectors (SSE2 on any x86-64): two loads a cycle are far above what
- * DRAM delivers, so the loop measures memory, not the core. */
-typedef uint64_t v2u64 __attribute__((vector_size(16)));
+/* The probe must be the strongest plain read this CPU can do, or every ratio
+ * against it flatters the scan: on AVX-512 machines wide loads keep more bytes in
+ * flight per core (measured here: ~11.5 GB/s vs ~7.5 GB/s for 16-byte loads). So
+ * the loop is compiled three times and chosen at run time. */
+#include <immintrin.h>
 
-static void read_chunk(void *ctx, size_t i, unsigned worker) {
-  probe *p = ctx;
-  size_t lo = i * p->chunk, hi = lo + p->chunk;
-  if (hi > p->words) hi = p->words;
-  v2u64 a0 = {0, 0}, a1 = a0, a2 = a0, a3 = a0;
-  const v2u64 *w = (const v2u64 *)p->buf;
-  size_t j = lo / 2, end = hi / 2;
-  for (; j + 4 <= end; j += 4) {
+__attribute__((target("avx512f"))) static uint64_t sum_avx512(const uint64_t *w, size_t lo,
+                                                              size_t hi) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  size_t j = lo;
+  for (; j + 32 <= hi; j += 32) {
+    a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void *)(w + j)));
+    a1 = _mm512_add_epi64(a1, _mm512_load_si512((const void *)(w + j + 8)));
+    a2 = _mm512_add_epi64(a2, _mm512_load_si512((const void *)(w + j + 16)));
+    a3 = _mm512_add_epi64(a3, _mm512_load_si512((const void *)(w + j + 24)));
+  }
+  uint64_t t = (uint64_t)_mm512_reduce_add_epi64(
+      _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+  for (; j < hi; j++) t += w[j];
+  return t;
+}
+
+__attribute__((target("avx2"))) static uint64_t sum_avx2(const uint64_t *w, size_t lo, size_t hi) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  size_t j = lo;
+  for (; j + 16 <= hi; j += 16) {
+    a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(w + j)));
+    a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(w + j + 4)));
+    a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(w + j + 8)));
+    a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i *)(w + j + 12)));
+  }
+  uint64_t lanes[4];
+  _mm256_storeu_si256((__m256i *)lanes,
+                      _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+  uint64_t t = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  for (; j < hi; j++) t += w[j];
+  return t;
+}
+
+static uint64_t sum_plain(const uint64_t *w, size_t lo, size_t hi) {
+  uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  size_t j = lo;
+  for (; j + 4 <= hi; j += 4) {
     a0 += w[j];
     a1 += w[j + 1];
     a2 += w[j + 2];
     a3 += w[j + 3];
   }
-  for (; j < end; j++) a0 += w[j];
-  v2u64 a = a0 + a1 + a2 + a3;
-  p->sink[worker % 64] += a[0] + a[1];
+  for (; j < hi; j++) a0 += w[j];
+  return a0 + a1 + a2 + a3;
+}
+
+static void read_chunk(void *ctx, size_t i, unsigned worker) {
+  probe *p = ctx;
+  size_t lo = i * p->chunk, hi = lo + p->chunk;
+  if (hi > p->words) hi = p->words;
+  if (lo >= hi) return;
+  uint64_t t = __builtin_cpu_supports("avx512f") ? sum_avx512(p->buf, lo, hi)
+               : __builtin_cpu_supports("avx2")  ? sum_avx2(p->buf, lo, hi)
+                                                 : sum_plain(p->buf, lo, hi);
+  p->sink[worker % 64] += t;
 }
 
 double kvdex_membw_read(size_t bytes, kvdex_pool *pool, int repeat) {
   size_t words = bytes / 8;
   if (words < 1024) words = 1024;
-  words &= ~(size_t)1;
+  words &= ~(size_t)7;
   uint64_t *buf = NULL;
   if (posix_memalign((void **)&buf, 64, words * 8)) {
     kvdex__seterr(KVDEX_ENOMEM, "membw: cannot allocate %zu bytes", words * 8);
@@ -56,7 +97,7 @@ double kvdex_membw_read(size_t bytes, kvdex_pool *pool, int repeat) {
   probe p = {.buf = buf, .words = words};
   /* A few chunks per thread so a slow thread does not stall the measurement. */
   size_t tasks = (size_t)n * 4;
-  p.chunk = ((words + tasks - 1) / tasks + 1) & ~(size_t)1; /* whole vectors */
+  p.chunk = ((words + tasks - 1) / tasks + 7) & ~(size_t)7; /* 64-byte aligned chunks */
   double best = 0;
   for (int r = 0; r < (repeat > 0 ? repeat : 1); r++) {
     double t0 = kvdex_bench_now();
