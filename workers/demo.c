@@ -14,7 +14,8 @@
 #include "workers/commands.h"
 #include "workers/settings.h"
 
-#define CHUNK_TOKENS 4096u
+/* Tokens per append message: about 2 MiB of K+V, where gRPC streams fastest. */
+#define CHUNK_BYTES (2u << 20)
 /* Scalar multiply-adds the reference may spend when --check is -1 (a few seconds). */
 #define CHECK_BUDGET 3.0e9
 
@@ -40,13 +41,14 @@ typedef struct demo {
   void **keys; /* per layer: [n_kv_heads][tokens][head_dim] of dtype, for the reference */
 } demo;
 
-static void progress(const char *what, uint64_t done, uint64_t total, double gbps, int tty) {
+static void progress(const char *what, const char *unit, uint64_t done, uint64_t total,
+                     double gbps, int tty) {
   static int last_pct = -1;
   int pct = total ? (int)(done * 100 / total) : 100;
   if (!tty) { /* logs: one line per 25% */
     if (pct / 25 != last_pct / 25 || done == total)
-      fprintf(stderr, "%s: %3d%% (%llu/%llu tokens)\n", what, pct, (unsigned long long)done,
-              (unsigned long long)total);
+      fprintf(stderr, "%s: %3d%% (%llu/%llu %s)\n", what, pct, (unsigned long long)done,
+              (unsigned long long)total, unit);
     last_pct = pct;
     return;
   }
@@ -221,7 +223,9 @@ int kvdex_cmd_demo(int argc, char **argv) {
 
   /* ---- ingest ---- */
   size_t head_elems = (size_t)d.tokens * d.sh.head_dim;
-  size_t chunk_elems = (size_t)d.sh.n_kv_heads * CHUNK_TOKENS * d.sh.head_dim;
+  uint32_t chunk_tokens = (uint32_t)(CHUNK_BYTES / (2 * d.sh.n_kv_heads * d.sh.head_dim * d.es));
+  if (chunk_tokens < 16) chunk_tokens = 16;
+  size_t chunk_elems = (size_t)d.sh.n_kv_heads * chunk_tokens * d.sh.head_dim;
   d.keys = calloc(d.sh.n_layers, sizeof(void *));
   kbuf = malloc(chunk_elems * d.es);
   vbuf = malloc(chunk_elems * d.es);
@@ -236,8 +240,8 @@ int kvdex_cmd_demo(int argc, char **argv) {
   kvdex_appender *ap = NULL;
   if (kvdex_append_begin(db, seq_id, &ap)) goto fail;
   for (uint32_t l = 0; l < d.sh.n_layers; l++) {
-    for (uint64_t t0 = 0; t0 < d.tokens; t0 += CHUNK_TOKENS) {
-      uint32_t n = (uint32_t)(d.tokens - t0 < CHUNK_TOKENS ? d.tokens - t0 : CHUNK_TOKENS);
+    for (uint64_t t0 = 0; t0 < d.tokens; t0 += chunk_tokens) {
+      uint32_t n = (uint32_t)(d.tokens - t0 < chunk_tokens ? d.tokens - t0 : chunk_tokens);
       size_t cnt = (size_t)d.sh.n_kv_heads * n * d.sh.head_dim;
       for (size_t i = 0; i < cnt; i++) gen[i] = gauss(&rng) + ((i % d.sh.head_dim) < 4 ? 1.5f : 0);
       kvdex_from_f32(d.sh.dtype, gen, kbuf, cnt);
@@ -254,7 +258,7 @@ int kvdex_cmd_demo(int argc, char **argv) {
         goto fail;
       }
       done_tok += n;
-      if (!json) progress("ingest", done_tok, total_tok, done_tok * kv_bytes / total_tok / ingest_s / 1e9, tty);
+      if (!json) progress("ingest", "tokens", done_tok, total_tok, done_tok * kv_bytes / total_tok / ingest_s / 1e9, tty);
     }
   }
   double t = kvdex_bench_now();
@@ -327,7 +331,7 @@ int kvdex_cmd_demo(int argc, char **argv) {
       }
     }
     kvdex_search_out_free(&res);
-    if (!json && (st + 1) % 20 == 0) progress("search", st + 1, steps, scanned_bytes / search_s / 1e9, tty);
+    if (!json && (st + 1) % 20 == 0) progress("search", "steps", st + 1, steps, scanned_bytes / search_s / 1e9, tty);
   }
   double p50 = kvdex_percentile(lat, steps, 50) * 1e3, p99 = kvdex_percentile(lat, steps, 99) * 1e3;
 
