@@ -36,8 +36,10 @@ __attribute__((target("avx512f"))) static uint64_t sum_avx512(const uint64_t *w,
     a2 = _mm512_add_epi64(a2, _mm512_load_si512((const void *)(w + j + 16)));
     a3 = _mm512_add_epi64(a3, _mm512_load_si512((const void *)(w + j + 24)));
   }
-  uint64_t t = (uint64_t)_mm512_reduce_add_epi64(
-      _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+  uint64_t lanes[8], t = 0; /* summed as unsigned: wrap-around is intended */
+  _mm512_storeu_si512((void *)lanes,
+                      _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+  for (int i = 0; i < 8; i++) t += lanes[i];
   for (; j < hi; j++) t += w[j];
   return t;
 }
