@@ -46,17 +46,21 @@ struct kvdex__vt {
   int (*list)(kvdex_db *db, char ***ids /* OUT */, size_t *n /* OUT */);
   /* Allocates the transport's appender and fills its head (db, shape). */
   int (*append_begin)(kvdex_db *db, const char *seq_id, kvdex_appender **out /* OUT */);
-  /* layer < shape.n_layers, n_tokens > 0 and no overflow: checked by kvdex.c. */
+  /* layer < shape.n_layers, n_tokens > 0 and no overflow: checked by kvdex.c.
+   * q: prefill queries [n_q_heads][n_tokens][head_dim], or NULL. */
   int (*append_kv)(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
-                   const void *k, const void *v);
+                   const void *k, const void *v, const void *q);
   /* Ends the stream and frees the appender whatever the result. */
   int (*append_commit)(kvdex_appender *ap, uint64_t *tokens_appended /* OUT, or NULL */);
   void (*append_abort)(kvdex_appender *ap);
   int (*read)(kvdex_db *db, const char *seq_id, uint32_t layer, const uint64_t *token_ids,
               size_t n, void *k_out, void *v_out);
-  /* out[0..n_seqs) arrive zeroed; on failure they are left zeroed. */
+  /* out[0..n_seqs) arrive zeroed; on failure they are left zeroed. req->index is
+   * judged by the transport (the server, for grpc). */
   int (*search)(kvdex_db *db, uint32_t layer, const kvdex_search_req *req, size_t n_seqs,
                 const char *const *seq_ids, const float *const *q, kvdex_search_out *out);
+  /* spec non-empty; layer is checked by the transport (it needs the shape). */
+  int (*build_index)(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec);
 };
 
 /* Transport constructors. `target` is the grpc "host:port" (already validated). */

@@ -3,8 +3,9 @@
  * own completion queue that runs the batches synchronously until the call's
  * deadline (opts.timeout_ms). AppendKV is a real client stream (begin = initial
  * metadata, one message per kvdex_append_kv, commit = half-close + response,
- * abort = cancel); ReadKV is a server stream reassembled into the caller's buffers;
- * Search packs every sequence of a batch into one SearchRequest.
+ * abort = cancel; prefill queries ride in the same messages); ReadKV is a server
+ * stream reassembled into the caller's buffers; Search packs every sequence of a batch
+ * into one SearchRequest; BuildIndex is a unary call that only queues the build.
  * Caller buffers carry no sizes, so the client needs each sequence's shape: it
  * keeps a small per-handle cache filled by create/stat and asks StatSequence on a
  * miss. It does no retries and no routing over several hosts.
@@ -36,17 +37,17 @@
 #define READ_MAX_IDS_PER_CALL ((size_t)1 << 20)
 #define SHAPE_CACHE_SLOTS 1024 /* direct-mapped: a collision replaces the entry */
 
-enum { M_CREATE, M_DELETE, M_STAT, M_LIST, M_APPEND, M_READ, M_SEARCH, M_COUNT };
+enum { M_CREATE, M_DELETE, M_STAT, M_LIST, M_APPEND, M_READ, M_SEARCH, M_BUILD, M_COUNT };
 
 static const char *const method_path[M_COUNT] = {
     "/kvdex.v1.KVStore/CreateSequence", "/kvdex.v1.KVStore/DeleteSequence",
     "/kvdex.v1.KVStore/StatSequence",   "/kvdex.v1.KVStore/ListSequences",
     "/kvdex.v1.KVStore/AppendKV",       "/kvdex.v1.KVStore/ReadKV",
-    "/kvdex.v1.Retrieval/Search",
+    "/kvdex.v1.Retrieval/Search",       "/kvdex.v1.Retrieval/BuildIndex",
 };
 static const char *const method_name[M_COUNT] = {
     "CreateSequence", "DeleteSequence", "StatSequence", "ListSequences",
-    "AppendKV",       "ReadKV",         "Search",
+    "AppendKV",       "ReadKV",         "Search",       "BuildIndex",
 };
 
 typedef struct shape_slot {
@@ -384,17 +385,39 @@ static int stat_call(grpc_db *g, const char *seq_id, kvdex_shape *shape, kvdex_s
       rc = kvdex__preerr(KVDEX_EINTERNAL, "StatSequence: the server sent a bad shape");
   }
   if (rc == KVDEX_OK && info) {
+    const Kvdex__V1__SequenceInfo *si = resp->info;
     uint32_t n = shape->n_layers;
-    uint64_t *tokens = calloc(n, sizeof *tokens);
-    if (!tokens) {
+    uint64_t *tokens = calloc(n, sizeof *tokens), *qtokens = calloc(n, sizeof *qtokens);
+    kvdex_layer_index *ix = si->n_indexes ? calloc(si->n_indexes, sizeof *ix) : NULL;
+    if (!tokens || !qtokens || (si->n_indexes && !ix)) {
+      free(tokens);
+      free(qtokens);
+      free(ix);
       rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
     } else {
-      for (size_t l = 0; l < n && l < resp->info->n_layer_tokens; l++)
-        tokens[l] = resp->info->layer_tokens[l];
+      for (size_t l = 0; l < n && l < si->n_layer_tokens; l++) tokens[l] = si->layer_tokens[l];
+      for (size_t l = 0; l < n && l < si->n_layer_query_tokens; l++)
+        qtokens[l] = si->layer_query_tokens[l];
+      for (size_t i = 0; i < si->n_indexes; i++) {
+        const Kvdex__V1__LayerIndex *li = si->indexes[i];
+        kvdex_layer_index *o = &ix[i];
+        o->layer = li->layer;
+        o->state = (int)li->state;
+        snprintf(o->spec, sizeof o->spec, "%s", li->spec ? li->spec : "");
+        snprintf(o->error, sizeof o->error, "%s", li->error ? li->error : "");
+        snprintf(o->kind, sizeof o->kind, "%s", li->kind ? li->kind : "");
+        snprintf(o->describe, sizeof o->describe, "%s", li->describe ? li->describe : "");
+        o->build_seconds = li->build_seconds;
+        o->memory_bytes = li->memory_bytes;
+        o->tokens = li->tokens;
+      }
       info->shape = *shape;
-      info->bytes = resp->info->bytes;
+      info->bytes = si->bytes;
       info->n_layers = n;
       info->layer_tokens = tokens;
+      info->layer_query_tokens = qtokens;
+      info->n_indexes = (uint32_t)si->n_indexes;
+      info->indexes = ix;
     }
   }
   protobuf_c_message_free_unpacked(msg, NULL);
@@ -494,9 +517,10 @@ static int grpc_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **
   return KVDEX_OK;
 }
 
-/* Sends one AppendKVRequest and waits until gRPC has taken it. */
+/* Sends one AppendKVRequest and waits until gRPC has taken it. q (may be NULL) has
+ * bytes * n_q_heads / n_kv_heads bytes. */
 static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
-                       const void *k, const void *v, size_t bytes) {
+                       const void *k, const void *v, const void *q, size_t bytes) {
   if (ap->r.status_done) return stream_failed(&ap->r); /* the server already refused */
   Kvdex__V1__SequenceRef ref;
   Kvdex__V1__AppendKVRequest req = KVDEX__V1__APPEND_KVREQUEST__INIT;
@@ -511,6 +535,10 @@ static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, 
   req.k.len = bytes;
   req.v.data = (uint8_t *)v;
   req.v.len = bytes;
+  if (q) {
+    req.q.data = (uint8_t *)q;
+    req.q.len = bytes / ap->base.shape.n_kv_heads * ap->base.shape.n_q_heads;
+  }
   grpc_byte_buffer *bb = pack(&req.base);
   grpc_op op;
   memset(&op, 0, sizeof op);
@@ -524,40 +552,47 @@ static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, 
 }
 
 static int grpc_append_kv(kvdex_appender *base, uint32_t layer, uint64_t token_start,
-                          uint32_t n_tokens, const void *k, const void *v) {
+                          uint32_t n_tokens, const void *k, const void *v, const void *q) {
   grpc_appender *ap = (grpc_appender *)base;
   const kvdex_shape *s = &base->shape;
   size_t row = (size_t)s->head_dim * kvdex_dtype_size(s->dtype); /* bytes of one token, one head */
-  size_t heads = s->n_kv_heads;
+  size_t heads = s->n_kv_heads, qheads = q ? s->n_q_heads : 0;
   size_t bytes = (size_t)n_tokens * heads * row; /* < 2^54: bounded by the shape limits */
-  if (2 * bytes <= MSG_PAYLOAD_BYTES) return send_append(ap, layer, token_start, n_tokens, k, v, bytes);
-  size_t per_msg = MSG_PAYLOAD_BYTES / (2 * heads * row);
+  size_t per_token = (2 * heads + qheads) * row; /* K + V (+ queries) of one token */
+  if (n_tokens * per_token <= MSG_PAYLOAD_BYTES)
+    return send_append(ap, layer, token_start, n_tokens, k, v, q, bytes);
+  size_t per_msg = MSG_PAYLOAD_BYTES / per_token;
   if (per_msg == 0) per_msg = 1;
-  if (heads == 1) { /* pieces are contiguous in the caller's buffers */
+  if (heads == 1 && qheads <= 1) { /* pieces are contiguous in the caller's buffers */
     int rc = KVDEX_OK;
     for (size_t t0 = 0; rc == KVDEX_OK && t0 < n_tokens; t0 += per_msg) {
       size_t t = n_tokens - t0 < per_msg ? n_tokens - t0 : per_msg;
       rc = send_append(ap, layer, token_start + t0, (uint32_t)t, (const char *)k + t0 * row,
-                       (const char *)v + t0 * row, t * row);
+                       (const char *)v + t0 * row, q ? (const char *)q + t0 * row : NULL, t * row);
     }
     return rc;
   }
   /* Too large for one message: split by token range. Each piece gathers its rows of
-   * every head into [n_kv_heads][piece][head_dim], which costs one extra copy. */
-  size_t piece_bytes = per_msg * heads * row;
+   * every head into [heads][piece][head_dim], which costs one extra copy. */
+  size_t piece_bytes = per_msg * heads * row, qpiece_bytes = per_msg * qheads * row;
   char *kbuf = malloc(piece_bytes), *vbuf = malloc(piece_bytes);
+  char *qbuf = q ? malloc(qpiece_bytes) : NULL;
   int rc = KVDEX_OK;
-  if (!kbuf || !vbuf) rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory for %zu bytes", piece_bytes);
+  if (!kbuf || !vbuf || (q && !qbuf))
+    rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory for %zu bytes", 2 * piece_bytes + qpiece_bytes);
   for (size_t t0 = 0; rc == KVDEX_OK && t0 < n_tokens; t0 += per_msg) {
     size_t t = n_tokens - t0 < per_msg ? n_tokens - t0 : per_msg;
     for (size_t h = 0; h < heads; h++) {
       memcpy(kbuf + h * t * row, (const char *)k + (h * n_tokens + t0) * row, t * row);
       memcpy(vbuf + h * t * row, (const char *)v + (h * n_tokens + t0) * row, t * row);
     }
-    rc = send_append(ap, layer, token_start + t0, (uint32_t)t, kbuf, vbuf, t * heads * row);
+    for (size_t h = 0; h < qheads; h++)
+      memcpy(qbuf + h * t * row, (const char *)q + (h * n_tokens + t0) * row, t * row);
+    rc = send_append(ap, layer, token_start + t0, (uint32_t)t, kbuf, vbuf, qbuf, t * heads * row);
   }
   free(kbuf);
   free(vbuf);
+  free(qbuf);
   return rc;
 }
 
@@ -763,6 +798,10 @@ static int grpc_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *sre
   opts.k = sreq->k;
   opts.sinks = sreq->sinks;
   opts.window = sreq->window;
+  opts.index = (char *)(sreq->index ? sreq->index : "");
+  opts.ef = sreq->ef;
+  opts.nprobe = sreq->nprobe;
+  opts.blocks = sreq->blocks;
   Kvdex__V1__SearchRequest req = KVDEX__V1__SEARCH_REQUEST__INIT;
   req.layer = layer;
   req.options = &opts;
@@ -816,12 +855,38 @@ static int grpc_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *sre
     }
     out[i].keys_scanned = res->keys_scanned;
     out[i].tokens = res->tokens;
+    snprintf(out[i].index, sizeof out[i].index, "%s",
+             res->index && res->index[0] ? res->index : "exact");
   }
   if (rc)
     for (size_t j = 0; j < n_seqs; j++) kvdex_search_out_free(&out[j]);
   protobuf_c_message_free_unpacked(msg, NULL);
   free(block);
   return rc;
+}
+
+/* ---- build index ------------------------------------------------------------------------ */
+
+static int grpc_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec) {
+  grpc_db *g = as_grpc(db);
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__BuildIndexRequest req = KVDEX__V1__BUILD_INDEX_REQUEST__INIT;
+  seq_ref(&ref, db, seq_id);
+  req.seq = &ref;
+  req.all_layers = layer == KVDEX_ALL_LAYERS;
+  req.layer = req.all_layers ? 0 : layer;
+  req.spec = (char *)spec;
+  ProtobufCMessage *resp;
+  int rc = unary(g, M_BUILD, &req.base, &kvdex__v1__build_index_response__descriptor, &resp);
+  if (rc) {
+    if (rc == KVDEX_ENOTFOUND) cache_drop(g, seq_id);
+    return rc;
+  }
+  int accepted = ((Kvdex__V1__BuildIndexResponse *)resp)->accepted;
+  protobuf_c_message_free_unpacked(resp, NULL);
+  if (!accepted)
+    return kvdex__seterr(KVDEX_EINTERNAL, "BuildIndex: the server answered OK but not accepted");
+  return KVDEX_OK;
 }
 
 /* ---- open / close ---------------------------------------------------------------------- */
@@ -848,6 +913,7 @@ static const kvdex__vt grpc_vt = {
     .append_abort = grpc_append_abort,
     .read = grpc_read,
     .search = grpc_search,
+    .build_index = grpc_build_index,
 };
 
 int kvdex__grpc_open(const char *target, const kvdex_open_opts *opts, kvdex_db **out) {

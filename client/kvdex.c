@@ -148,8 +148,13 @@ int kvdex_stat(kvdex_db *db, const char *seq_id, kvdex_seq_info *info) {
 void kvdex_seq_info_free(kvdex_seq_info *info) {
   if (!info) return;
   free(info->layer_tokens);
+  free(info->layer_query_tokens);
+  free(info->indexes);
   info->layer_tokens = NULL;
+  info->layer_query_tokens = NULL;
+  info->indexes = NULL;
   info->n_layers = 0;
+  info->n_indexes = 0;
 }
 
 int kvdex_list(kvdex_db *db, char ***ids, size_t *n) {
@@ -195,6 +200,11 @@ static int poison(kvdex_appender *ap, int rc) {
 
 int kvdex_append_kv(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
                     const void *k, const void *v) {
+  return kvdex_append_kvq(ap, layer, token_start, n_tokens, k, v, NULL);
+}
+
+int kvdex_append_kvq(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
+                     const void *k, const void *v, const void *q) {
   if (!ap) return kvdex__seterr(KVDEX_EINVAL, "kvdex_append_kv: appender is NULL");
   if (ap->failed)
     return kvdex__seterr(ap->failed,
@@ -211,7 +221,7 @@ int kvdex_append_kv(kvdex_appender *ap, uint32_t layer, uint64_t token_start, ui
                                     ap->shape.n_layers));
   if (token_start > UINT64_MAX - n_tokens)
     return poison(ap, kvdex__seterr(KVDEX_EINVAL, "kvdex_append_kv: token range overflows"));
-  int rc = ap->db->vt->append_kv(ap, layer, token_start, n_tokens, k, v);
+  int rc = ap->db->vt->append_kv(ap, layer, token_start, n_tokens, k, v, q);
   return rc ? poison(ap, kvdex__preerr(rc, "kvdex_append_kv")) : KVDEX_OK;
 }
 
@@ -286,4 +296,18 @@ int kvdex_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *req, size
     if (!q[i]) return kvdex__seterr(KVDEX_EINVAL, "kvdex_search: q[%zu] is NULL", i);
   }
   return pre(db->vt->search(db, layer, req, n_seqs, seq_ids, q, out), "kvdex_search");
+}
+
+/* ---- retrieval indexes ------------------------------------------------------------ */
+
+int kvdex_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec) {
+  CHECK(check_db(db, "kvdex_build_index"));
+  CHECK(check_seq(db, seq_id, "kvdex_build_index"));
+  if (!spec || !spec[0])
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "kvdex_build_index: spec is empty (e.g. \"graph:degree=32\", "
+                         "\"ivf:nlist=256\", \"hnsw:M=32\", \"landmark:mode=minmax\")");
+  if (strlen(spec) >= 512)
+    return kvdex__seterr(KVDEX_EINVAL, "kvdex_build_index: spec is longer than 511 bytes");
+  return pre(db->vt->build_index(db, seq_id, layer, spec), "kvdex_build_index");
 }

@@ -13,6 +13,7 @@
  *
  * Tensor layouts (little-endian, row-major), matching proto/kvdex/v1/kvdex.proto:
  *   K, V of an append:      sequence dtype, [n_kv_heads][n_tokens][head_dim]
+ *   prefill queries (kvq):  sequence dtype, [n_q_heads][n_tokens][head_dim]
  *   K, V of a read:         sequence dtype, [n_kv_heads][n][head_dim]
  *   queries of a search:    f32, [n_q_heads][head_dim]
  * Buffers carry no sizes: they must match the sequence's shape. Over gRPC the
@@ -55,11 +56,40 @@ void kvdex_close(kvdex_db *db);
 /* kvdex_shape (n_layers, n_kv_heads, n_q_heads, head_dim, block_tokens, dtype)
  * is defined in <kvdex/base.h>. block_tokens 0 = default (64). */
 
+/* The state of a layer's latest kvdex_build_index (values equal kvdex.v1.IndexState). */
+typedef enum kvdex_index_state {
+  KVDEX_INDEX_NONE = 0,     /* never built */
+  KVDEX_INDEX_BUILDING = 1, /* queued or running: searches use the previous index or exact */
+  KVDEX_INDEX_READY = 2,
+  KVDEX_INDEX_FAILED = 3,   /* see error; an older ready index (if any) stays in use */
+} kvdex_index_state;
+
+/* The retrieval index of one layer (kvdex_build_index): one index per KV head. */
+typedef struct kvdex_layer_index {
+  uint32_t layer;
+  int state;             /* kvdex_index_state of the latest build */
+  char spec[512];        /* the latest build's spec, as requested */
+  char error[512];       /* KVDEX_INDEX_FAILED: why, starting with a status name, e.g.
+                            "RESOURCE_EXHAUSTED: publishing the index of layer 0 ..." */
+  /* The ready index that searches use ("" / 0 when none; during a rebuild and after
+   * a failed one, the previous index): */
+  char kind[32];         /* "graph", "ivf", "hnsw", "landmark", "exact" */
+  char describe[512];    /* normalised spec and build notes, e.g.
+                            "graph:K=32,degree=32,ef=128 (key-only kNN: no prefill queries)" */
+  double build_seconds;  /* wall time of its build */
+  uint64_t memory_bytes; /* bytes it holds (all KV heads); counted in `bytes` of the
+                            sequence and against the node's memory cap */
+  uint64_t tokens;       /* tokens it covers; later ones are scanned exactly */
+} kvdex_layer_index;
+
 typedef struct kvdex_seq_info {
   kvdex_shape shape;
-  uint64_t bytes;
+  uint64_t bytes;               /* K, V, metadata, prefill queries, indexes */
   uint32_t n_layers;
-  uint64_t *layer_tokens; /* n_layers entries, owned by the info; kvdex_seq_info_free */
+  uint64_t *layer_tokens;       /* n_layers entries, owned by the info; kvdex_seq_info_free */
+  uint64_t *layer_query_tokens; /* n_layers entries: tokens whose prefill queries are kept */
+  uint32_t n_indexes;
+  kvdex_layer_index *indexes;   /* layers that have had a kvdex_build_index, ascending */
 } kvdex_seq_info;
 /* Frees the arrays, not the struct, and clears them (a second call is a no-op).
  * kvdex_stat zeroes *info first, so freeing after a failed stat is safe. */
@@ -89,6 +119,17 @@ void kvdex_list_free(char **ids, size_t n);
 int kvdex_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **out /* OUT */);
 int kvdex_append_kv(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
                     const void *k, const void *v);
+/* kvdex_append_kv plus the prefill queries of the same tokens, for attention-aware
+ * indexes (kvdex_build_index "graph"): q is in the sequence dtype, layout
+ * [n_q_heads][n_tokens][head_dim] (all query heads); NULL = none (then it is
+ * kvdex_append_kv). Stored with the stream's commit. A layer keeps the queries of at
+ * most 4096 tokens, evenly spread: token t is kept iff t is a multiple of the layer's
+ * stride, a power of two that doubles whenever more would be kept (so the sample does
+ * not depend on how tokens were split into appends). Kept queries count against the
+ * memory cap; re-sent queries of a token must be identical (else KVDEX_ECONFLICT).
+ * kvdex_build_index gives each KV head's index the queries of its GQA group. */
+int kvdex_append_kvq(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
+                     const void *k, const void *v, const void *q);
 /* Commits the stream. tokens_appended (may be NULL) gets the new tokens stored,
  * replayed identical tokens excluded. A stream with no block commits nothing and
  * succeeds. Frees the appender whatever the result. */
@@ -108,6 +149,21 @@ typedef struct kvdex_search_req {
   uint32_t k;       /* top-k per query head */
   uint32_t sinks;   /* exclude the first `sinks` tokens */
   uint32_t window;  /* exclude the last `window` tokens */
+  /* How to search (NULL = exact):
+   *   NULL, "" or "exact"  exact scan of every eligible token;
+   *   "auto"               the layer's ready index (kvdex_build_index) if any, else exact;
+   *   a kind               "graph", "ivf", "hnsw", "landmark": the layer's ready index,
+   *                        which must be of that kind: KVDEX_ECONFLICT when none is
+   *                        ready (or it is of another kind), KVDEX_EINVAL for an
+   *                        unknown kind.
+   * With an index, each query head searches its KV head's index for k + sinks +
+   * window candidates, drops the ineligible ones and merges them with an exact scan
+   * of the eligible tokens appended after the build, so new tokens are never missed;
+   * the hits are the best k of those (fewer only when the index returns fewer). */
+  const char *index;
+  uint32_t ef;      /* graph, hnsw: beam width override (0 = the spec's) */
+  uint32_t nprobe;  /* ivf: lists probed override (0 = the spec's) */
+  uint32_t blocks;  /* landmark: blocks selected override (0 = the spec's) */
 } kvdex_search_req;
 
 /* Results of one query head: n hits in descending score, ties by ascending id;
@@ -121,8 +177,11 @@ typedef struct kvdex_hits {
 typedef struct kvdex_search_out {
   uint32_t n_q_heads;
   kvdex_hits *heads;      /* n_q_heads entries */
-  uint64_t keys_scanned;  /* keys scored, summed over KV heads */
+  uint64_t keys_scanned;  /* keys scored: exact, summed over KV heads; with an index,
+                             the index's distance computations summed over query
+                             heads, plus the tail keys scanned (once per KV head) */
   uint64_t tokens;        /* committed tokens of the layer when the search ran */
+  char index[32];         /* what served it: "exact" or the index kind */
 } kvdex_search_out;
 void kvdex_search_out_free(kvdex_search_out *out); /* frees the arrays, not the struct */
 
@@ -134,6 +193,29 @@ void kvdex_search_out_free(kvdex_search_out *out); /* frees the arrays, not the 
  * (k = 0 or > 65536, layer out of range, non-finite query), KVDEX_ENOTFOUND. */
 int kvdex_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *req, size_t n_seqs,
                  const char *const *seq_ids, const float *const *q, kvdex_search_out *out /* OUT */);
+
+/* ---- retrieval indexes ------------------------------------------------------------ */
+
+/* `layer` of kvdex_build_index meaning every layer that has tokens. */
+#define KVDEX_ALL_LAYERS UINT32_MAX
+
+/* Starts building a retrieval index for `layer` of a sequence (or, with
+ * KVDEX_ALL_LAYERS, for every layer that has tokens) and returns at once; the build
+ * runs in the background (over gRPC on the server's build threads, "local:" on a
+ * build thread of the handle), one index per KV head, from the tokens committed when
+ * it starts and the layer's prefill queries (kvdex_append_kvq).
+ * spec: "kind:name=value,...", e.g. "graph:degree=32", "ivf:nlist=256", "hnsw:M=32",
+ * "landmark:mode=minmax" ("landmark:mode=given" needs caller-given landmarks, which
+ * are not supported yet: such a build fails).
+ * kvdex_stat shows the layer KVDEX_INDEX_BUILDING, then READY (searches with index
+ * "auto" or its kind use it from then on; a rebuild replaces the old index
+ * atomically) or FAILED with a message (nothing else changes then, e.g. when the
+ * finished index would pass the node's memory cap). The index counts against the
+ * memory cap and is freed with its sequence. Errors (nothing queued): KVDEX_EINVAL
+ * (bad spec, with the parser's message; layer out of range), KVDEX_ENOTFOUND,
+ * KVDEX_ECONFLICT (the layer has no tokens; with KVDEX_ALL_LAYERS none has),
+ * KVDEX_EBUSY (a build of one of these layers is queued or running). */
+int kvdex_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec);
 
 #ifdef __cplusplus
 }

@@ -1,20 +1,32 @@
-/* local.c — the embedded transport ("local:"): the client owns a kvdex_store and a
- * kvdex_pool in this process and calls kvstore/ and index/ directly, with no
- * serialisation. Appends are kvstore transactions, reads kvdex_seq_read, searches
- * kvdex_exact_search. It adds no locking of its own: both modules are thread-safe.
+/* local.c — the embedded transport ("local:"): the client owns a kvdex_store, a
+ * kvdex_pool and an indexer (one build thread) in this process and calls kvstore/,
+ * index/ and workers/indexer.h directly, with no serialisation. Appends are kvstore
+ * transactions, reads kvdex_seq_read, searches and index builds go through the
+ * indexer, as in the server. Its only lock guards a free list of index search
+ * scratch objects; the modules it calls are thread-safe.
  */
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "client/client_int.h"
+#include "index/ann.h"
 #include "index/index.h"
 #include "kvstore/kvstore.h"
+#include "workers/indexer.h"
+
+#define SCRATCH_KEEP 16 /* idle index search scratch objects kept for reuse */
 
 typedef struct local_db {
   kvdex_db base;
   kvdex_store *store;
   kvdex_pool *pool;
+  kvdex_indexer *indexer;
+  pthread_mutex_t scratch_mu; /* guards scratch[] */
+  kvdex_index_scratch *scratch[SCRATCH_KEEP];
+  unsigned n_scratch;
 } local_db;
 
 typedef struct local_appender {
@@ -26,9 +38,34 @@ static local_db *as_local(kvdex_db *db) { return (local_db *)db; }
 
 static void local_close(kvdex_db *db) {
   local_db *l = as_local(db);
+  kvdex_indexer_destroy(l->indexer); /* before the pool and store it uses */
+  for (unsigned i = 0; i < l->n_scratch; i++) kvdex_index_scratch_destroy(l->scratch[i]);
+  pthread_mutex_destroy(&l->scratch_mu);
   kvdex_pool_destroy(l->pool);
   kvdex_store_destroy(l->store);
   free(l);
+}
+
+/* A scratch for one indexed search: a kept one, or a new one (NULL when out of memory:
+ * the search then makes its own). */
+static kvdex_index_scratch *scratch_take(local_db *l) {
+  kvdex_index_scratch *s = NULL;
+  pthread_mutex_lock(&l->scratch_mu);
+  if (l->n_scratch) s = l->scratch[--l->n_scratch];
+  pthread_mutex_unlock(&l->scratch_mu);
+  if (!s && kvdex_index_scratch_create(&s)) s = NULL;
+  return s;
+}
+
+static void scratch_give(local_db *l, kvdex_index_scratch *s) {
+  if (!s) return;
+  pthread_mutex_lock(&l->scratch_mu);
+  if (l->n_scratch < SCRATCH_KEEP) {
+    l->scratch[l->n_scratch++] = s;
+    s = NULL;
+  }
+  pthread_mutex_unlock(&l->scratch_mu);
+  kvdex_index_scratch_destroy(s);
 }
 
 static int local_create(kvdex_db *db, const char *seq_id, const kvdex_shape *shape) {
@@ -49,11 +86,45 @@ static int local_stat(kvdex_db *db, const char *seq_id, kvdex_seq_info *info) {
     kvdex_seq_release(seq);
     return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   }
-  for (uint32_t l = 0; l < shape->n_layers; l++) tokens[l] = kvdex_seq_tokens(seq, l);
+  uint64_t *qtokens = malloc((size_t)shape->n_layers * sizeof *qtokens);
+  kvdex_layer_index *ix = NULL;
+  uint32_t n_ix = 0;
+  int rc2 = qtokens ? KVDEX_OK : kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+  for (uint32_t l = 0; l < shape->n_layers && !rc2; l++) {
+    tokens[l] = kvdex_seq_tokens(seq, l);
+    qtokens[l] = kvdex_seq_query_tokens(seq, l);
+    kvdex_indexer_info ii;
+    rc2 = kvdex_indexer_info_get(as_local(db)->indexer, seq, l, &ii);
+    if (rc2 || ii.state == KVDEX_INDEXER_NONE) continue;
+    if (!ix && !(ix = calloc(shape->n_layers - l, sizeof *ix))) {
+      rc2 = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+      break;
+    }
+    kvdex_layer_index *li = &ix[n_ix++];
+    li->layer = l;
+    li->state = ii.state;
+    snprintf(li->spec, sizeof li->spec, "%s", ii.spec);
+    snprintf(li->error, sizeof li->error, "%s", ii.error);
+    snprintf(li->kind, sizeof li->kind, "%s", ii.kind);
+    snprintf(li->describe, sizeof li->describe, "%s", ii.describe);
+    li->build_seconds = ii.build_seconds;
+    li->memory_bytes = ii.memory_bytes;
+    li->tokens = ii.tokens;
+  }
+  if (rc2) {
+    free(tokens);
+    free(qtokens);
+    free(ix);
+    kvdex_seq_release(seq);
+    return rc2;
+  }
   info->shape = *shape;
   info->bytes = kvdex_seq_bytes(seq);
   info->n_layers = shape->n_layers;
   info->layer_tokens = tokens;
+  info->layer_query_tokens = qtokens;
+  info->n_indexes = n_ix;
+  info->indexes = ix;
   kvdex_seq_release(seq);
   return KVDEX_OK;
 }
@@ -121,8 +192,11 @@ static int local_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender *
 }
 
 static int local_append_kv(kvdex_appender *ap, uint32_t layer, uint64_t token_start,
-                           uint32_t n_tokens, const void *k, const void *v) {
-  return kvdex_txn_append(((local_appender *)ap)->txn, layer, token_start, n_tokens, k, v);
+                           uint32_t n_tokens, const void *k, const void *v, const void *q) {
+  kvdex_txn *txn = ((local_appender *)ap)->txn;
+  int rc = kvdex_txn_append(txn, layer, token_start, n_tokens, k, v);
+  if (!rc && q) rc = kvdex_txn_append_q(txn, layer, token_start, n_tokens, q);
+  return rc;
 }
 
 static int local_append_commit(kvdex_appender *ap, uint64_t *tokens_appended) {
@@ -157,7 +231,8 @@ static int local_read(kvdex_db *db, const char *seq_id, uint32_t layer, const ui
 }
 
 /* Copies one sequence's result into a freshly allocated kvdex_search_out. */
-static int convert_result(const kvdex_search_result *res, kvdex_search_out *out) {
+static int convert_result(const kvdex_search_result *res, const char *used,
+                          kvdex_search_out *out) {
   size_t total = 0;
   for (uint32_t h = 0; h < res->n_q_heads; h++) total += res->heads[h].n_hits;
   uint64_t *ids;
@@ -178,6 +253,7 @@ static int convert_result(const kvdex_search_result *res, kvdex_search_out *out)
   }
   out->keys_scanned = res->keys_scanned;
   out->tokens = res->tokens;
+  snprintf(out->index, sizeof out->index, "%s", used);
   return KVDEX_OK;
 }
 
@@ -187,19 +263,26 @@ static int local_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *re
   local_db *l = as_local(db);
   kvdex_search_opts so = {.k = req->k, .sinks = req->sinks, .window = req->window,
                           .simd = KVDEX_SIMD_AUTO};
+  kvdex_index_params params = {.ef = req->ef, .nprobe = req->nprobe, .blocks = req->blocks};
   kvdex_search_result res = {0};
-  int rc = KVDEX_OK;
+  int rc = kvdex_indexer_check_index(req->index);
+  if (rc) return kvdex__preerr(rc, "index");
+  bool indexed = req->index && req->index[0] && strcmp(req->index, "exact");
+  kvdex_index_scratch *scratch = indexed ? scratch_take(l) : NULL;
   size_t i;
   for (i = 0; i < n_seqs; i++) {
     kvdex_seq *seq;
+    const char *used = "exact";
     rc = kvdex_seq_open(l->store, db->ns, seq_ids[i], &seq);
     if (rc == KVDEX_OK) {
-      rc = kvdex_exact_search(seq, layer, q[i], &so, l->pool, &res);
+      rc = kvdex_indexer_search(l->indexer, seq, layer, q[i], &so, req->index, &params, scratch,
+                                &res, &used);
       kvdex_seq_release(seq);
     }
-    if (rc == KVDEX_OK) rc = convert_result(&res, &out[i]);
+    if (rc == KVDEX_OK) rc = convert_result(&res, used, &out[i]);
     if (rc) break;
   }
+  scratch_give(l, scratch);
   kvdex_search_result_free(&res);
   if (rc) {
     char where[KVDEX_MAX_SEQ_ID + 48];
@@ -207,6 +290,17 @@ static int local_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *re
     kvdex__preerr(rc, where);
     for (size_t j = 0; j < i; j++) kvdex_search_out_free(&out[j]);
   }
+  return rc;
+}
+
+static int local_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec) {
+  kvdex_seq *seq;
+  int rc = kvdex_seq_open(as_local(db)->store, db->ns, seq_id, &seq);
+  if (rc) return rc;
+  rc = kvdex_indexer_build(as_local(db)->indexer, seq,
+                           layer == KVDEX_ALL_LAYERS ? KVDEX_INDEXER_ALL_LAYERS : layer, spec,
+                           NULL, NULL);
+  kvdex_seq_release(seq);
   return rc;
 }
 
@@ -223,16 +317,21 @@ static const kvdex__vt local_vt = {
     .append_abort = local_append_abort,
     .read = local_read,
     .search = local_search,
+    .build_index = local_build_index,
 };
 
 int kvdex__local_open(const kvdex_open_opts *opts, kvdex_db **out) {
   local_db *l = calloc(1, sizeof *l);
   if (!l) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   l->base.vt = &local_vt;
+  pthread_mutex_init(&l->scratch_mu, NULL);
   int rc = kvdex_store_create(opts ? opts->memory_cap : 0, &l->store);
   if (rc == KVDEX_OK) rc = kvdex_pool_create(opts ? opts->threads : 0, &l->pool);
+  if (rc == KVDEX_OK) rc = kvdex_indexer_create(l->pool, 1, &l->indexer);
   if (rc) {
+    kvdex_pool_destroy(l->pool);
     kvdex_store_destroy(l->store);
+    pthread_mutex_destroy(&l->scratch_mu);
     free(l);
     return rc;
   }

@@ -6,9 +6,19 @@
  * array (K pointers, then V pointers). Each block pair (K and V of one kv head, one
  * block of tokens) is a single allocation: K at offset 0, V at offset `block_stride`.
  *
+ * Prefill queries: per layer a kvdex__qset (kept token ids ascending, their rows of all
+ * query heads), replaced as a whole: a transaction works on a private copy
+ * (layer.qpend) and commit swaps it in under seq->mu, where readers copy it out.
+ * Attachments: per (layer, slot) a refcounted record (the slot holds one reference,
+ * every kvdex_attachment_get another, which also holds a reference on the sequence,
+ * so the sequence outlives every record it has to uncharge); the last release frees
+ * the object and returns its bytes.
+ *
  * Locking:
  *  - store->lock (rwlock) guards the hash map, the all-sequences list and n_seqs.
  *    Functions named *_locked run with it held.
+ *  - seq->mu (mutex) guards the attachment slots and every layer's qpub. It is never
+ *    held while an attachment is freed or the store lock is taken.
  *  - A sequence's writer state (layer.staged, head.pending, retired, txn) belongs to
  *    the thread owning the transaction (seq->txn_active, acquire/release).
  *  - Readers take no lock: they load layer.committed (acquire) and then head.pub
@@ -43,10 +53,29 @@ typedef struct kvdex__head {
   kvdex__blocks *pending;       /* grown copy not yet published (txn owner only) */
 } kvdex__head;
 
+/* The prefill queries a layer keeps: one allocation, header + ids + rows. */
+typedef struct kvdex__qset {
+  uint64_t stride; /* a token t is kept iff t % stride == 0 */
+  uint64_t n, cap; /* kept tokens, room */
+  size_t bytes;    /* size of this allocation (accounted) */
+  uint64_t *ids;   /* [cap], ascending */
+  char *rows;      /* [cap][n_q_heads * row_bytes], sequence dtype */
+} kvdex__qset;
+
 typedef struct kvdex__layer {
   _Atomic uint64_t committed; /* tokens readers may see */
   uint64_t staged;            /* committed + staged by the open txn (txn owner only) */
+  kvdex__qset *qpub;          /* committed queries (seq->mu; the txn owner may read it) */
+  kvdex__qset *qpend;         /* the open txn's copy (txn owner only) */
 } kvdex__layer;
+
+struct kvdex_attachment {
+  _Atomic uint64_t refs;
+  kvdex_seq *seq;
+  void *obj;
+  uint64_t bytes;
+  kvdex_attach_free_fn free_fn;
+};
 
 struct kvdex_txn {
   kvdex_seq *seq;
@@ -72,6 +101,8 @@ struct kvdex_seq {
   kvdex__layer *layers;   /* [n_layers] */
   kvdex__head *heads;     /* [n_layers * n_kv_heads] */
   kvdex__blocks **scratch; /* [n_kv_heads], txn owner only */
+  kvdex_attachment **atts; /* [n_layers * KVDEX_ATTACH_SLOTS], seq->mu */
+  pthread_mutex_t mu;      /* attachments and qpub, see the top of the file */
   kvdex__blocks *retired;  /* txn owner only */
   struct kvdex_txn txn;    /* the one transaction a sequence can have */
   char ns[KVDEX_MAX_NAMESPACE + 1];
@@ -326,13 +357,14 @@ int kvdex_seq_create(kvdex_store *st, const char *ns, const char *seq_id,
   if (exists)
     return kvdex__seterr(KVDEX_EEXIST, "seq_create: sequence %s/%s already exists", ns, seq_id);
 
-  /* One allocation: struct + id, then layers, heads, scratch. */
+  /* One allocation: struct + id, then layers, heads, scratch, attachment slots. */
   size_t id_len = strlen(seq_id);
   size_t n_heads = (size_t)shape->n_layers * shape->n_kv_heads;
   size_t off_layers = align_up(sizeof(kvdex_seq) + id_len + 1, 16);
   size_t off_heads = align_up(off_layers + shape->n_layers * sizeof(kvdex__layer), 16);
   size_t off_scratch = align_up(off_heads + n_heads * sizeof(kvdex__head), 16);
-  size_t meta = off_scratch + shape->n_kv_heads * sizeof(kvdex__blocks *);
+  size_t off_atts = align_up(off_scratch + shape->n_kv_heads * sizeof(kvdex__blocks *), 16);
+  size_t meta = off_atts + (size_t)shape->n_layers * KVDEX_ATTACH_SLOTS * sizeof(kvdex_attachment *);
 
   rc = store_reserve(st, meta);
   if (rc) return kvdex__preerr(rc, "seq_create");
@@ -356,6 +388,13 @@ int kvdex_seq_create(kvdex_store *st, const char *ns, const char *seq_id,
   seq->layers = (kvdex__layer *)(mem + off_layers);
   seq->heads = (kvdex__head *)(mem + off_heads);
   seq->scratch = (kvdex__blocks **)(mem + off_scratch);
+  seq->atts = (kvdex_attachment **)(mem + off_atts);
+  rc = pthread_mutex_init(&seq->mu, NULL);
+  if (rc != 0) {
+    kvdex__alloc_free(st->alloc, mem, meta);
+    store_unreserve(st, meta);
+    return kvdex__seterr(KVDEX_EINTERNAL, "seq_create: pthread_mutex_init: %s", strerror(rc));
+  }
   for (uint32_t l = 0; l < shape->n_layers; l++) atomic_init(&seq->layers[l].committed, 0);
   for (size_t i = 0; i < n_heads; i++) atomic_init(&seq->heads[i].pub, NULL);
   snprintf(seq->ns, sizeof seq->ns, "%s", ns);
@@ -364,6 +403,7 @@ int kvdex_seq_create(kvdex_store *st, const char *ns, const char *seq_id,
   pthread_rwlock_wrlock(&st->lock);
   if (find_locked(st, ns, seq_id, hash)) { /* lost a race with another create */
     pthread_rwlock_unlock(&st->lock);
+    pthread_mutex_destroy(&seq->mu);
     kvdex__alloc_free(st->alloc, mem, meta);
     store_unreserve(st, meta);
     return kvdex__seterr(KVDEX_EEXIST, "seq_create: sequence %s/%s already exists", ns, seq_id);
@@ -380,6 +420,9 @@ int kvdex_seq_create(kvdex_store *st, const char *ns, const char *seq_id,
   return KVDEX_OK;
 }
 
+static void qset_free(kvdex_seq *seq, kvdex__qset *qs);
+static void att_unref(kvdex_attachment *att);
+
 /* Frees a sequence whose last reference is gone, unlinking it from the all-list
  * (takes store->lock), or, with unlink false, because the store is being destroyed.
  * Returns its bytes to the store. */
@@ -392,10 +435,22 @@ static void seq_free(kvdex_seq *seq, bool unlink) {
     if (seq->all_next) seq->all_next->all_prev = seq->all_prev;
     pthread_rwlock_unlock(&st->lock);
   }
+  /* Attachments first: freeing one returns its bytes through seq->bytes. Outside
+   * kvdex_store_destroy no get-reference can remain (each holds the sequence); one
+   * left at destroy time (calls in flight: a contract breach) is leaked, not freed. */
+  size_t n_slots = (size_t)seq->shape.n_layers * KVDEX_ATTACH_SLOTS;
+  for (size_t i = 0; i < n_slots; i++) {
+    kvdex_attachment *att = seq->atts[i];
+    seq->atts[i] = NULL;
+    if (att) att_unref(att);
+  }
   kvdex__alloc *a = st->alloc;
   const uint32_t bt = seq->shape.block_tokens;
   const size_t pair = block_pair_bytes(seq);
   for (uint32_t l = 0; l < seq->shape.n_layers; l++) {
+    qset_free(seq, seq->layers[l].qpub);
+    qset_free(seq, seq->layers[l].qpend);
+    seq->layers[l].qpub = seq->layers[l].qpend = NULL;
     uint64_t nb = blocks_for(seq->layers[l].staged, bt);
     for (uint32_t h = 0; h < seq->shape.n_kv_heads; h++) {
       kvdex__head *hd = seq_head(seq, l, h);
@@ -412,6 +467,7 @@ static void seq_free(kvdex_seq *seq, bool unlink) {
     r = next;
   }
   uint64_t bytes = atomic_load_explicit(&seq->bytes, memory_order_relaxed);
+  pthread_mutex_destroy(&seq->mu);
   kvdex__alloc_free(a, seq, seq->meta_bytes);
   store_unreserve(st, bytes);
 }
@@ -419,6 +475,14 @@ static void seq_free(kvdex_seq *seq, bool unlink) {
 void kvdex_seq_release(kvdex_seq *seq) {
   if (!seq) return;
   if (atomic_fetch_sub_explicit(&seq->refs, 1, memory_order_acq_rel) == 1) seq_free(seq, true);
+}
+
+void kvdex_seq_retain(kvdex_seq *seq) {
+  if (seq) atomic_fetch_add_explicit(&seq->refs, 1, memory_order_relaxed);
+}
+
+int kvdex_seq_deleted(const kvdex_seq *seq) {
+  return seq && atomic_load_explicit(&seq->deleted, memory_order_acquire);
 }
 
 int kvdex_seq_delete(kvdex_store *st, const char *ns, const char *seq_id, uint64_t *bytes_freed) {
@@ -803,6 +867,10 @@ static void txn_rollback(kvdex_txn *txn) {
   uint64_t freed = 0;
   for (uint32_t l = 0; l < seq->shape.n_layers; l++) {
     kvdex__layer *ly = &seq->layers[l];
+    if (ly->qpend) {
+      qset_free(seq, ly->qpend);
+      ly->qpend = NULL;
+    }
     uint64_t committed = atomic_load_explicit(&ly->committed, memory_order_relaxed);
     if (ly->staged == committed) continue;
     uint64_t nb_c = blocks_for(committed, bt), nb_s = blocks_for(ly->staged, bt);
@@ -853,6 +921,14 @@ int kvdex_txn_commit(kvdex_txn *txn, kvdex_txn_result *result) {
   }
   for (uint32_t l = 0; l < seq->shape.n_layers; l++) {
     kvdex__layer *ly = &seq->layers[l];
+    if (ly->qpend) { /* readers copy qpub under seq->mu: the old set goes at once */
+      pthread_mutex_lock(&seq->mu);
+      kvdex__qset *old = ly->qpub;
+      ly->qpub = ly->qpend;
+      pthread_mutex_unlock(&seq->mu);
+      ly->qpend = NULL;
+      qset_free(seq, old);
+    }
     if (ly->staged == atomic_load_explicit(&ly->committed, memory_order_relaxed)) continue;
     for (uint32_t h = 0; h < seq->shape.n_kv_heads; h++) {
       kvdex__head *hd = seq_head(seq, l, h);
@@ -879,4 +955,319 @@ void kvdex_txn_abort(kvdex_txn *txn) {
   if (!txn || !txn->seq) return;
   txn_rollback(txn);
   txn_end(txn);
+}
+
+/* ---- prefill queries ------------------------------------------------------------ */
+
+/* Bytes of the queries of one token: all query heads. */
+static inline size_t q_row_bytes(const kvdex_seq *seq) {
+  return (size_t)seq->shape.n_q_heads * seq->row_bytes;
+}
+
+static void qset_free(kvdex_seq *seq, kvdex__qset *qs) {
+  if (!qs) return;
+  size_t bytes = qs->bytes;
+  kvdex__alloc_free(seq->store->alloc, qs, bytes);
+  seq_uncharge(seq, bytes);
+}
+
+/* A new empty set with room for cap tokens, charged to seq; NULL with the error set. */
+static kvdex__qset *qset_new(kvdex_seq *seq, uint64_t cap, uint64_t stride) {
+  size_t qrow = q_row_bytes(seq);
+  size_t off_ids = align_up(sizeof(kvdex__qset), 64);
+  size_t off_rows = align_up(off_ids + (size_t)cap * sizeof(uint64_t), 64);
+  size_t bytes = off_rows + (size_t)cap * qrow;
+  if (seq_charge(seq, bytes)) return NULL;
+  char *mem = kvdex__alloc_malloc(seq->store->alloc, bytes);
+  if (!mem) {
+    seq_uncharge(seq, bytes);
+    kvdex__seterr(KVDEX_ENOMEM, "out of memory: allocation of %zu bytes failed", bytes);
+    return NULL;
+  }
+  kvdex__qset *qs = (kvdex__qset *)mem;
+  qs->stride = stride;
+  qs->n = 0;
+  qs->cap = cap;
+  qs->bytes = bytes;
+  qs->ids = (uint64_t *)(mem + off_ids);
+  qs->rows = mem + off_rows;
+  return qs;
+}
+
+/* Index of the first kept id >= t. */
+static uint64_t qset_lower(const kvdex__qset *qs, uint64_t t) {
+  uint64_t lo = 0, hi = qs ? qs->n : 0;
+  while (lo < hi) {
+    uint64_t mid = lo + (hi - lo) / 2;
+    if (qs->ids[mid] < t) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/* Gathers the rows of token t (all query heads) from the caller's layout
+ * [n_q_heads][n][head_dim] (token t = s + i) into dst. */
+static void q_gather(const kvdex_seq *seq, const char *q, uint32_t n, uint64_t i, char *dst) {
+  size_t row = seq->row_bytes;
+  for (uint32_t h = 0; h < seq->shape.n_q_heads; h++)
+    memcpy(dst + h * row, q + ((size_t)h * n + i) * row, row);
+}
+
+static int q_same(const kvdex_seq *seq, const char *q, uint32_t n, uint64_t i, const char *kept) {
+  size_t row = seq->row_bytes;
+  for (uint32_t h = 0; h < seq->shape.n_q_heads; h++)
+    if (memcmp(kept + h * row, q + ((size_t)h * n + i) * row, row)) return 0;
+  return 1;
+}
+
+int kvdex_txn_append_q(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
+                       const void *q) {
+  if (!txn) return kvdex__seterr(KVDEX_EINVAL, "append_q: transaction is NULL");
+  kvdex_seq *seq = txn->seq;
+  if (txn->err)
+    return kvdex__seterr(txn->err, "append_q: transaction already failed: %s", txn->errmsg);
+  if (atomic_load_explicit(&seq->deleted, memory_order_acquire))
+    return txn_fail(txn, kvdex__seterr(KVDEX_ENOTFOUND, "append_q: sequence %s/%s was deleted",
+                                       seq->ns, seq->id));
+  if (layer >= seq->shape.n_layers)
+    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
+                                       "append_q: layer %u is out of range (n_layers = %u)",
+                                       layer, seq->shape.n_layers));
+  if (n_tokens == 0) return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append_q: n_tokens is 0"));
+  if (!q) return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append_q: q is NULL"));
+  kvdex__layer *ly = &seq->layers[layer];
+  if (token_start > ly->staged || ly->staged - token_start < n_tokens)
+    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
+                                       "append_q: queries for tokens [%" PRIu64 ",%" PRIu64
+                                       ") of layer %u, which has %" PRIu64
+                                       " tokens: append their K and V first",
+                                       token_start, token_start + n_tokens, layer, ly->staged));
+  const char *src = q;
+  const size_t qrow = q_row_bytes(seq);
+  kvdex__qset *cur = ly->qpend ? ly->qpend : ly->qpub;
+  const uint64_t stride = cur ? cur->stride : 1;
+  const uint64_t end = token_start + n_tokens;
+
+  /* 1. Compare the tokens that already have queries; count the new kept ones. */
+  uint64_t first = (token_start + stride - 1) / stride * stride, n_new = 0;
+  uint64_t pos = qset_lower(cur, first);
+  for (uint64_t t = first; t < end; t += stride) {
+    while (cur && pos < cur->n && cur->ids[pos] < t) pos++;
+    if (cur && pos < cur->n && cur->ids[pos] == t) {
+      if (!q_same(seq, src, n_tokens, t - token_start, cur->rows + pos * qrow))
+        return txn_fail(txn, kvdex__seterr(KVDEX_ECONFLICT,
+                                           "append_q: the queries of token %" PRIu64
+                                           " of layer %u differ from the stored ones",
+                                           t, layer));
+    } else {
+      n_new++;
+    }
+  }
+  if (n_new == 0) return KVDEX_OK;
+
+  /* 2. Fast path: the transaction's own copy has room and the new tokens all come
+   * after its last one (appends in token order). */
+  uint64_t have = cur ? cur->n : 0;
+  if (ly->qpend && have + n_new <= ly->qpend->cap &&
+      (have == 0 || ly->qpend->ids[have - 1] < first)) {
+    kvdex__qset *qs = ly->qpend;
+    for (uint64_t t = first; t < end; t += stride) {
+      q_gather(seq, src, n_tokens, t - token_start, qs->rows + qs->n * qrow);
+      qs->ids[qs->n++] = t;
+    }
+    return KVDEX_OK;
+  }
+
+  /* 3. A new copy: the stride doubles until the sample fits, then merge. */
+  uint64_t ns = stride;
+  for (;;) {
+    uint64_t keep = 0;
+    for (uint64_t i = 0; i < have; i++) keep += cur->ids[i] % ns == 0;
+    uint64_t f = (token_start + ns - 1) / ns * ns;
+    for (uint64_t t = f; t < end; t += ns) {
+      uint64_t p = qset_lower(cur, t);
+      keep += !(cur && p < cur->n && cur->ids[p] == t);
+    }
+    if (keep <= KVDEX_MAX_QUERY_TOKENS) {
+      uint64_t cap = keep * 2 > 64 ? keep * 2 : 64;
+      if (cap > KVDEX_MAX_QUERY_TOKENS) cap = KVDEX_MAX_QUERY_TOKENS;
+      if (cap < keep) cap = keep;
+      kvdex__qset *qs = qset_new(seq, cap, ns);
+      if (!qs) return txn_fail(txn, kvdex__preerr(KVDEX_ENOMEM, "append_q"));
+      uint64_t i = 0;
+      for (uint64_t t = f;; t += ns) { /* merge the kept old ids and the new tokens */
+        bool more_new = t < end;
+        while (i < have && (!more_new || cur->ids[i] <= t)) {
+          if (cur->ids[i] % ns == 0 && !(more_new && cur->ids[i] == t)) {
+            memcpy(qs->rows + qs->n * qrow, cur->rows + i * qrow, qrow);
+            qs->ids[qs->n++] = cur->ids[i];
+          }
+          i++;
+        }
+        if (!more_new) break;
+        q_gather(seq, src, n_tokens, t - token_start, qs->rows + qs->n * qrow);
+        qs->ids[qs->n++] = t;
+      }
+      if (ly->qpend) qset_free(seq, ly->qpend);
+      ly->qpend = qs;
+      return KVDEX_OK;
+    }
+    ns *= 2;
+  }
+}
+
+uint64_t kvdex_seq_query_tokens(kvdex_seq *seq, uint32_t layer) {
+  if (!seq || layer >= seq->shape.n_layers) return 0;
+  pthread_mutex_lock(&seq->mu);
+  uint64_t n = seq->layers[layer].qpub ? seq->layers[layer].qpub->n : 0;
+  pthread_mutex_unlock(&seq->mu);
+  return n;
+}
+
+int kvdex_seq_queries(kvdex_seq *seq, uint32_t layer, uint32_t q_head0, uint32_t n_heads,
+                      float **out, uint64_t *n_tokens, uint64_t **ids) {
+  if (out) *out = NULL;
+  if (n_tokens) *n_tokens = 0;
+  if (ids) *ids = NULL;
+  if (!seq || !out || !n_tokens) return kvdex__seterr(KVDEX_EINVAL, "seq_queries: NULL argument");
+  if (layer >= seq->shape.n_layers)
+    return kvdex__seterr(KVDEX_EINVAL, "seq_queries: layer %u is out of range (n_layers = %u)",
+                         layer, seq->shape.n_layers);
+  if (n_heads == 0 || q_head0 >= seq->shape.n_q_heads ||
+      n_heads > seq->shape.n_q_heads - q_head0)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "seq_queries: query heads [%u,%u+%u) are out of range (n_q_heads = %u)",
+                         q_head0, q_head0, n_heads, seq->shape.n_q_heads);
+  const size_t d = seq->shape.head_dim, qrow = q_row_bytes(seq);
+  int rc = KVDEX_OK;
+  pthread_mutex_lock(&seq->mu);
+  kvdex__qset *qs = seq->layers[layer].qpub;
+  uint64_t n = qs ? qs->n : 0;
+  float *f = NULL;
+  uint64_t *idc = NULL;
+  if (n) {
+    f = malloc((size_t)n_heads * n * d * sizeof(float));
+    if (ids) idc = malloc(n * sizeof(uint64_t));
+    if (!f || (ids && !idc)) {
+      rc = kvdex__seterr(KVDEX_ENOMEM, "seq_queries: out of memory for %" PRIu64 " queries", n);
+    } else {
+      for (uint32_t h = 0; h < n_heads; h++)
+        for (uint64_t i = 0; i < n; i++)
+          kvdex_to_f32(seq->shape.dtype, qs->rows + i * qrow + (size_t)(q_head0 + h) * seq->row_bytes,
+                       f + ((size_t)h * n + i) * d, d);
+      if (idc) memcpy(idc, qs->ids, n * sizeof(uint64_t));
+    }
+  }
+  pthread_mutex_unlock(&seq->mu);
+  if (rc) {
+    free(f);
+    free(idc);
+    return rc;
+  }
+  *out = f;
+  *n_tokens = n;
+  if (ids) *ids = idc;
+  return KVDEX_OK;
+}
+
+/* ---- attachments ---------------------------------------------------------------- */
+
+/* Drops one reference; the last frees the object and returns its bytes. */
+static void att_unref(kvdex_attachment *att) {
+  if (atomic_fetch_sub_explicit(&att->refs, 1, memory_order_acq_rel) != 1) return;
+  if (att->free_fn) att->free_fn(att->obj);
+  if (att->bytes) seq_uncharge(att->seq, att->bytes);
+  free(att);
+}
+
+static int attach_common(kvdex_seq *seq, uint32_t layer, uint32_t slot, bool check,
+                         const void *expect, void *obj, uint64_t bytes,
+                         kvdex_attach_free_fn free_fn) {
+  if (!seq) return kvdex__seterr(KVDEX_EINVAL, "seq_attach: sequence is NULL");
+  if (layer >= seq->shape.n_layers || slot >= KVDEX_ATTACH_SLOTS)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "seq_attach: layer %u / slot %u out of range (n_layers = %u, %d slots)",
+                         layer, slot, seq->shape.n_layers, KVDEX_ATTACH_SLOTS);
+  if (!obj && bytes)
+    return kvdex__seterr(KVDEX_EINVAL, "seq_attach: %" PRIu64 " bytes for a NULL object", bytes);
+  kvdex_attachment *att = NULL;
+  if (obj) {
+    att = malloc(sizeof *att);
+    if (!att) return kvdex__seterr(KVDEX_ENOMEM, "seq_attach: out of memory");
+    atomic_init(&att->refs, 1);
+    att->seq = seq;
+    att->obj = obj;
+    att->bytes = bytes;
+    att->free_fn = free_fn;
+    if (bytes && seq_charge(seq, bytes)) {
+      free(att);
+      return kvdex__preerr(KVDEX_ENOMEM, "seq_attach");
+    }
+  }
+  kvdex_attachment **p = &seq->atts[(size_t)layer * KVDEX_ATTACH_SLOTS + slot];
+  int rc = KVDEX_OK;
+  kvdex_attachment *old = NULL;
+  pthread_mutex_lock(&seq->mu);
+  if (atomic_load_explicit(&seq->deleted, memory_order_acquire)) {
+    rc = kvdex__seterr(KVDEX_ENOTFOUND, "seq_attach: sequence %s/%s was deleted", seq->ns,
+                       seq->id);
+  } else if (check && (*p ? (*p)->obj : NULL) != expect) {
+    rc = kvdex__seterr(KVDEX_ECONFLICT,
+                       "seq_attach: slot %u of layer %u does not hold the expected object",
+                       slot, layer);
+  } else {
+    old = *p;
+    *p = att;
+  }
+  pthread_mutex_unlock(&seq->mu);
+  if (rc) {
+    if (att) {
+      if (bytes) seq_uncharge(seq, bytes);
+      free(att);
+    }
+    return rc;
+  }
+  if (old) att_unref(old);
+  return KVDEX_OK;
+}
+
+int kvdex_seq_attach(kvdex_seq *seq, uint32_t layer, uint32_t slot, void *obj, uint64_t bytes,
+                     kvdex_attach_free_fn free_fn) {
+  return attach_common(seq, layer, slot, false, NULL, obj, bytes, free_fn);
+}
+
+int kvdex_seq_attach_if(kvdex_seq *seq, uint32_t layer, uint32_t slot, const void *expect,
+                        void *obj, uint64_t bytes, kvdex_attach_free_fn free_fn) {
+  return attach_common(seq, layer, slot, true, expect, obj, bytes, free_fn);
+}
+
+int kvdex_attachment_get(kvdex_seq *seq, uint32_t layer, uint32_t slot, kvdex_attachment **out) {
+  if (!out) return kvdex__seterr(KVDEX_EINVAL, "attachment_get: out is NULL");
+  *out = NULL;
+  if (!seq) return kvdex__seterr(KVDEX_EINVAL, "attachment_get: sequence is NULL");
+  if (layer >= seq->shape.n_layers || slot >= KVDEX_ATTACH_SLOTS)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "attachment_get: layer %u / slot %u out of range (n_layers = %u, %d "
+                         "slots)",
+                         layer, slot, seq->shape.n_layers, KVDEX_ATTACH_SLOTS);
+  pthread_mutex_lock(&seq->mu);
+  kvdex_attachment *att = seq->atts[(size_t)layer * KVDEX_ATTACH_SLOTS + slot];
+  if (att) { /* the reference also holds the sequence, which att_unref may touch */
+    atomic_fetch_add_explicit(&att->refs, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&seq->refs, 1, memory_order_relaxed);
+  }
+  pthread_mutex_unlock(&seq->mu);
+  *out = att;
+  return KVDEX_OK;
+}
+
+void *kvdex_attachment_obj(const kvdex_attachment *att) { return att ? att->obj : NULL; }
+
+uint64_t kvdex_attachment_bytes(const kvdex_attachment *att) { return att ? att->bytes : 0; }
+
+void kvdex_attachment_release(kvdex_attachment *att) {
+  if (!att) return;
+  kvdex_seq *seq = att->seq;
+  att_unref(att);
+  kvdex_seq_release(seq);
 }

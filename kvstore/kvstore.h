@@ -6,6 +6,12 @@
  * Threading: every function here is thread-safe. Readers (views) see only committed
  * tokens; an append transaction writes beyond the committed length and publishes
  * atomically on commit, so searches run during appends.
+ *
+ * Besides K and V a sequence keeps, per layer, a bounded sample of the prefill
+ * queries (for attention-aware indexes) and a few opaque attachments: objects other
+ * modules hang on a (sequence, layer), such as retrieval indexes. The store counts
+ * their bytes against its cap and frees them with the sequence, without knowing
+ * what they are.
  */
 #ifndef KVDEX_KVSTORE_H
 #define KVDEX_KVSTORE_H
@@ -48,14 +54,18 @@ int kvdex_store_create(uint64_t memory_cap, kvdex_store **out /* OUT */);
 void kvdex_store_destroy(kvdex_store *store);
 
 typedef struct kvdex_store_stats {
-  uint64_t bytes_used;      /* accounted bytes: K/V blocks, block pointer arrays and
-                               per-sequence metadata, staged tokens included (the
-                               store's own small fixed structures are not counted) */
+  uint64_t bytes_used;      /* accounted bytes: K/V blocks, block pointer arrays,
+                               per-sequence metadata, prefill queries and attachments,
+                               staged tokens included (the store's own small fixed
+                               structures are not counted) */
   uint64_t bytes_cap;       /* 0 = unlimited */
   uint64_t n_sequences;
   uint64_t allocator_bytes; /* bytes the KV allocator reports live (jemalloc arena stats,
-                               size-class rounded, so >= bytes_used; under ASan builds
-                               the sum of requested sizes, == bytes_used) */
+                               size-class rounded; under ASan builds the sum of requested
+                               sizes). Everything but attachments comes from it, so with
+                               no attachment it is >= bytes_used (== under ASan);
+                               attachments live in their owners' memory and count in
+                               bytes_used only */
 } kvdex_store_stats;
 void kvdex_store_stats_get(kvdex_store *store, kvdex_store_stats *out /* OUT */);
 
@@ -76,6 +86,11 @@ int kvdex_seq_delete(kvdex_store *store, const char *ns, const char *seq_id,
 int kvdex_seq_open(kvdex_store *store, const char *ns, const char *seq_id,
                    kvdex_seq **out /* OUT */);
 void kvdex_seq_release(kvdex_seq *seq); /* NULL is a no-op */
+/* Takes one more reference on a sequence the caller already holds a reference to
+ * (to hand it to another thread); release it with kvdex_seq_release. */
+void kvdex_seq_retain(kvdex_seq *seq);
+/* 1 once kvdex_seq_delete has removed the sequence (it may still be referenced), else 0. */
+int kvdex_seq_deleted(const kvdex_seq *seq);
 
 /* The shape as created, with block_tokens 0 resolved to KVDEX_DEFAULT_BLOCK_TOKENS. */
 const kvdex_shape *kvdex_seq_shape(const kvdex_seq *seq);
@@ -156,6 +171,77 @@ typedef struct kvdex_txn_result {
 int kvdex_txn_commit(kvdex_txn *txn, kvdex_txn_result *result /* OUT, may be NULL */);
 /* Discards everything staged, returns its memory, ends the transaction. NULL: no-op. */
 void kvdex_txn_abort(kvdex_txn *txn);
+
+/* ---- Prefill queries ----------------------------------------------------------- */
+
+/* Most tokens whose queries one layer keeps. */
+#define KVDEX_MAX_QUERY_TOKENS 4096
+
+/* Stages the prefill queries of tokens [token_start, token_start + n_tokens) of
+ * `layer`: q is in the sequence dtype, layout [n_q_heads][n_tokens][head_dim] (all
+ * query heads; query head h belongs to kv head h / (n_q_heads / n_kv_heads)). The
+ * tokens must already be in the layer (committed, or staged by this transaction):
+ * KVDEX_EINVAL otherwise.
+ * Subsampling: a layer keeps the queries of token t only when t is a multiple of its
+ * stride, a power of two that starts at 1 and doubles (dropping the tokens that are no
+ * longer multiples) whenever more than KVDEX_MAX_QUERY_TOKENS tokens would be kept; so
+ * the sample is evenly spread over the layer and does not depend on how the tokens
+ * were split into appends. Queries of a token that already has them are compared:
+ * identical -> replay, different -> KVDEX_ECONFLICT. Their bytes (rows of all query
+ * heads of each kept token) count against the memory cap from here on; a layer that
+ * gains queries is copied when the transaction first touches it, so until commit
+ * the old and the new sample are both counted. Failures poison the transaction like
+ * kvdex_txn_append; a failed call stages nothing. Committed with the transaction. */
+int kvdex_txn_append_q(kvdex_txn *txn, uint32_t layer, uint64_t token_start,
+                       uint32_t n_tokens, const void *q);
+
+/* Committed query tokens kept by `layer` (0 if none or layer out of range). */
+uint64_t kvdex_seq_query_tokens(kvdex_seq *seq, uint32_t layer);
+
+/* Copies the committed queries kept for `layer`, query heads [q_head0, q_head0 +
+ * n_heads), converted to f32, into a malloc'ed array [n_heads][*n_tokens][head_dim]
+ * (rows in ascending token order), which the caller frees with free(). With no kept
+ * query, *out is NULL and *n_tokens 0. ids (may be NULL) receives a malloc'ed array of
+ * the *n_tokens token ids, also freed with free(). KVDEX_EINVAL for bad indices,
+ * KVDEX_ENOMEM (nothing returned). The copy is a consistent snapshot. */
+int kvdex_seq_queries(kvdex_seq *seq, uint32_t layer, uint32_t q_head0, uint32_t n_heads,
+                      float **out /* OUT */, uint64_t *n_tokens /* OUT */,
+                      uint64_t **ids /* OUT, may be NULL */);
+
+/* ---- Attachments: opaque per-(sequence, layer) objects of other modules ---------- */
+
+/* Slots per layer. Their use is up to the modules that attach (workers/indexer.h
+ * documents the ones it takes). */
+#define KVDEX_ATTACH_SLOTS 4
+
+typedef struct kvdex_attachment kvdex_attachment;
+typedef void (*kvdex_attach_free_fn)(void *obj);
+
+/* Attaches obj to (layer, slot) of seq, reserving `bytes` against the store's memory
+ * cap; they count in kvdex_seq_bytes and the store's bytes_used. The slot's previous
+ * attachment (if any) is detached: it is freed (free_fn(obj), may be NULL) and its
+ * bytes returned once no kvdex_attachment_get reference to it remains. obj NULL just
+ * detaches (bytes must then be 0). The sequence frees its attachments when it is freed.
+ * On failure nothing changes and obj still belongs to the caller:
+ * KVDEX_EINVAL (bad layer or slot), KVDEX_ENOMEM (the cap; the previous attachment's
+ * bytes are not counted as free for this check: it may still be in use),
+ * KVDEX_ENOTFOUND (the sequence was deleted). */
+int kvdex_seq_attach(kvdex_seq *seq, uint32_t layer, uint32_t slot, void *obj, uint64_t bytes,
+                     kvdex_attach_free_fn free_fn);
+/* Like kvdex_seq_attach, but only when the slot currently holds `expect` (an object
+ * pointer, or NULL for an empty slot): KVDEX_ECONFLICT otherwise, nothing changed. */
+int kvdex_seq_attach_if(kvdex_seq *seq, uint32_t layer, uint32_t slot, const void *expect,
+                        void *obj, uint64_t bytes, kvdex_attach_free_fn free_fn);
+
+/* Takes a reference to the attachment of (layer, slot): *out is NULL (and 0 returned)
+ * when the slot is empty. The object stays valid until kvdex_attachment_release, even
+ * if it is replaced or detached meanwhile or the sequence is deleted: the reference
+ * also holds the sequence. KVDEX_EINVAL for bad indices. */
+int kvdex_attachment_get(kvdex_seq *seq, uint32_t layer, uint32_t slot,
+                         kvdex_attachment **out /* OUT */);
+void *kvdex_attachment_obj(const kvdex_attachment *att);
+uint64_t kvdex_attachment_bytes(const kvdex_attachment *att);
+void kvdex_attachment_release(kvdex_attachment *att); /* NULL is a no-op */
 
 #ifdef __cplusplus
 }

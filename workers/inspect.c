@@ -1,5 +1,6 @@
 /* inspect: `kvdex inspect` — lists the sequences of a store (normally a server)
- * with their shape, committed tokens per layer and bytes. */
+ * with their shape, committed tokens per layer and bytes, and below each sequence one
+ * line per layer that has had a BuildIndex (state, index, memory, tokens covered). */
 #include <stdio.h>
 #include <string.h>
 
@@ -50,6 +51,14 @@ int kvdex_cmd_inspect(int argc, char **argv) {
            kvdex_dtype_name(info.shape.dtype), info.shape.block_tokens,
            (unsigned long long)(info.n_layers ? info.layer_tokens[0] : 0),
            (unsigned long long)info.bytes);
+    static const char *const states[] = {"none", "building", "ready", "failed"};
+    for (uint32_t j = 0; j < info.n_indexes; j++) {
+      const kvdex_layer_index *li = &info.indexes[j];
+      printf("  layer %-5u index %-8s %s  %llu bytes, %llu tokens, %.2f s%s%s\n", li->layer,
+             states[li->state & 3], li->describe[0] ? li->describe : li->spec,
+             (unsigned long long)li->memory_bytes, (unsigned long long)li->tokens,
+             li->build_seconds, li->error[0] ? "  error: " : "", li->error);
+    }
     kvdex_seq_info_free(&info);
   }
   exit_code = 0;

@@ -1,6 +1,8 @@
 /* server: the kvdex gRPC server on the gRPC C core (C API only). Serves
  * kvdex.v1.KVStore, kvdex.v1.Retrieval and grpc.health.v1.Health/Check over a
- * kvdex_store; every other method answers UNIMPLEMENTED.
+ * kvdex_store; every other method answers UNIMPLEMENTED. BuildIndex hands builds to
+ * an indexer (workers/indexer.h) with build threads of its own; Search goes through
+ * the same indexer (exact scan, or a ready index plus an exact scan of the tail).
  *
  * N worker threads, each with its own completion queue and one outstanding request
  * slot per method. A call is a small state machine (kvdex__call_state) driven only by
@@ -31,6 +33,7 @@
 #include "grpc/health/v1/health.pb-c.h"
 #include "kvdex/v1/kvdex.pb-c.h"
 #include "proto/wire.h"
+#include "workers/indexer.h"
 
 #define KVDEX__DEFAULT_MAX_MESSAGE (64u << 20)
 #define KVDEX__DEFAULT_READ_CHUNK 4096u
@@ -48,6 +51,7 @@ typedef enum kvdex__method {
   KVDEX__M_APPEND,
   KVDEX__M_READ,
   KVDEX__M_SEARCH,
+  KVDEX__M_BUILD,
   KVDEX__M_HEALTH,
   KVDEX__M_UNKNOWN, /* everything not registered: grpc_server_request_call */
   KVDEX__M_COUNT
@@ -65,6 +69,7 @@ static const struct {
     {"/kvdex.v1.KVStore/AppendKV", "AppendKV", GRPC_SRM_PAYLOAD_NONE},
     {"/kvdex.v1.KVStore/ReadKV", "ReadKV", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {"/kvdex.v1.Retrieval/Search", "Search", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {"/kvdex.v1.Retrieval/BuildIndex", "BuildIndex", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {"/grpc.health.v1.Health/Check", "Health/Check", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {NULL, "(unregistered)", GRPC_SRM_PAYLOAD_NONE},
 };
@@ -219,6 +224,7 @@ struct kvdex__worker {
   float *qf;
   size_t qf_cap;
   kvdex_search_result res;
+  kvdex_index_scratch *ixs; /* made on the first indexed search */
 };
 
 struct kvdex_server {
@@ -226,6 +232,7 @@ struct kvdex_server {
   grpc_completion_queue *shutdown_cq;
   kvdex_store *store;
   kvdex_pool *pool;
+  kvdex_indexer *indexer; /* owned: BuildIndex and Search */
   void *methods[KVDEX__M_COUNT];
   unsigned n_workers;
   kvdex__worker *workers;
@@ -331,7 +338,7 @@ static int kvdex__open(kvdex_server *srv, const Kvdex__V1__SequenceRef *ref, con
   return kvdex_seq_open(srv->store, ns, id, out);
 }
 
-static int kvdex__fill_info(kvdex__arena *a, kvdex_seq *seq,
+static int kvdex__fill_info(kvdex_server *srv, kvdex__arena *a, kvdex_seq *seq,
                             Kvdex__V1__SequenceInfo *info /* OUT */) {
   kvdex__v1__sequence_info__init(info);
   Kvdex__V1__SequenceRef *ref = kvdex__arena_alloc(a, sizeof *ref);
@@ -350,6 +357,35 @@ static int kvdex__fill_info(kvdex__arena *a, kvdex_seq *seq,
   info->layer_tokens = kvdex__arena_alloc(a, sizeof(uint64_t) * sh->n_layers);
   if (!info->layer_tokens) return KVDEX_ENOMEM;
   for (uint32_t l = 0; l < sh->n_layers; l++) info->layer_tokens[l] = kvdex_seq_tokens(seq, l);
+  info->n_layer_query_tokens = sh->n_layers;
+  info->layer_query_tokens = kvdex__arena_alloc(a, sizeof(uint64_t) * sh->n_layers);
+  if (!info->layer_query_tokens) return KVDEX_ENOMEM;
+  for (uint32_t l = 0; l < sh->n_layers; l++)
+    info->layer_query_tokens[l] = kvdex_seq_query_tokens(seq, l);
+  /* Layers that have had a BuildIndex. */
+  for (uint32_t l = 0; l < sh->n_layers; l++) {
+    kvdex_indexer_info ii;
+    if (kvdex_indexer_info_get(srv->indexer, seq, l, &ii) || ii.state == KVDEX_INDEXER_NONE)
+      continue;
+    if (!info->indexes) {
+      info->indexes = kvdex__arena_alloc(a, sizeof(*info->indexes) * (sh->n_layers - l));
+      if (!info->indexes) return KVDEX_ENOMEM;
+    }
+    Kvdex__V1__LayerIndex *li = kvdex__arena_alloc(a, sizeof *li);
+    if (!li) return KVDEX_ENOMEM;
+    kvdex__v1__layer_index__init(li);
+    li->layer = l;
+    li->state = (Kvdex__V1__IndexState)ii.state;
+    li->spec = kvdex__arena_strdup(a, ii.spec);
+    li->error = kvdex__arena_strdup(a, ii.error);
+    li->kind = kvdex__arena_strdup(a, ii.kind);
+    li->describe = kvdex__arena_strdup(a, ii.describe);
+    if (!li->spec || !li->error || !li->kind || !li->describe) return KVDEX_ENOMEM;
+    li->build_seconds = ii.build_seconds;
+    li->memory_bytes = ii.memory_bytes;
+    li->tokens = ii.tokens;
+    info->indexes[info->n_indexes++] = li;
+  }
   info->bytes = kvdex_seq_bytes(seq);
   return KVDEX_OK;
 }
@@ -464,7 +500,7 @@ static int kvdex__do_stat(kvdex__call *c) {
   if (!rc) {
     Kvdex__V1__SequenceInfo info;
     Kvdex__V1__StatSequenceResponse resp = KVDEX__V1__STAT_SEQUENCE_RESPONSE__INIT;
-    rc = kvdex__fill_info(&c->w->arena, seq, &info);
+    rc = kvdex__fill_info(srv, &c->w->arena, seq, &info);
     resp.info = &info;
     if (!rc) rc = kvdex__pack(srv, &resp.base, &c->send_buf);
   }
@@ -474,6 +510,7 @@ static int kvdex__do_stat(kvdex__call *c) {
 }
 
 typedef struct kvdex__list_ctx {
+  kvdex_server *srv;
   kvdex__arena *arena;
   Kvdex__V1__SequenceInfo **infos;
   size_t n, cap;
@@ -495,7 +532,7 @@ static void kvdex__list_visit(void *ctx, kvdex_seq *seq) {
     l->cap = cap;
   }
   Kvdex__V1__SequenceInfo *info = kvdex__arena_alloc(l->arena, sizeof *info);
-  if (!info || kvdex__fill_info(l->arena, seq, info)) {
+  if (!info || kvdex__fill_info(l->srv, l->arena, seq, info)) {
     l->rc = KVDEX_ENOMEM;
     return;
   }
@@ -511,7 +548,7 @@ static int kvdex__do_list(kvdex__call *c) {
   const char *ns = req->namespace_ && req->namespace_[0] ? req->namespace_ : NULL;
   if (ns && kvdex_name_check(ns, "x")) rc = KVDEX_EINVAL; /* names the namespace */
   if (!rc) {
-    kvdex__list_ctx l = {.arena = &c->w->arena};
+    kvdex__list_ctx l = {.srv = srv, .arena = &c->w->arena};
     kvdex_store_list(srv->store, ns, kvdex__list_visit, &l);
     rc = l.rc;
     if (rc) rc = kvdex__seterr(rc, "out of memory listing sequences");
@@ -575,7 +612,8 @@ static int kvdex__copy_rows(kvdex_seq *seq, uint32_t layer, uint32_t kv_head,
 /* One SearchQuery -> one SearchResult (arrays in the arena). *budget is what is left
  * of the max message size; the estimate of this result is taken from it. */
 static int kvdex__search_one(kvdex__worker *w, const Kvdex__V1__SearchRequest *req, size_t qi,
-                             const kvdex_search_opts *opts, bool return_kv, uint64_t *budget,
+                             const kvdex_search_opts *opts, const char *index,
+                             const kvdex_index_params *params, bool return_kv, uint64_t *budget,
                              Kvdex__V1__SearchResult *out /* OUT */) {
   kvdex_server *srv = w->srv;
   kvdex__arena *a = &w->arena;
@@ -629,13 +667,18 @@ static int kvdex__search_one(kvdex__worker *w, const Kvdex__V1__SearchRequest *r
     w->qf_cap = n_q;
   }
   kvdex_to_f32(qd, q->q.data, w->qf, n_q);
-  rc = kvdex_exact_search(seq, req->layer, w->qf, opts, srv->pool, &w->res);
+  bool indexed = index[0] && strcmp(index, "exact");
+  if (indexed && !w->ixs && (rc = kvdex_index_scratch_create(&w->ixs)) != KVDEX_OK) goto out;
+  const char *used = "exact";
+  rc = kvdex_indexer_search(srv->indexer, seq, req->layer, w->qf, opts, index, params, w->ixs,
+                            &w->res, &used);
   if (rc) {
     rc = kvdex__preerr(rc, field);
     goto out;
   }
 
   kvdex__v1__search_result__init(out);
+  out->index = (char *)used; /* a static string */
   out->keys_scanned = w->res.keys_scanned;
   out->tokens = w->res.tokens;
   out->n_heads = w->res.n_q_heads;
@@ -687,11 +730,12 @@ static int kvdex__do_search(kvdex__call *c) {
   if (!o || o->k < 1 || o->k > KVDEX_MAX_K) {
     rc = kvdex__seterr(KVDEX_EINVAL, "options.k must be in 1..%d (got %u)", KVDEX_MAX_K,
                        o ? o->k : 0);
-  } else if (index[0] && strcmp(index, "exact") && strcmp(index, "auto")) {
-    rc = kvdex__seterr(KVDEX_EINVAL,
-                       "options.index \"%.64s\" is not known (use \"\", \"exact\" or \"auto\")",
-                       index);
+  } else if (kvdex_indexer_check_index(index)) {
+    rc = kvdex__preerr(KVDEX_EINVAL, "options");
   }
+  kvdex_index_params params = {.ef = o ? o->ef : 0,
+                               .nprobe = o ? o->nprobe : 0,
+                               .blocks = o ? o->blocks : 0};
   Kvdex__V1__SearchResponse resp = KVDEX__V1__SEARCH_RESPONSE__INIT;
   if (!rc && req->n_queries) {
     resp.results = kvdex__arena_alloc(&w->arena, sizeof(*resp.results) * req->n_queries);
@@ -713,11 +757,43 @@ static int kvdex__do_search(kvdex__call *c) {
       rc = KVDEX_ENOMEM;
       break;
     }
-    rc = kvdex__search_one(w, req, i, &opts, o->return_kv, &budget, r);
+    rc = kvdex__search_one(w, req, i, &opts, index, &params, o->return_kv, &budget, r);
     resp.results[i] = r;
     resp.n_results = i + 1;
   }
   if (!rc) rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  protobuf_c_message_free_unpacked(&req->base, NULL);
+  return rc;
+}
+
+/* ---- BuildIndex ---------------------------------------------------------------- */
+
+static int kvdex__do_build(kvdex__call *c) {
+  kvdex__worker *w = c->w;
+  kvdex_server *srv = w->srv;
+  Kvdex__V1__BuildIndexRequest *req =
+      kvdex__unpack(&kvdex__v1__build_index_request__descriptor, "BuildIndexRequest", c->payload);
+  if (!req) return KVDEX_EINVAL;
+  kvdex_seq *seq = NULL;
+  int rc = kvdex__open(srv, req->seq, "seq", &seq);
+  uint32_t layer = req->all_layers ? KVDEX_INDEXER_ALL_LAYERS : req->layer;
+  if (!rc && !req->all_layers && req->layer == KVDEX_INDEXER_ALL_LAYERS)
+    rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (set all_layers for every layer)",
+                       req->layer);
+  uint32_t n = 0, *layers = NULL;
+  if (!rc) {
+    layers = kvdex__arena_alloc(&w->arena, sizeof(uint32_t) * kvdex_seq_shape(seq)->n_layers);
+    if (!layers) rc = KVDEX_ENOMEM;
+  }
+  if (!rc) rc = kvdex_indexer_build(srv->indexer, seq, layer, req->spec ? req->spec : "", layers, &n);
+  if (!rc) {
+    Kvdex__V1__BuildIndexResponse resp = KVDEX__V1__BUILD_INDEX_RESPONSE__INIT;
+    resp.accepted = true;
+    resp.n_layers = n;
+    resp.layers = layers;
+    rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  }
+  kvdex_seq_release(seq);
   protobuf_c_message_free_unpacked(&req->base, NULL);
   return rc;
 }
@@ -776,8 +852,22 @@ static int kvdex__append_msg(kvdex__call *c, const Kvdex__V1__AppendKVRequest *m
                          "head_dim (%u) x %zu (%s) = %llu",
                          m->k.len, m->v.len, sh->n_kv_heads, m->n_tokens, sh->head_dim, dsz,
                          kvdex_dtype_name(sh->dtype), (unsigned long long)want);
+  uint64_t want_q = want / sh->n_kv_heads * sh->n_q_heads;
+  if (m->q.len && m->q.len != want_q)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "q has %zu bytes, expected n_q_heads (%u) x n_tokens (%u) x head_dim "
+                         "(%u) x %zu (%s) = %llu, or none",
+                         m->q.len, sh->n_q_heads, m->n_tokens, sh->head_dim, dsz,
+                         kvdex_dtype_name(sh->dtype), (unsigned long long)want_q);
+  if (m->landmarks.len)
+    return kvdex__seterr(KVDEX_EUNIMPL,
+                         "landmarks are not supported yet (landmark:mode=given); use "
+                         "landmark:mode=minmax or mode=mean, which compute their own");
   if (m->n_tokens == 0) return KVDEX_OK; /* only names the sequence */
-  return kvdex_txn_append(c->txn, m->layer, m->token_start, m->n_tokens, m->k.data, m->v.data);
+  rc = kvdex_txn_append(c->txn, m->layer, m->token_start, m->n_tokens, m->k.data, m->v.data);
+  if (!rc && m->q.len)
+    rc = kvdex_txn_append_q(c->txn, m->layer, m->token_start, m->n_tokens, m->q.data);
+  return rc;
 }
 
 /* A RECV_MESSAGE completed. */
@@ -1042,6 +1132,7 @@ static void kvdex__call_on_new(kvdex__call *c, bool success) {
     case KVDEX__M_STAT: rc = kvdex__do_stat(c); break;
     case KVDEX__M_LIST: rc = kvdex__do_list(c); break;
     case KVDEX__M_SEARCH: rc = kvdex__do_search(c); break;
+    case KVDEX__M_BUILD: rc = kvdex__do_build(c); break;
     case KVDEX__M_HEALTH: rc = kvdex__do_health(c); break;
     case KVDEX__M_READ:
       rc = kvdex__read_setup(c);
@@ -1170,7 +1261,9 @@ static void kvdex__server_free(kvdex_server *srv) {
     kvdex__arena_free(&srv->workers[i].arena);
     free(srv->workers[i].qf);
     kvdex_search_result_free(&srv->workers[i].res);
+    kvdex_index_scratch_destroy(srv->workers[i].ixs);
   }
+  kvdex_indexer_destroy(srv->indexer); /* no call is left that could queue a build */
   free(srv->workers);
   pthread_cond_destroy(&srv->cv);
   pthread_mutex_destroy(&srv->mu);
@@ -1192,6 +1285,11 @@ int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_
   pthread_cond_init(&srv->cv, NULL);
   srv->store = store;
   srv->pool = pool;
+  int irc = kvdex_indexer_create(pool, opts->build_threads, &srv->indexer);
+  if (irc) {
+    kvdex__server_free(srv);
+    return kvdex__preerr(irc, "server");
+  }
   unsigned threads = opts->threads;
   if (threads == 0) {
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);

@@ -1,6 +1,7 @@
 /* server: the kvdex gRPC server on the gRPC C core. Serves kvdex.v1.KVStore,
  * kvdex.v1.Retrieval and grpc.health.v1.Health over a kvdex_store, with one
- * completion queue per worker thread. It owns neither the store nor the pool.
+ * completion queue per worker thread. It owns neither the store nor the pool; it
+ * owns the indexer that runs BuildIndex in the background (workers/indexer.h).
  * Signals and process lifetime belong to the caller (`kvdex serve` uses libuv).
  * From the first kvdex_server_start on, gRPC's own log lines go to KVDEX_LOG (its
  * errors at WARN, the rest at DEBUG).
@@ -23,6 +24,7 @@ typedef struct kvdex_server_opts {
   const char *listen;        /* "host:port"; port 0 picks a free port */
   unsigned threads;          /* completion-queue worker threads (0 = CPUs) */
   uint64_t max_message_bytes;/* per gRPC message, both directions (0 = 64 MiB) */
+  unsigned build_threads;    /* BuildIndex threads (0 = 1); each build also uses the pool */
 } kvdex_server_opts;
 
 /* Binds and starts serving. KVDEX_EIO if the address cannot be bound (a second
@@ -34,8 +36,10 @@ int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_
 int kvdex_server_port(const kvdex_server *srv);
 
 /* Stops accepting calls, lets in-flight calls finish for up to drain_ms, cancels the
- * rest, joins the workers and frees everything. NULL is a no-op. Thread-safe against
- * running calls, not against itself. */
+ * rest, joins the workers, stops the index builds (queued ones are cancelled, a
+ * running one is waited for up to the end of its current kv head) and frees
+ * everything. NULL is a no-op. Thread-safe against running calls, not against itself.
+ * Call it before destroying the store or the pool. */
 void kvdex_server_stop(kvdex_server *srv, uint32_t drain_ms);
 
 #ifdef __cplusplus

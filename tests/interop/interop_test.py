@@ -506,11 +506,15 @@ class InteropTest(unittest.TestCase):
             sreq(layer=2),
             sreq(k=0),
             sreq(k=70000),
-            sreq(index="hnsw"),
+            sreq(index="nope"),                            # unknown index kind
+            sreq(index="hnsw:M=8"),                        # parameters belong to BuildIndex
             kvdex_pb2.SearchRequest(queries=[kvdex_pb2.SearchQuery(seq=s.ref(), q=q.tobytes())]),
         ]
         for req in bad_searches:
             self.assertCode(C.INVALID_ARGUMENT, self.ret.Search, req, timeout=TIMEOUT)
+        # a known kind that was never built is a failed precondition, not a bad argument
+        self.assertCode(C.FAILED_PRECONDITION, self.ret.Search, sreq(index="hnsw"),
+                        timeout=TIMEOUT)
         qn = q.copy()
         qn[0, 0] = np.nan
         self.assertCode(C.INVALID_ARGUMENT, self.ret.Search, sreq(qb=qn.tobytes()),
@@ -674,6 +678,105 @@ class InteropTest(unittest.TestCase):
         _, rk, _, _ = s.read(0, ranges=[(0, 4)])
         np.testing.assert_array_equal(rk, k)
         s.delete()
+
+    # ---- retrieval indexes ---------------------------------------------------------
+
+    def test_build_index_auto_search_stat(self):
+        """AppendKV with prefill queries, BuildIndex, Stat BUILDING -> READY, Search auto."""
+        base = bytes_used(self)
+        s = Seq(self, "index-1", n_layers=2, n_kv=2, n_q=4, d=32, dtype=F16, block=16)
+        n = 2048
+        k, v = s.rand(n)
+        q = _rng.standard_normal((s.n_q, n, s.d)).astype(np.float16)
+
+        def msg(start, cnt, first, qb=None, landmarks=b""):
+            m = s.msg(0, start, k[:, start:start + cnt], v[:, start:start + cnt], first=first)
+            m.q = q[:, start:start + cnt].tobytes() if qb is None else qb
+            m.landmarks = landmarks
+            return m
+        # Sizes are checked on the wire; landmarks are not supported yet.
+        self.assertIn("q has", self.assertCode(
+            C.INVALID_ARGUMENT, self.kv.AppendKV, iter([msg(0, 16, True, qb=b"x" * 10)]),
+            timeout=TIMEOUT))
+        self.assertIn("landmarks", self.assertCode(
+            C.UNIMPLEMENTED, self.kv.AppendKV, iter([msg(0, 16, True, landmarks=b"x" * 64)]),
+            timeout=TIMEOUT))
+        self.assertEqual(s.tokens(), [0, 0])
+        r = self.kv.AppendKV(iter([msg(0, 1024, True), msg(1024, 1024, False)]), timeout=TIMEOUT)
+        self.assertEqual(r.tokens_appended, n)
+        s.K[0], s.V[0] = k, v
+        info = s.stat()
+        self.assertEqual(list(info.layer_query_tokens), [n, 0])
+        self.assertEqual(len(info.indexes), 0)
+
+        # Bad requests: nothing is queued.
+        bi = kvdex_pb2.BuildIndexRequest
+        for req, code in ((bi(seq=s.ref(), layer=0, spec="nope"), C.INVALID_ARGUMENT),
+                          (bi(seq=s.ref(), layer=0, spec="ivf:bogus=1"), C.INVALID_ARGUMENT),
+                          (bi(seq=s.ref(), layer=0, spec=""), C.INVALID_ARGUMENT),
+                          (bi(seq=s.ref(), layer=5, spec="ivf"), C.INVALID_ARGUMENT),
+                          (bi(seq=s.ref(), layer=1, spec="ivf"), C.FAILED_PRECONDITION),
+                          (bi(seq=ref("index-none"), layer=0, spec="ivf"), C.NOT_FOUND)):
+            details = self.assertCode(code, self.ret.BuildIndex, req, timeout=TIMEOUT)
+            self.assertTrue(details)
+        self.assertEqual(len(s.stat().indexes), 0)
+        qd = _rng.standard_normal((s.n_q, s.d)).astype(np.float32)
+        self.assertIn("no ready ivf index", self.assertCode(
+            C.FAILED_PRECONDITION, self.search, s, qd, 5, index="ivf"))
+
+        # Build every layer with tokens (only layer 0 has some).
+        r = self.ret.BuildIndex(bi(seq=s.ref(), all_layers=True, spec="ivf:nlist=32,nprobe=4"),
+                                timeout=TIMEOUT)
+        self.assertTrue(r.accepted)
+        self.assertEqual(list(r.layers), [0])
+        st = s.stat().indexes
+        self.assertEqual([x.layer for x in st], [0])
+        self.assertIn(st[0].state, (kvdex_pb2.INDEX_STATE_BUILDING, kvdex_pb2.INDEX_STATE_READY))
+        self.assertEqual(st[0].spec, "ivf:nlist=32,nprobe=4")
+
+        def ready():
+            return s.stat().indexes[0].state != kvdex_pb2.INDEX_STATE_BUILDING
+        self.assertTrue(wait_until(ready, timeout=120))
+        li = s.stat().indexes[0]
+        self.assertEqual(li.state, kvdex_pb2.INDEX_STATE_READY, li.error)
+        self.assertEqual(li.kind, "ivf")
+        self.assertTrue(li.describe.startswith("ivf:nlist=32,nprobe=4"), li.describe)
+        self.assertEqual(li.tokens, n)
+        self.assertGreaterEqual(li.memory_bytes, 2 * n * s.d * 4)  # FAISS's f32 copies
+        self.assertGreater(li.build_seconds, 0)
+        info = s.stat()
+        self.assertEqual(bytes_used(self), base + info.bytes)
+
+        # Search: auto uses the index; probing every list is exact.
+        res = self.search(s, qd, 8, index="auto")
+        self.assertEqual(res.index, "ivf")
+        self.assertLess(res.keys_scanned, s.n_q * n)
+        self.assertEqual(len(res.heads), s.n_q)
+        for hh in res.heads:
+            self.assertEqual(len(hh.token_ids), 8)
+        res = self.search(s, qd, 8, index="auto", nprobe=32)
+        self.check_topk(s, 0, qd, res, 8)
+        res = self.search(s, qd, 8, index="exact")
+        self.assertEqual(res.index, "exact")
+        self.assertEqual(res.keys_scanned, 2 * n)
+        self.assertCode(C.FAILED_PRECONDITION, self.search, s, qd, 5, index="hnsw")
+
+        # Tokens appended after the build are searched exactly: a planted top-1.
+        k2, v2 = s.rand(16)
+        target = qd[0].astype(np.float64)
+        k2[0, 5] = (target * (800.0 / target.dot(target))).astype(np.float16)
+        self.kv.AppendKV(iter([s.msg(0, n, k2, v2)]), timeout=TIMEOUT)
+        s.K[0] = np.concatenate([s.K[0], k2], axis=1)
+        res = self.search(s, qd, 8, index="auto")
+        self.assertEqual(res.tokens, n + 16)
+        self.assertEqual(res.heads[0].token_ids[0], n + 5)
+        self.assertEqual(s.stat().indexes[0].tokens, n)
+
+        # Delete returns everything, index included.
+        held = s.stat().bytes
+        self.assertGreater(held, li.memory_bytes)
+        self.assertEqual(s.delete().bytes_freed, held)
+        self.assertEqual(bytes_used(self), base)
 
     def test_zz_still_serving(self):
         """Runs last (alphabetical order): after everything above, a search works."""

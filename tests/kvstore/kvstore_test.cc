@@ -5,6 +5,7 @@
 // reader can check any row it sees. No timing assertions.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -1002,6 +1003,341 @@ TEST(KvstoreAlloc, BackendAndAlignment) {
   EXPECT_EQ(base, kvdex__alloc_live_bytes(a));
   kvdex__alloc_destroy(a);
   kvdex__alloc_destroy(nullptr);
+}
+
+// ---- attachments ----------------------------------------------------------------
+
+// An attached object that counts its frees.
+struct Obj {
+  std::atomic<int> *frees;
+  int tag;
+};
+void FreeObj(void *p) {
+  Obj *o = static_cast<Obj *>(p);
+  o->frees->fetch_add(1);
+  delete o;
+}
+
+TEST_F(KvstoreTest, AttachAccountsReplacesAndFreesWithTheSequence) {
+  std::atomic<int> frees{0};
+  kvdex_seq *seq = Create("att", Shape(3, 1, 2, 8, 4, KVDEX_DTYPE_F32));
+  ASSERT_EQ(0, Append(seq, 1, 0, 0, 10));
+  uint64_t used = Stats().bytes_used, sbytes = kvdex_seq_bytes(seq);
+
+  kvdex_attachment *att = nullptr;
+  ASSERT_EQ(0, kvdex_attachment_get(seq, 1, 0, &att));
+  EXPECT_EQ(nullptr, att);  // empty slot
+
+  Obj *a = new Obj{&frees, 1};
+  ASSERT_EQ(0, kvdex_seq_attach(seq, 1, 0, a, 1000, FreeObj)) << kvdex_errmsg();
+  EXPECT_EQ(used + 1000, Stats().bytes_used);
+  EXPECT_EQ(sbytes + 1000, kvdex_seq_bytes(seq));
+  ASSERT_EQ(0, kvdex_attachment_get(seq, 1, 0, &att));
+  ASSERT_NE(nullptr, att);
+  EXPECT_EQ(a, kvdex_attachment_obj(att));
+  EXPECT_EQ(1000u, kvdex_attachment_bytes(att));
+
+  // Replacing: the old object survives while referenced, then goes with its bytes.
+  Obj *b = new Obj{&frees, 2};
+  ASSERT_EQ(0, kvdex_seq_attach(seq, 1, 0, b, 300, FreeObj));
+  EXPECT_EQ(0, frees.load());
+  EXPECT_EQ(used + 1300, Stats().bytes_used);
+  EXPECT_EQ(1, static_cast<Obj *>(kvdex_attachment_obj(att))->tag);
+  kvdex_attachment_release(att);
+  EXPECT_EQ(1, frees.load());
+  EXPECT_EQ(used + 300, Stats().bytes_used);
+  EXPECT_EQ(sbytes + 300, kvdex_seq_bytes(seq));
+  kvdex_attachment_release(nullptr);
+
+  // Other slots and layers are independent; detaching frees at once.
+  Obj *c = new Obj{&frees, 3};
+  ASSERT_EQ(0, kvdex_seq_attach(seq, 2, KVDEX_ATTACH_SLOTS - 1, c, 0, FreeObj));
+  EXPECT_EQ(used + 300, Stats().bytes_used);
+  ASSERT_EQ(0, kvdex_seq_attach(seq, 2, KVDEX_ATTACH_SLOTS - 1, nullptr, 0, nullptr));
+  EXPECT_EQ(2, frees.load());
+
+  // Conditional attach: only over the expected object.
+  Obj *d = new Obj{&frees, 4};
+  EXPECT_EQ(KVDEX_ECONFLICT, kvdex_seq_attach_if(seq, 1, 0, nullptr, d, 10, FreeObj));
+  EXPECT_STRNE("", kvdex_errmsg());
+  EXPECT_EQ(KVDEX_ECONFLICT, kvdex_seq_attach_if(seq, 1, 0, a, d, 10, FreeObj));
+  EXPECT_EQ(used + 300, Stats().bytes_used);
+  ASSERT_EQ(0, kvdex_seq_attach_if(seq, 1, 0, b, d, 10, FreeObj));
+  EXPECT_EQ(3, frees.load());  // b
+  ASSERT_EQ(0, kvdex_seq_attach_if(seq, 0, 1, nullptr, new Obj{&frees, 5}, 20, FreeObj));
+  EXPECT_EQ(used + 30, Stats().bytes_used);
+
+  // Bad indices.
+  Obj tmp{&frees, 0};
+  EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_attach(seq, 3, 0, &tmp, 0, nullptr));
+  EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_attach(seq, 0, KVDEX_ATTACH_SLOTS, &tmp, 0, nullptr));
+  EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_attach(seq, 0, 0, nullptr, 5, nullptr));
+  EXPECT_EQ(KVDEX_EINVAL, kvdex_attachment_get(seq, 3, 0, &att));
+
+  // Deleting the sequence frees its attachments once the last reference goes.
+  uint64_t freed = 0;
+  ASSERT_EQ(0, kvdex_seq_delete(store_, nullptr, "att", &freed));
+  EXPECT_EQ(sbytes + 30, freed);
+  EXPECT_EQ(KVDEX_ENOTFOUND, kvdex_seq_attach(seq, 1, 2, &tmp, 0, nullptr));
+  ASSERT_EQ(0, kvdex_attachment_get(seq, 1, 0, &att));  // still readable while referenced
+  EXPECT_EQ(d, kvdex_attachment_obj(att));
+  kvdex_seq_release(seq);
+  EXPECT_EQ(3, frees.load());
+  EXPECT_GT(Stats().bytes_used, 0u);
+  kvdex_attachment_release(att);  // the last reference: it held the sequence
+  EXPECT_EQ(5, frees.load());
+  EXPECT_EQ(0u, Stats().bytes_used);
+}
+
+TEST_F(KvstoreTest, AttachOverTheCapIsEnomemAndChangesNothing) {
+  std::atomic<int> frees{0};
+  MakeStore(64 << 10);
+  kvdex_seq *seq = Create("cap", Shape(1, 1, 1, 8, 4, KVDEX_DTYPE_F32));
+  ASSERT_EQ(0, Append(seq, 1, 0, 0, 8));
+  Obj *a = new Obj{&frees, 1};
+  ASSERT_EQ(0, kvdex_seq_attach(seq, 0, 0, a, 1000, FreeObj));
+  uint64_t used = Stats().bytes_used, sbytes = kvdex_seq_bytes(seq);
+  Obj *big = new Obj{&frees, 2};
+  EXPECT_EQ(KVDEX_ENOMEM, kvdex_seq_attach(seq, 0, 0, big, 64 << 10, FreeObj));
+  EXPECT_NE(std::string::npos, std::string(kvdex_errmsg()).find("memory cap")) << kvdex_errmsg();
+  EXPECT_EQ(used, Stats().bytes_used);
+  EXPECT_EQ(sbytes, kvdex_seq_bytes(seq));
+  EXPECT_EQ(0, frees.load());  // neither the old nor the refused object was freed
+  kvdex_attachment *att = nullptr;
+  ASSERT_EQ(0, kvdex_attachment_get(seq, 0, 0, &att));
+  EXPECT_EQ(a, kvdex_attachment_obj(att));
+  kvdex_attachment_release(att);
+  delete big;
+  kvdex_seq_release(seq);
+  // The store's destruction frees attachments of live sequences too.
+  kvdex_store_destroy(store_);
+  store_ = nullptr;
+  EXPECT_EQ(1, frees.load());
+}
+
+TEST_F(KvstoreTest, RetainAndDeletedFlag) {
+  kvdex_seq *seq = Create("ret", Shape(1, 1, 1, 8, 4, KVDEX_DTYPE_F32));
+  EXPECT_EQ(0, kvdex_seq_deleted(seq));
+  kvdex_seq_retain(seq);
+  ASSERT_EQ(0, kvdex_seq_delete(store_, nullptr, "ret", nullptr));
+  EXPECT_EQ(1, kvdex_seq_deleted(seq));
+  kvdex_seq_release(seq);
+  EXPECT_GT(Stats().bytes_used, 0u);  // the retained reference keeps it
+  EXPECT_EQ(1, kvdex_seq_deleted(seq));
+  kvdex_seq_release(seq);
+  EXPECT_EQ(0u, Stats().bytes_used);
+}
+
+TEST_F(KvstoreTest, ConcurrentAttachGetRelease) {
+  std::atomic<int> frees{0};
+  kvdex_seq *seq = Create("conc", Shape(1, 1, 1, 8, 4, KVDEX_DTYPE_F32));
+  uint64_t used = Stats().bytes_used;
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> readers;
+  std::atomic<uint64_t> seen{0};
+  for (int t = 0; t < 3; t++)
+    readers.emplace_back([&] {
+      while (!stop.load()) {
+        kvdex_attachment *att = nullptr;
+        ASSERT_EQ(0, kvdex_attachment_get(seq, 0, 0, &att));
+        if (att) {
+          Obj *o = static_cast<Obj *>(kvdex_attachment_obj(att));
+          ASSERT_GT(o->tag, 0);  // never freed under us (ASan would tell)
+          seen++;
+        }
+        kvdex_attachment_release(att);
+      }
+    });
+  int n = 2000;
+  for (int i = 1; i <= n; i++)
+    ASSERT_EQ(0, kvdex_seq_attach(seq, 0, 0, new Obj{&frees, i}, 64, FreeObj));
+  stop = true;
+  for (auto &t : readers) t.join();
+  EXPECT_EQ(n - 1, frees.load());
+  EXPECT_EQ(used + 64, Stats().bytes_used);
+  kvdex_seq_release(seq);
+  ASSERT_EQ(0, kvdex_seq_delete(store_, nullptr, "conc", nullptr));
+  EXPECT_EQ(n, frees.load());
+  EXPECT_EQ(0u, Stats().bytes_used);
+}
+
+// ---- prefill queries --------------------------------------------------------------
+
+// Query rows of tokens [start, start+n), layout [n_q_heads][n][head_dim] (tag 7, kv 2).
+std::vector<uint8_t> QRows(const kvdex_shape &s, uint32_t layer, uint64_t start, uint32_t n,
+                           uint32_t tag = 7) {
+  size_t rb = RowBytes(s);
+  std::vector<uint8_t> out((size_t)s.n_q_heads * n * rb);
+  for (uint32_t h = 0; h < s.n_q_heads; h++)
+    for (uint32_t i = 0; i < n; i++) {
+      std::vector<uint8_t> r = Row(s, tag, layer, h, start + i, 2);
+      memcpy(&out[((size_t)h * n + i) * rb], r.data(), rb);
+    }
+  return out;
+}
+
+// Appends K/V and queries of tokens [start, start+n) in one transaction.
+int AppendKVQ(kvdex_seq *seq, uint32_t layer, uint64_t start, uint32_t n, uint32_t qtag = 7) {
+  const kvdex_shape &s = *kvdex_seq_shape(seq);
+  kvdex_txn *txn = nullptr;
+  int rc = kvdex_txn_begin(seq, &txn);
+  if (rc) return rc;
+  auto k = Rows(s, 1, layer, start, n, 0), v = Rows(s, 1, layer, start, n, 1);
+  auto q = QRows(s, layer, start, n, qtag);
+  rc = kvdex_txn_append(txn, layer, start, n, k.data(), v.data());
+  if (!rc) rc = kvdex_txn_append_q(txn, layer, start, n, q.data());
+  if (rc) {
+    kvdex_txn_abort(txn);
+    return rc;
+  }
+  return kvdex_txn_commit(txn, nullptr);
+}
+
+// Checks the kept queries of `layer` (heads [h0, h0+nh)) against the generator.
+void CheckQueries(kvdex_seq *seq, uint32_t layer, uint32_t h0, uint32_t nh,
+                  const std::vector<uint64_t> &want_ids) {
+  const kvdex_shape &s = *kvdex_seq_shape(seq);
+  float *q = nullptr;
+  uint64_t n = 0, *ids = nullptr;
+  ASSERT_EQ(0, kvdex_seq_queries(seq, layer, h0, nh, &q, &n, &ids)) << kvdex_errmsg();
+  ASSERT_EQ(want_ids.size(), n);
+  EXPECT_EQ(n, kvdex_seq_query_tokens(seq, layer));
+  for (uint64_t i = 0; i < n; i++) {
+    ASSERT_EQ(want_ids[i], ids[i]) << i;
+    for (uint32_t h = 0; h < nh; h++)
+      for (uint32_t d = 0; d < s.head_dim; d++) {
+        float want;
+        std::vector<uint8_t> r = Row(s, 7, layer, h0 + h, ids[i], 2);
+        kvdex_to_f32(s.dtype, &r[d * kvdex_dtype_size(s.dtype)], &want, 1);
+        ASSERT_EQ(want, q[((size_t)h * n + i) * s.head_dim + d]) << "token " << ids[i];
+      }
+  }
+  free(q);
+  free(ids);
+}
+
+TEST_F(KvstoreTest, QueriesAreStoredPerLayerAndCommittedWithTheTransaction) {
+  kvdex_shape s = Shape(2, 2, 4, 8, 4, KVDEX_DTYPE_F16);
+  kvdex_seq *seq = Create("q", s);
+  float *q = nullptr;
+  uint64_t n = 99;
+  ASSERT_EQ(0, kvdex_seq_queries(seq, 0, 0, 4, &q, &n, nullptr));
+  EXPECT_EQ(nullptr, q);
+  EXPECT_EQ(0u, n);
+  uint64_t used = Stats().bytes_used;
+  ASSERT_EQ(0, AppendKVQ(seq, 0, 0, 10)) << kvdex_errmsg();
+  std::vector<uint64_t> ids;
+  for (uint64_t t = 0; t < 10; t++) ids.push_back(t);
+  CheckQueries(seq, 0, 0, 4, ids);
+  CheckQueries(seq, 0, 2, 2, ids);  // the GQA group of kv head 1
+  EXPECT_EQ(0u, kvdex_seq_query_tokens(seq, 1));
+  EXPECT_GE(Stats().bytes_used, used + 10 * 4 * 8 * 2);  // accounted
+  EXPECT_EQ(Stats().bytes_used, kvdex_seq_bytes(seq));
+
+  // Staged queries are invisible until commit and vanish on abort.
+  kvdex_txn *txn = nullptr;
+  ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+  auto k = Rows(s, 1, 0, 10, 5, 0), v = Rows(s, 1, 0, 10, 5, 1), qq = QRows(s, 0, 10, 5);
+  ASSERT_EQ(0, kvdex_txn_append(txn, 0, 10, 5, k.data(), v.data()));
+  uint64_t before = Stats().bytes_used;
+  ASSERT_EQ(0, kvdex_txn_append_q(txn, 0, 10, 5, qq.data()));
+  EXPECT_GT(Stats().bytes_used, before);  // reserved at once
+  EXPECT_EQ(10u, kvdex_seq_query_tokens(seq, 0));
+  kvdex_txn_abort(txn);
+  EXPECT_EQ(10u, kvdex_seq_query_tokens(seq, 0));
+  CheckQueries(seq, 0, 0, 4, ids);
+
+  // Queries must follow their tokens' K/V; replays compare.
+  ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+  EXPECT_EQ(KVDEX_EINVAL, kvdex_txn_append_q(txn, 0, 8, 5, qq.data()));  // 10..12 not there
+  EXPECT_NE(std::string::npos, std::string(kvdex_errmsg()).find("append their K and V first"))
+      << kvdex_errmsg();
+  kvdex_txn_abort(txn);
+  ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+  auto same = QRows(s, 0, 3, 4);
+  ASSERT_EQ(0, kvdex_txn_append_q(txn, 0, 3, 4, same.data()));  // identical replay
+  auto other = QRows(s, 0, 3, 4, 8);
+  EXPECT_EQ(KVDEX_ECONFLICT, kvdex_txn_append_q(txn, 0, 3, 4, other.data()));
+  EXPECT_EQ(KVDEX_ECONFLICT, kvdex_txn_commit(txn, nullptr));  // poisoned
+  CheckQueries(seq, 0, 0, 4, ids);
+  EXPECT_EQ(Stats().bytes_used, kvdex_seq_bytes(seq));
+
+  // Argument checks.
+  EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_queries(seq, 2, 0, 1, &q, &n, nullptr));
+  EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_queries(seq, 0, 3, 2, &q, &n, nullptr));
+  EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_queries(seq, 0, 0, 0, &q, &n, nullptr));
+  uint64_t sbytes = kvdex_seq_bytes(seq);
+  uint64_t freed = 0;
+  kvdex_seq_release(seq);
+  ASSERT_EQ(0, kvdex_seq_delete(store_, nullptr, "q", &freed));
+  EXPECT_EQ(sbytes, freed);
+  EXPECT_EQ(0u, Stats().bytes_used);
+}
+
+TEST_F(KvstoreTest, QueriesAreSubsampledEvenlyWhateverTheAppendSizes) {
+  kvdex_shape s = Shape(1, 1, 2, 4, 64, KVDEX_DTYPE_F32);
+  const uint64_t total = 3 * KVDEX_MAX_QUERY_TOKENS + 100;  // -> stride 4
+  std::vector<uint64_t> want;
+  for (uint64_t t = 0; t < total; t += 4) want.push_back(t);
+  ASSERT_LE(want.size(), (size_t)KVDEX_MAX_QUERY_TOKENS);
+  // Same result for one big append, odd-sized appends, and out-of-order query sends.
+  for (int variant = 0; variant < 3; variant++) {
+    SCOPED_TRACE(variant);
+    std::string id = "sub" + std::to_string(variant);
+    kvdex_seq *seq = Create(id.c_str(), s);
+    if (variant == 0) {
+      ASSERT_EQ(0, AppendKVQ(seq, 0, 0, (uint32_t)total)) << kvdex_errmsg();
+    } else if (variant == 1) {
+      for (uint64_t t = 0; t < total;) {
+        uint32_t n = (uint32_t)std::min<uint64_t>(total - t, 37 + t % 1000);
+        ASSERT_EQ(0, AppendKVQ(seq, 0, t, n)) << kvdex_errmsg();
+        t += n;
+      }
+    } else {  // K/V first, then the queries in two halves, the later half first
+      ASSERT_EQ(0, Append(seq, 1, 0, 0, (uint32_t)total));
+      uint64_t half = total / 2;
+      kvdex_txn *txn = nullptr;
+      ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+      auto q2 = QRows(s, 0, half, (uint32_t)(total - half)), q1 = QRows(s, 0, 0, (uint32_t)half);
+      ASSERT_EQ(0, kvdex_txn_append_q(txn, 0, half, (uint32_t)(total - half), q2.data()));
+      ASSERT_EQ(0, kvdex_txn_append_q(txn, 0, 0, (uint32_t)half, q1.data()));
+      ASSERT_EQ(0, kvdex_txn_commit(txn, nullptr)) << kvdex_errmsg();
+    }
+    CheckQueries(seq, 0, 0, 2, want);
+    CheckQueries(seq, 0, 1, 1, want);
+    kvdex_seq_release(seq);
+  }
+}
+
+TEST_F(KvstoreTest, QueriesOverTheCapAreEnomemAndAllocationFailuresChangeNothing) {
+  MakeStore(256 << 10);
+  kvdex_shape s = Shape(1, 1, 8, 64, 16, KVDEX_DTYPE_F32);  // 2 KiB of queries per token
+  kvdex_seq *seq = Create("qcap", s);
+  ASSERT_EQ(0, AppendKVQ(seq, 0, 0, 16)) << kvdex_errmsg();
+  kvdex_store_stats before = Stats();
+  // K/V of 200 more tokens fit (200 KiB... no: 100 KiB), their queries (400 KiB) do not.
+  EXPECT_EQ(KVDEX_ENOMEM, AppendKVQ(seq, 0, 16, 200));
+  EXPECT_NE(std::string::npos, std::string(kvdex_errmsg()).find("memory cap")) << kvdex_errmsg();
+  EXPECT_EQ(before.bytes_used, Stats().bytes_used);
+  EXPECT_EQ(16u, kvdex_seq_tokens(seq, 0));
+  std::vector<uint64_t> ids;
+  for (uint64_t t = 0; t < 16; t++) ids.push_back(t);
+  CheckQueries(seq, 0, 0, 8, ids);
+  // An allocation failure of the copy: same.
+  kvdex__alloc *a = kvdex__store_alloc(store_);
+  kvdex_txn *txn = nullptr;
+  ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+  auto k = Rows(s, 1, 0, 16, 4, 0), v = Rows(s, 1, 0, 16, 4, 1), q = QRows(s, 0, 16, 4);
+  ASSERT_EQ(0, kvdex_txn_append(txn, 0, 16, 4, k.data(), v.data()));
+  uint64_t mid = Stats().bytes_used;
+  kvdex__alloc_fail_after(a, 0);
+  EXPECT_EQ(KVDEX_ENOMEM, kvdex_txn_append_q(txn, 0, 16, 4, q.data()));
+  kvdex__alloc_fail_after(a, -1);
+  EXPECT_EQ(mid, Stats().bytes_used);
+  kvdex_txn_abort(txn);
+  EXPECT_EQ(before.bytes_used, Stats().bytes_used);
+  CheckQueries(seq, 0, 0, 8, ids);
+  kvdex_seq_release(seq);
 }
 
 }  // namespace

@@ -1,0 +1,135 @@
+/* indexer: retrieval indexes for the sequences of a kvdex_store — built in the
+ * background, searched with an exact scan of the tokens appended since.
+ *
+ * One index per (layer, kv head), made by index/ann.h (kvdex_index_create/build) from
+ * the committed tokens of the layer when its build starts, with the layer's prefill
+ * queries (kvdex_seq_queries) of the kv head's GQA group as training queries. A
+ * layer's indexes are published together, atomically, as one kvstore attachment
+ * (slot KVDEX_INDEXER_SLOT_SET), so their bytes count against the store's memory cap
+ * and they are freed with their sequence; a second attachment (slot
+ * KVDEX_INDEXER_SLOT_STATE, a small fixed record not counted against the cap, so that
+ * a failed build leaves the accounting exactly as it was) records the state of the
+ * layer's latest build.
+ * Used by the gRPC server (workers/server.c) and the embedded client (client/local.c).
+ * It owns its build threads, not the store or the pool. It never prints.
+ *
+ * Threading: every function is thread-safe. A search holds a reference on the index
+ * set it uses, so a rebuild or a delete never pulls it from under a search.
+ */
+#ifndef KVDEX_INDEXER_H
+#define KVDEX_INDEXER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "index/ann.h"
+#include "index/index.h"
+#include "kvstore/kvstore.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The kvstore attachment slots (per layer) this module takes. */
+#define KVDEX_INDEXER_SLOT_SET 0   /* the ready index set: what searches use */
+#define KVDEX_INDEXER_SLOT_STATE 1 /* the state of the latest build */
+
+/* `layer` value of kvdex_indexer_build meaning every layer that has tokens. */
+#define KVDEX_INDEXER_ALL_LAYERS UINT32_MAX
+
+/* Longest spec accepted (index/ann.c's limit), and the size of the text fields below. */
+#define KVDEX_INDEXER_TEXT 512
+
+typedef struct kvdex_indexer kvdex_indexer;
+
+/* Starts n_threads build threads (0 = 1). Builds run one per thread; each build is
+ * itself parallel on `pool` (may be NULL: one thread). Why threads of our own rather
+ * than libuv's uv_queue_work: the latter may only be called on its loop's thread (so a
+ * gRPC worker would need a uv_async hand-off plus a locked queue anyway), runs on
+ * libuv's process-wide pool shared with file I/O and sized by UV_THREADPOOL_SIZE, and
+ * would force a libuv loop into the embedded client. KVDEX_ENOMEM / KVDEX_EINTERNAL. */
+int kvdex_indexer_create(kvdex_pool *pool, unsigned n_threads, kvdex_indexer **out /* OUT */);
+
+/* Stops the build threads: queued builds are cancelled (their layers show FAILED,
+ * "CANCELLED: ..."), a running one stops at its next kv head (an index build in progress
+ * is not interrupted, so this may wait for one). Releases every sequence reference
+ * it held. NULL is a no-op. Call it before destroying the store or the pool. */
+void kvdex_indexer_destroy(kvdex_indexer *ixr);
+
+/* Queues a build of `layer` (or of every layer with tokens, for
+ * KVDEX_INDEXER_ALL_LAYERS) of seq with `spec` (ann.h: "graph:degree=32",
+ * "ivf:nlist=256", "hnsw:M=32", "landmark:mode=minmax", ...) and returns at once; the
+ * layers show BUILDING from here on. The build covers the tokens committed when it
+ * starts. layers[0..*n_queued) (both may be NULL) get the layers queued, ascending.
+ * All or nothing: KVDEX_EINVAL (bad spec, with the parser's message; layer out of
+ * range), KVDEX_ECONFLICT (the layer has no committed tokens; for all layers: none
+ * has), KVDEX_EBUSY (a build of one of the layers is queued or running),
+ * KVDEX_ENOTFOUND (seq deleted), KVDEX_EUNAVAIL (the indexer is stopping),
+ * KVDEX_ENOMEM. When the build ends, the layer is READY (its new index set replaced
+ * the old one atomically) or FAILED with a message: a failed build changes nothing
+ * else (an older ready index stays in use), e.g. when publishing the index would pass
+ * the memory cap ("RESOURCE_EXHAUSTED: ..."). A build whose sequence is deleted
+ * meanwhile is discarded. The index's working memory during the build is not
+ * counted against the cap; its final size is, from publication on. */
+int kvdex_indexer_build(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const char *spec,
+                        uint32_t *layers /* OUT, room for n_layers, may be NULL */,
+                        uint32_t *n_queued /* OUT, may be NULL */);
+
+/* States of a layer's latest build (values equal the wire enum kvdex.v1.IndexState). */
+typedef enum kvdex_indexer_state {
+  KVDEX_INDEXER_NONE = 0,     /* never built */
+  KVDEX_INDEXER_BUILDING = 1, /* queued or running */
+  KVDEX_INDEXER_READY = 2,
+  KVDEX_INDEXER_FAILED = 3,
+} kvdex_indexer_state;
+
+typedef struct kvdex_indexer_info {
+  int state;                        /* kvdex_indexer_state of the latest build */
+  char spec[KVDEX_INDEXER_TEXT];    /* the latest build's spec, as requested */
+  char error[KVDEX_INDEXER_TEXT];   /* FAILED: why, after a status name ("INVALID_ARGUMENT:
+                                       kv head 0: ...", "RESOURCE_EXHAUSTED: ...",
+                                       "CANCELLED: ...") */
+  /* The ready index set searches use ("" / 0 when none; during a rebuild, or after a
+   * failed one, the previous set): */
+  char kind[32];                    /* "graph", "ivf", ... */
+  char describe[KVDEX_INDEXER_TEXT];/* kvdex_index_describe of kv head 0: normalised
+                                       spec and build notes */
+  double build_seconds;             /* wall time of its build */
+  uint64_t memory_bytes;            /* bytes it holds (all kv heads), as accounted */
+  uint64_t tokens;                  /* tokens it covers (the layer's length at build) */
+} kvdex_indexer_info;
+
+/* Fills *out for one layer (zeroed, state NONE, when nothing was ever built).
+ * KVDEX_EINVAL for a bad layer. */
+int kvdex_indexer_info_get(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer,
+                           kvdex_indexer_info *out /* OUT */);
+
+/* Top-k for all query heads of one layer, like kvdex_exact_search (same q layout,
+ * options, result and errors), choosing how by `index`:
+ *   NULL, "" or "exact"  the exact scan;
+ *   "auto"               the layer's ready index set if there is one, else exact;
+ *   a kind ("graph", "ivf", "hnsw", "landmark", "exact"): the ready set, which must be
+ *                        of that kind: KVDEX_ECONFLICT otherwise (none ready, another
+ *                        kind), KVDEX_EINVAL for an unknown kind.
+ * With an index: query head h searches the index of its kv head for k + sinks +
+ * window candidates (params overrides ef/nprobe/blocks, may be NULL), keeps those in
+ * [sinks, n - window), and merges them with an exact scan of the eligible tokens
+ * appended after the build ([max(sinks, built), n - window)), so new tokens are
+ * never missed. Hits are the best k of those candidates; fewer than k only when the
+ * index returns fewer. res->keys_scanned counts the keys the index scored (summed
+ * over query heads) plus the tail keys scanned (once per kv head). *used (may be
+ * NULL) gets "exact" or the kind used (a static string). scratch: the calling
+ * thread's own (may be NULL: one is made for the call). */
+int kvdex_indexer_search(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const float *q,
+                         const kvdex_search_opts *opts, const char *index,
+                         const kvdex_index_params *params, kvdex_index_scratch *scratch,
+                         kvdex_search_result *res /* OUT */, const char **used /* OUT */);
+
+/* Checks a search's `index` argument without a sequence: 0 for NULL, "", "exact",
+ * "auto" and known kinds, else KVDEX_EINVAL with a message. */
+int kvdex_indexer_check_index(const char *index);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVDEX_INDEXER_H */
