@@ -1,8 +1,10 @@
-/* bench_cmd: `kvdex bench <name>` — dispatches to the benchmarks in bench/. */
+/* bench_cmd: `kvdex bench <name>` — dispatches to the benchmarks in bench/
+ * (scan: bench/bench.h; recall: bench/recall.h). */
 #include <stdio.h>
 #include <string.h>
 
 #include "bench/bench.h"
+#include "bench/recall.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
 
@@ -38,15 +40,64 @@ static int bench_scan(int argc, char **argv) {
   return rc ? 1 : 0;
 }
 
+static int bench_recall(int argc, char **argv) {
+  kvdex_settings s;
+  int rc = kvdex_settings_parse(
+      &s, KVDEX_CMD_BENCH_RECALL,
+      "usage: kvdex bench recall --keys K.npy --queries Q.npy [--train-queries P.npy]\n"
+      "                          [--needles N.npy] [--k 100] [--index SPEC ...] [--sweep]\n"
+      "                          [--csv FILE] [--json] [--threads N]\n\n"
+      "Recall@k of index specs against the exact top-k on the same keys (.npy, float32 or\n"
+      "float16, as `kvdex gen` writes them). The exact top-k is computed once on all\n"
+      "threads; then per spec: build seconds (and per million keys), recall@k (mean over\n"
+      "queries), fraction of keys touched, queries/s on one thread, index bytes per key,\n"
+      "and with --needles how many needles come back as top-1 of their query.\n"
+      "--index takes one spec (index/ann.h: exact, ivf:nlist=1024,nprobe=32,\n"
+      "hnsw:M=32,ef=128, graph:K=32,ef=128, landmark:mode=minmax,blocks=16); repeat it\n"
+      "or join specs with ';' (--index 'exact;ivf:nlist=64'); `all` = every kind at its\n"
+      "defaults. --sweep re-searches each built index over its knob (graph, hnsw: ef\n"
+      "16..1024; ivf: nprobe 1..nlist; landmark: blocks 1..all), and --csv writes\n"
+      "kind,spec,knob,value,recall,touched_frac,qps rows (bench/plot_recall.py plots them).\n"
+      "Exit status: 0 ok, 2 bad option or input (file, shape, dims, spec), 1 failure.",
+      argc, argv, stdout);
+  if (rc == 1) return 0;
+  if (rc) {
+    fprintf(stderr, "kvdex bench recall: %s\n", kvdex_errmsg());
+    return 2;
+  }
+  kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
+  kvdex_recall_opts o = {
+      .keys_path = kvdex_setting_str(&s, KVDEX_SET_RECALL_KEYS),
+      .queries_path = kvdex_setting_str(&s, KVDEX_SET_RECALL_QUERIES),
+      .train_path = kvdex_setting_str(&s, KVDEX_SET_RECALL_TRAIN),
+      .needles_path = kvdex_setting_str(&s, KVDEX_SET_RECALL_NEEDLES),
+      .index_specs = kvdex_setting_str(&s, KVDEX_SET_RECALL_INDEX),
+      .k = (uint32_t)kvdex_setting_num(&s, KVDEX_SET_K),
+      .block_tokens = (uint32_t)kvdex_setting_num(&s, KVDEX_SET_BLOCK_TOKENS),
+      .threads = (unsigned)kvdex_setting_num(&s, KVDEX_SET_THREADS),
+      .sweep = (int)kvdex_setting_num(&s, KVDEX_SET_RECALL_SWEEP),
+      .json = (int)kvdex_setting_num(&s, KVDEX_SET_JSON),
+      .csv_path = kvdex_setting_str(&s, KVDEX_SET_RECALL_CSV),
+      .progress = stderr,
+  };
+  rc = kvdex_bench_recall(&o, stdout);
+  if (rc) fprintf(stderr, "kvdex bench recall: %s\n", kvdex_errmsg());
+  kvdex_settings_free(&s);
+  /* Bad input (a file, a shape, a spec) is the caller's to fix: 2, like a bad flag. */
+  return rc == 0 ? 0 : (rc == KVDEX_EINVAL || rc == KVDEX_EIO) ? 2 : 1;
+}
+
 int kvdex_cmd_bench(int argc, char **argv) {
   if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
     FILE *out = argc < 2 ? stderr : stdout;
     fprintf(out, "usage: kvdex bench <benchmark> [options]\n\nbenchmarks:\n"
-                 "  scan   exact-scan GB/s vs the machine's memory read bandwidth\n\n"
+                 "  scan     exact-scan GB/s vs the machine's memory read bandwidth\n"
+                 "  recall   recall@k, keys touched and queries/s of index specs on .npy data\n\n"
                  "`kvdex bench <benchmark> --help` lists its options.\n");
     return argc < 2 ? 2 : 0;
   }
   if (!strcmp(argv[1], "scan")) return bench_scan(argc - 1, argv + 1);
-  fprintf(stderr, "kvdex bench: unknown benchmark '%s' (known: scan)\n", argv[1]);
+  if (!strcmp(argv[1], "recall")) return bench_recall(argc - 1, argv + 1);
+  fprintf(stderr, "kvdex bench: unknown benchmark '%s' (known: scan, recall)\n", argv[1]);
   return 2;
 }

@@ -7,5 +7,6 @@ int kvdex_cmd_serve(int argc, char **argv);
 int kvdex_cmd_demo(int argc, char **argv);
 int kvdex_cmd_bench(int argc, char **argv);
 int kvdex_cmd_inspect(int argc, char **argv);
+int kvdex_cmd_gen(int argc, char **argv);
 
 #endif /* KVDEX_COMMANDS_H */

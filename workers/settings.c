@@ -4,13 +4,16 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "kvstore/base.h"
 
-typedef enum { T_STR, T_INT, T_SIZE, T_BOOL, T_DTYPE, T_LEVEL } kind;
+/* T_REAL: a finite number within [min, max]; T_LIST: text, ';'-joined when the flag
+ * is repeated on the command line. */
+typedef enum { T_STR, T_INT, T_SIZE, T_BOOL, T_DTYPE, T_LEVEL, T_REAL, T_LIST } kind;
 
 typedef struct row {
   kvdex_setting_id id;
@@ -24,7 +27,11 @@ typedef struct row {
   const char *help;
 } row;
 
-#define ALL (KVDEX_CMD_SERVE | KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | KVDEX_CMD_INSPECT)
+#define ALL                                                                              \
+  (KVDEX_CMD_SERVE | KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | KVDEX_CMD_INSPECT | KVDEX_CMD_GEN | \
+   KVDEX_CMD_BENCH_RECALL)
+#define GEN KVDEX_CMD_GEN
+#define RECALL KVDEX_CMD_BENCH_RECALL
 #define GB (1LL << 30)
 
 static const row TABLE[KVDEX_SET_COUNT_] = {
@@ -37,7 +44,7 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      KVDEX_CMD_SERVE | KVDEX_CMD_DEMO,
      "memory cap for stored K/V (K/M/G/T suffixes or % of RAM)"},
     {KVDEX_SET_THREADS, "threads", "KVDEX_THREADS", T_INT, "0", 0, 1024, "threads",
-     KVDEX_CMD_SERVE | KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN,
+     KVDEX_CMD_SERVE | KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL,
      "worker threads (0 = one per CPU)"},
     {KVDEX_SET_MAX_MESSAGE, "max-message", "KVDEX_MAX_MESSAGE", T_SIZE, "64M", 4096, 1LL << 31,
      "bytes", KVDEX_CMD_SERVE, "largest gRPC message accepted or sent"},
@@ -58,12 +65,13 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
     {KVDEX_SET_HEAD_DIM, "head-dim", "KVDEX_HEAD_DIM", T_INT, "128", 1, 1024, "elements",
      KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "head dimension"},
     {KVDEX_SET_DTYPE, "dtype", "KVDEX_DTYPE", T_DTYPE, "f16", 0, 0, "f32|f16|bf16",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "storage type of K and V"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | GEN,
+     "storage type of K and V (gen: of the .npy arrays, f32 or f16)"},
     {KVDEX_SET_BLOCK_TOKENS, "block-tokens", "KVDEX_BLOCK_TOKENS", T_INT, "64", 1, 65536,
-     "tokens", KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "tokens per storage block"},
+     "tokens", KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL, "tokens per storage block"},
     {KVDEX_SET_STEPS, "steps", "KVDEX_STEPS", T_INT, "200", 1, 1000000, "steps", KVDEX_CMD_DEMO,
      "decode-step searches to run"},
-    {KVDEX_SET_K, "k", "KVDEX_K", T_INT, "100", 1, 65536, "tokens", KVDEX_CMD_DEMO,
+    {KVDEX_SET_K, "k", "KVDEX_K", T_INT, "100", 1, 65536, "tokens", KVDEX_CMD_DEMO | RECALL,
      "top-k per query head"},
     {KVDEX_SET_SINKS, "sinks", "KVDEX_SINKS", T_INT, "0", 0, 1LL << 31, "tokens", KVDEX_CMD_DEMO,
      "exclude the first N tokens (the caller attends them)"},
@@ -71,12 +79,57 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      KVDEX_CMD_DEMO, "exclude the last N tokens (the caller attends them)"},
     {KVDEX_SET_CHECK, "check", "KVDEX_CHECK", T_INT, "-1", -1, 1000000, "steps", KVDEX_CMD_DEMO,
      "steps checked against the scalar reference (-1 = all if quick, else a sample)"},
-    {KVDEX_SET_SEED, "seed", "KVDEX_SEED", T_INT, "1", 0, INT64_MAX, "", KVDEX_CMD_DEMO,
+    {KVDEX_SET_SEED, "seed", "KVDEX_SEED", T_INT, "1", 0, INT64_MAX, "", KVDEX_CMD_DEMO | GEN,
      "random seed of the synthetic data"},
     {KVDEX_SET_REPEAT, "repeat", "KVDEX_REPEAT", T_INT, "5", 1, 1000, "runs", KVDEX_CMD_BENCH_SCAN,
      "timed repetitions (the best and median are reported)"},
-    {KVDEX_SET_JSON, "json", "KVDEX_JSON", T_BOOL, "0", 0, 1, "", KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN,
-     "print one JSON object instead of text"},
+    {KVDEX_SET_JSON, "json", "KVDEX_JSON", T_BOOL, "0", 0, 1, "",
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL, "print one JSON object instead of text"},
+    /* kvdex gen: the OOD generator of bench/gen.h, written as .npy files */
+    {KVDEX_SET_GEN_OUT, "out", "KVDEX_GEN_OUT", T_STR, "", 0, 0, "dir", GEN,
+     "directory to write keys/values/train_queries/queries/needles.npy into (required)"},
+    {KVDEX_SET_GEN_KEYS, "keys", "KVDEX_GEN_KEYS", T_INT, "65536", 1, 1LL << 32, "keys", GEN,
+     "keys (tokens) to generate"},
+    {KVDEX_SET_GEN_DIM, "dim", "KVDEX_GEN_DIM", T_INT, "128", 2, 4096, "elements", GEN,
+     "dimension of keys, values and queries (head_dim)"},
+    {KVDEX_SET_GEN_TRAIN, "train-queries", "KVDEX_GEN_TRAIN_QUERIES", T_INT, "2048", 0, 1 << 24,
+     "queries", GEN, "prefill queries (train_queries.npy), same distribution as the decode ones"},
+    {KVDEX_SET_GEN_TEST, "test-queries", "KVDEX_GEN_TEST_QUERIES", T_INT, "1000", 1, 1 << 24,
+     "queries", GEN, "decode queries (queries.npy)"},
+    {KVDEX_SET_GEN_NEEDLES, "needles", "KVDEX_GEN_NEEDLES", T_INT, "16", 0, 1 << 24, "needles", GEN,
+     "planted needles: key i at depth i/(K-1) made the clear top-1 of one decode query"},
+    {KVDEX_SET_GEN_TOPICS, "topics", "KVDEX_GEN_TOPICS", T_INT, "0", 0, 1 << 24, "topics", GEN,
+     "topic centres keys and queries are drawn around (0 = keys/256, at least 16)"},
+    {KVDEX_SET_GEN_SPAN, "span", "KVDEX_GEN_SPAN", T_INT, "64", 1, 1 << 24, "tokens", GEN,
+     "mean length of a run of keys on one topic"},
+    {KVDEX_SET_GEN_KEY_OFFSET, "key-offset", "KVDEX_GEN_KEY_OFFSET", T_REAL, "4", 0, 1000, "norm",
+     GEN, "norm of the offset all keys share"},
+    {KVDEX_SET_GEN_QUERY_OFFSET, "query-offset", "KVDEX_GEN_QUERY_OFFSET", T_REAL, "4", 0, 1000,
+     "norm", GEN, "norm of the queries' offset, in another direction (what makes them OOD)"},
+    {KVDEX_SET_GEN_QUERY_SCALE, "query-scale", "KVDEX_GEN_QUERY_SCALE", T_REAL, "2.5", 0, 1000,
+     "factor", GEN, "scale of the queries' topic component"},
+    {KVDEX_SET_GEN_NOISE, "noise", "KVDEX_GEN_NOISE", T_REAL, "1", 0, 100, "factor", GEN,
+     "per-element noise of keys (sigma = 0.35 x this)"},
+    {KVDEX_SET_GEN_DRIFT, "drift", "KVDEX_GEN_DRIFT", T_REAL, "1", 0, 100, "norm", GEN,
+     "amplitude of the keys' slow rotation with position"},
+    {KVDEX_SET_GEN_HEAVY, "heavy-frac", "KVDEX_GEN_HEAVY_FRAC", T_REAL, "0.0005", 0, 1, "fraction",
+     GEN, "fraction of heavy-hitter keys that most queries attend to"},
+    /* kvdex bench recall: recall@k of index specs against exact top-k on .npy data */
+    {KVDEX_SET_RECALL_KEYS, "keys", "KVDEX_RECALL_KEYS", T_STR, "", 0, 0, "file.npy", RECALL,
+     "keys [N,D], float32 or float16 (required)"},
+    {KVDEX_SET_RECALL_QUERIES, "queries", "KVDEX_RECALL_QUERIES", T_STR, "", 0, 0, "file.npy",
+     RECALL, "decode queries [T,D] (required)"},
+    {KVDEX_SET_RECALL_TRAIN, "train-queries", "KVDEX_RECALL_TRAIN_QUERIES", T_STR, "", 0, 0,
+     "file.npy", RECALL, "prefill queries [P,D] the attention-aware graph is built from"},
+    {KVDEX_SET_RECALL_NEEDLES, "needles", "KVDEX_RECALL_NEEDLES", T_STR, "", 0, 0, "file.npy",
+     RECALL, "needles [K,2] (position, query row) as `kvdex gen` writes them"},
+    {KVDEX_SET_RECALL_INDEX, "index", "KVDEX_RECALL_INDEX", T_LIST, "all", 0, 0, "spec", RECALL,
+     "index spec (index/ann.h); repeat the flag or join specs with ';'; all = every kind at "
+     "its defaults"},
+    {KVDEX_SET_RECALL_SWEEP, "sweep", "KVDEX_RECALL_SWEEP", T_BOOL, "0", 0, 1, "", RECALL,
+     "also vary each index's search knob (ef, nprobe, blocks) without rebuilding"},
+    {KVDEX_SET_RECALL_CSV, "csv", "KVDEX_RECALL_CSV", T_STR, "", 0, 0, "file", RECALL,
+     "write kind,spec,knob,value,recall,touched_frac,qps rows (the sweep, else one per spec)"},
     {KVDEX_SET_LOG_LEVEL, "log-level", "KVDEX_LOG_LEVEL", T_LEVEL, "info", 0, 0,
      "error|warn|info|debug", ALL, "log verbosity (logs go to stderr)"},
 };
@@ -113,17 +166,32 @@ int64_t kvdex_parse_size(const char *text) {
   return (int64_t)bytes;
 }
 
-static const row *find_flag(const char *name, size_t len) {
+/* The row of flag `name` that applies to `cmd` (flag names repeat across commands). */
+static const row *find_flag(const char *name, size_t len, unsigned cmd) {
   for (int i = 0; i < KVDEX_SET_COUNT_; i++)
-    if (strlen(TABLE[i].flag) == len && !strncmp(TABLE[i].flag, name, len)) return &TABLE[i];
+    if ((TABLE[i].cmds & cmd) && strlen(TABLE[i].flag) == len && !strncmp(TABLE[i].flag, name, len))
+      return &TABLE[i];
   return NULL;
 }
 
 static int set_value(kvdex_settings *s, const row *r, const char *text, const char *origin) {
   int64_t v = 0;
+  double real = 0;
   switch (r->type) {
     case T_STR:
+    case T_LIST:
       break;
+    case T_REAL: {
+      errno = 0;
+      char *end;
+      real = strtod(text, &end);
+      if (errno || end == text || *end || !isfinite(real))
+        return kvdex__seterr(KVDEX_EINVAL, "%s %s: '%s' is not a number", origin, r->flag, text);
+      if (real < (double)r->min || real > (double)r->max)
+        return kvdex__seterr(KVDEX_EINVAL, "%s %s: %s is out of range [%lld, %lld] %s", origin,
+                             r->flag, text, (long long)r->min, (long long)r->max, r->unit);
+      break;
+    }
     case T_INT: {
       errno = 0;
       char *end;
@@ -166,6 +234,7 @@ static int set_value(kvdex_settings *s, const row *r, const char *text, const ch
   free(s->str[r->id]);
   s->str[r->id] = copy;
   s->num[r->id] = v;
+  s->real[r->id] = r->type == T_REAL ? real : (double)v;
   return 0;
 }
 
@@ -178,8 +247,9 @@ static void print_help(FILE *out, unsigned cmd, const char *usage) {
     if (r->type == T_BOOL) snprintf(flag, sizeof flag, "--%s", r->flag);
     else snprintf(flag, sizeof flag, "--%s %s", r->flag, r->unit[0] ? r->unit : "N");
     fprintf(out, "  %-34s %s\n  %-34s   [env %s, default %s", flag, r->help, "", r->env, r->def);
-    if (r->type == T_INT || r->type == T_SIZE)
+    if (r->type == T_INT || r->type == T_SIZE || r->type == T_REAL)
       fprintf(out, ", range %lld..%lld", (long long)r->min, (long long)r->max);
+    if (r->type == T_LIST) fprintf(out, ", repeatable");
     fprintf(out, "]\n");
   }
   fprintf(out, "  %-34s show this help\n", "--help");
@@ -190,6 +260,7 @@ int kvdex_settings_parse(kvdex_settings *s, unsigned cmd, const char *usage, int
   memset(s, 0, sizeof *s);
   s->cmd = cmd;
   int rc;
+  char from_argv[KVDEX_SET_COUNT_] = {0}; /* list settings already given as flags */
   for (int i = 0; i < KVDEX_SET_COUNT_; i++) {
     if ((rc = set_value(s, &TABLE[i], TABLE[i].def, "default"))) goto fail;
   }
@@ -210,8 +281,8 @@ int kvdex_settings_parse(kvdex_settings *s, unsigned cmd, const char *usage, int
     }
     const char *name = a + 2, *eq = strchr(name, '=');
     size_t len = eq ? (size_t)(eq - name) : strlen(name);
-    const row *r = find_flag(name, len);
-    if (!r || !(r->cmds & cmd)) {
+    const row *r = find_flag(name, len, cmd);
+    if (!r) {
       rc = kvdex__seterr(KVDEX_EINVAL, "unknown option '%.*s' (see --help)", (int)len + 2, a);
       goto fail;
     }
@@ -223,7 +294,22 @@ int kvdex_settings_parse(kvdex_settings *s, unsigned cmd, const char *usage, int
       rc = kvdex__seterr(KVDEX_EINVAL, "option --%s needs a value (%s)", r->flag, r->unit);
       goto fail;
     }
-    if ((rc = set_value(s, r, val, "option"))) goto fail;
+    if (r->type == T_LIST && from_argv[r->id]) {
+      /* A repeated list flag appends to what earlier flags gave. */
+      size_t n = strlen(s->str[r->id]) + strlen(val) + 2;
+      char *joined = malloc(n);
+      if (!joined) {
+        rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+        goto fail;
+      }
+      snprintf(joined, n, "%s;%s", s->str[r->id], val);
+      rc = set_value(s, r, joined, "option");
+      free(joined);
+      if (rc) goto fail;
+    } else if ((rc = set_value(s, r, val, "option"))) {
+      goto fail;
+    }
+    from_argv[r->id] = 1;
   }
   return 0;
 fail:
@@ -240,16 +326,18 @@ void kvdex_settings_free(kvdex_settings *s) {
 }
 
 void kvdex_settings_print_table(FILE *out) {
-  static const char *cmd_names[] = {"serve", "demo", "bench scan", "inspect"};
+  static const char *cmd_names[] = {"serve", "demo", "bench scan", "inspect", "gen",
+                                    "bench recall"};
+  enum { N_CMDS = sizeof cmd_names / sizeof cmd_names[0] };
   fprintf(out, "| flag | env | default | bounds | unit | used by | meaning |\n");
   fprintf(out, "|---|---|---|---|---|---|---|\n");
   for (int i = 0; i < KVDEX_SET_COUNT_; i++) {
     const row *r = &TABLE[i];
     char bounds[64] = "";
-    if (r->type == T_INT || r->type == T_SIZE)
+    if (r->type == T_INT || r->type == T_SIZE || r->type == T_REAL)
       snprintf(bounds, sizeof bounds, "%lld..%lld", (long long)r->min, (long long)r->max);
-    char used[64] = "";
-    for (int c = 0; c < 4; c++)
+    char used[128] = "";
+    for (int c = 0; c < N_CMDS; c++)
       if (r->cmds & (1u << c)) {
         if (used[0]) strcat(used, ", ");
         strcat(used, cmd_names[c]);

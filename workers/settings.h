@@ -15,6 +15,8 @@ enum {
   KVDEX_CMD_DEMO = 1 << 1,
   KVDEX_CMD_BENCH_SCAN = 1 << 2,
   KVDEX_CMD_INSPECT = 1 << 3,
+  KVDEX_CMD_GEN = 1 << 4,
+  KVDEX_CMD_BENCH_RECALL = 1 << 5,
 };
 
 /* Every setting, in table order. */
@@ -42,6 +44,29 @@ typedef enum kvdex_setting_id {
   KVDEX_SET_SEED,
   KVDEX_SET_REPEAT,
   KVDEX_SET_JSON,
+  /* kvdex gen */
+  KVDEX_SET_GEN_OUT,
+  KVDEX_SET_GEN_KEYS,
+  KVDEX_SET_GEN_DIM,
+  KVDEX_SET_GEN_TRAIN,
+  KVDEX_SET_GEN_TEST,
+  KVDEX_SET_GEN_NEEDLES,
+  KVDEX_SET_GEN_TOPICS,
+  KVDEX_SET_GEN_SPAN,
+  KVDEX_SET_GEN_KEY_OFFSET,
+  KVDEX_SET_GEN_QUERY_OFFSET,
+  KVDEX_SET_GEN_QUERY_SCALE,
+  KVDEX_SET_GEN_NOISE,
+  KVDEX_SET_GEN_DRIFT,
+  KVDEX_SET_GEN_HEAVY,
+  /* kvdex bench recall */
+  KVDEX_SET_RECALL_KEYS,
+  KVDEX_SET_RECALL_QUERIES,
+  KVDEX_SET_RECALL_TRAIN,
+  KVDEX_SET_RECALL_NEEDLES,
+  KVDEX_SET_RECALL_INDEX,
+  KVDEX_SET_RECALL_SWEEP,
+  KVDEX_SET_RECALL_CSV,
   KVDEX_SET_LOG_LEVEL,
   KVDEX_SET_COUNT_
 } kvdex_setting_id;
@@ -50,17 +75,25 @@ typedef struct kvdex_settings {
   unsigned cmd;                     /* the subcommand these were parsed for */
   char *str[KVDEX_SET_COUNT_];      /* raw text of each value */
   int64_t num[KVDEX_SET_COUNT_];    /* parsed value for int/size/bool/ms settings */
+  double real[KVDEX_SET_COUNT_];    /* parsed value for real-valued settings */
 } kvdex_settings;
 
 /* Parses defaults, environment and argv (argv[0] is the subcommand name) for `cmd`.
  * Returns 0, 1 if --help was printed to `out`, or KVDEX_EINVAL with kvdex_errmsg()
- * naming the flag and the accepted range. `usage` is the first help line. */
+ * naming the flag and the accepted range. `usage` is the first help line.
+ * A flag name is unique per subcommand, not across them: `--keys` is a count for
+ * `gen` and a file for `bench recall` (two rows, two environment variables).
+ * List-valued settings (`--index`) may be repeated: the values given on the command
+ * line are joined with ';' and replace the default or environment value. */
 int kvdex_settings_parse(kvdex_settings *s, unsigned cmd, const char *usage, int argc,
                          char **argv, FILE *out);
 void kvdex_settings_free(kvdex_settings *s);
 
 static inline int64_t kvdex_setting_num(const kvdex_settings *s, kvdex_setting_id id) {
   return s->num[id];
+}
+static inline double kvdex_setting_real(const kvdex_settings *s, kvdex_setting_id id) {
+  return s->real[id];
 }
 static inline const char *kvdex_setting_str(const kvdex_settings *s, kvdex_setting_id id) {
   return s->str[id];
