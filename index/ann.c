@@ -15,7 +15,7 @@
 /* Every kind, in the order messages list them. */
 static const kvdex__index_ops *const kinds[] = {
     &kvdex__exact_ops, &kvdex__ivf_ops, &kvdex__hnsw_ops,
-#ifndef KVDEX_ANN_NO_GRAPH /* defined only while //index:graph is not in the build */
+#ifndef KVDEX_ANN_NO_GRAPH /* a build may leave the graph kind out */
     &kvdex__graph_ops,
 #endif
     &kvdex__landmark_ops,
