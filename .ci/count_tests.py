@@ -17,23 +17,23 @@ def count(config, root):
         try:
             tree = ET.parse(os.path.join(dirpath, "test.xml"))
         except ET.ParseError:
-            print(f"  [{config}] {target}: unreadable test.xml (counted as failed)")
+            print(f"  [{config}] {target}: unreadable test.xml (counted as failed)", file=sys.stderr)
             failed += 1
             continue
         cases = list(tree.iter("testcase"))
         if not cases:  # a target that crashed before writing cases
-            print(f"  [{config}] {target}: no test cases (counted as failed)")
+            print(f"  [{config}] {target}: no test cases (counted as failed)", file=sys.stderr)
             failed += 1
             continue
         for c in cases:
             name = f"{c.get('classname', '')}.{c.get('name', '')}"
             if c.find("failure") is not None or c.find("error") is not None:
                 failed += 1
-                print(f"  [{config}] FAILED  {target}: {name}")
+                print(f"  [{config}] FAILED  {target}: {name}", file=sys.stderr)
             elif c.find("skipped") is not None or c.get("result") == "skipped" \
                     or c.get("status") == "notrun":
                 skipped += 1
-                print(f"  [{config}] SKIPPED {target}: {name}")
+                print(f"  [{config}] SKIPPED {target}: {name}", file=sys.stderr)
             else:
                 passed += 1
     return passed, failed, skipped
