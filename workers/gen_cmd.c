@@ -260,9 +260,9 @@ int kvdex_cmd_gen(int argc, char **argv) {
   }
   free(needles);
   kvdex_gen_free(&g);
-  kvdex_settings_free(&s);
   if (rc) {
     fprintf(stderr, "kvdex gen: %s\n", kvdex_errmsg());
+    kvdex_settings_free(&s);
     return rc == KVDEX_EINVAL ? 2 : 1;
   }
   printf("wrote %s: keys.npy [%llu, %u], values.npy [%llu, %u], train_queries.npy [%u, %u], "
@@ -270,5 +270,6 @@ int kvdex_cmd_gen(int argc, char **argv) {
          "of them the exact top-1), gen.json\n",
          dir, (unsigned long long)o.n_keys, o.dim, (unsigned long long)o.n_keys, o.dim, o.n_train,
          o.dim, o.n_test, o.dim, kvdex_dtype_name(dtype), o.n_needles, n_top1);
+  kvdex_settings_free(&s); /* `dir` points into the settings */
   return 0;
 }
