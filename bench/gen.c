@@ -38,6 +38,7 @@ void kvdex_gen_defaults(kvdex_gen_opts *o) {
   if (o->key_offset == 0) o->key_offset = 4;
   if (o->query_offset == 0) o->query_offset = 4;
   if (o->query_scale == 0) o->query_scale = 2.5f;
+  if (o->query_noise == 0) o->query_noise = 0.15f;
   if (o->noise == 0) o->noise = 1;
   if (o->drift == 0) o->drift = 1;
   if (o->heavy_frac == 0) o->heavy_frac = 0.0005f;
@@ -62,7 +63,7 @@ static void make_query(const kvdex_gen_opts *o, uint64_t *s, const float *centre
   float w2 = (float)unif(s) * 0.5f;
   for (uint32_t i = 0; i < d; i++)
     q[i] = o->query_scale * (centres[(size_t)t1 * d + i] + w2 * centres[(size_t)t2 * d + i]) +
-           o->query_offset * qoff[i] + 0.6f * heavy_dir[i] + 0.5f * gauss(s);
+           o->query_offset * qoff[i] + 0.6f * heavy_dir[i] + o->query_noise * gauss(s);
 }
 
 int kvdex_gen(const kvdex_gen_opts *in, kvdex_gen_data *out) {
@@ -128,24 +129,62 @@ int kvdex_gen(const kvdex_gen_opts *in, kvdex_gen_data *out) {
   for (uint32_t j = 0; j < o.n_train; j++) make_query(&o, &s, centres, qoff, heavy, out->train + (size_t)j * d);
   for (uint32_t j = 0; j < o.n_test; j++) make_query(&o, &s, centres, qoff, heavy, out->test + (size_t)j * d);
 
-  /* Needles: depth i/(n-1) of the context; the key is the query's direction scaled
-   * to beat the best existing score by a wide margin. */
-  for (uint32_t i = 0; i < o.n_needles; i++) {
-    uint64_t pos = o.n_needles == 1 ? o.n_keys / 2
-                   : (uint64_t)((double)i / (o.n_needles - 1) * (double)(o.n_keys - 1));
-    uint32_t qi = i * (o.n_test / o.n_needles);
-    const float *q = out->test + (size_t)qi * d;
-    double best = -INFINITY, qq = 0;
-    for (uint64_t t = 0; t < o.n_keys; t++) {
-      double sc = 0;
-      for (uint32_t k = 0; k < d; k++) sc += (double)q[k] * out->keys[t * d + k];
-      if (sc > best) best = sc;
+  /* Needles: depth i/(n-1) of the context; the key is the part of its query
+   * orthogonal to the other needles' queries, scaled to beat the best existing score
+   * by a wide margin. Orthogonal, so a needle scores 0 on the other needle queries:
+   * planting one never pushes an earlier one out of first place. */
+  if (o.n_needles) {
+    uint32_t nn = o.n_needles;
+    double *basis = malloc((size_t)nn * d * sizeof(double)), *u = malloc(d * sizeof(double));
+    if (!basis || !u) {
+      free(basis);
+      free(u);
+      rc = kvdex__seterr(KVDEX_ENOMEM, "gen: out of memory for needles");
+      goto done;
     }
-    for (uint32_t k = 0; k < d; k++) qq += (double)q[k] * q[k];
-    double target = fabs(best) * 1.5 + 10.0;
-    for (uint32_t k = 0; k < d; k++) out->keys[pos * d + k] = (float)(q[k] * target / qq);
-    out->needle_pos[i] = pos;
-    out->needle_query[i] = qi;
+    for (uint32_t i = 0; i < nn; i++) {
+      uint64_t pos = nn == 1 ? o.n_keys / 2
+                             : (uint64_t)((double)i / (nn - 1) * (double)(o.n_keys - 1));
+      uint32_t qi = i * (o.n_test / nn);
+      const float *q = out->test + (size_t)qi * d;
+      /* Orthonormal basis of the other needles' queries (Gram-Schmidt). */
+      uint32_t nb = 0;
+      for (uint32_t j = 0; j < nn; j++) {
+        if (j == i) continue;
+        const float *qj = out->test + (size_t)(j * (o.n_test / nn)) * d;
+        double *b = basis + (size_t)nb * d, nrm = 0;
+        for (uint32_t k = 0; k < d; k++) b[k] = qj[k];
+        for (uint32_t c = 0; c < nb; c++) {
+          double dot = 0;
+          for (uint32_t k = 0; k < d; k++) dot += b[k] * basis[(size_t)c * d + k];
+          for (uint32_t k = 0; k < d; k++) b[k] -= dot * basis[(size_t)c * d + k];
+        }
+        for (uint32_t k = 0; k < d; k++) nrm += b[k] * b[k];
+        if (nrm < 1e-12) continue; /* dependent: adds nothing */
+        nrm = 1.0 / sqrt(nrm);
+        for (uint32_t k = 0; k < d; k++) b[k] *= nrm;
+        nb++;
+      }
+      for (uint32_t k = 0; k < d; k++) u[k] = q[k];
+      for (uint32_t c = 0; c < nb; c++) {
+        double dot = 0;
+        for (uint32_t k = 0; k < d; k++) dot += u[k] * basis[(size_t)c * d + k];
+        for (uint32_t k = 0; k < d; k++) u[k] -= dot * basis[(size_t)c * d + k];
+      }
+      double best = -INFINITY, qu = 0;
+      for (uint64_t t = 0; t < o.n_keys; t++) {
+        double sc = 0;
+        for (uint32_t k = 0; k < d; k++) sc += (double)q[k] * out->keys[t * d + k];
+        if (sc > best) best = sc;
+      }
+      for (uint32_t k = 0; k < d; k++) qu += (double)q[k] * u[k]; /* = |u|^2 */
+      double target = fabs(best) * 1.5 + 10.0;
+      for (uint32_t k = 0; k < d; k++) out->keys[pos * d + k] = (float)(u[k] * target / qu);
+      out->needle_pos[i] = pos;
+      out->needle_query[i] = qi;
+    }
+    free(basis);
+    free(u);
   }
 done:
   free(centres);

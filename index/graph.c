@@ -8,8 +8,8 @@
  * It does not scan the tail past the built tokens (callers do), nor update the graph
  * incrementally (a rebuild replaces it).
  *
- * Settings ("graph:K=64,degree=32,..."; kSettings below is the authority):
- *   K        1..1024    64   exact top-K keys taken per prefill query (projection)
+ * Settings ("graph:K=128,degree=32,..."; kSettings below is the authority):
+ *   K        1..1024    128  exact top-K keys taken per prefill query (projection)
  *   degree   1..1024    32   most out-neighbours per key (adjacency: 4 bytes each)
  *   ef       1..65536   128  search beam width (raised to k, capped at the key count)
  *   efc      1..65536   64   beam width of the key-only searches of the repair
@@ -19,6 +19,10 @@
  *   train    0..2^32-1  0    most prefill queries used (evenly subsampled); 0 = all
  *   repair   0..1       1    connectivity repair; 0 is for tests only: it leaves the
  *                            keys no query answered unreachable (and says how many)
+ *   expand   0..1024    24   prefill queries whose answer lists join the beam (0 = off)
+ *   seeds    1..1024    32   best beam keys whose answering queries are candidates
+ *   fanout   1..1024    8    most answering queries taken per seed key
+ *   ef0      1..65536   16   beam expanded before the answer lists join (<= ef)
  *
  * Build, in phases, each parallel on the kvdex_pool; the result does not depend on
  * the pool size or the view's block layout:
@@ -43,7 +47,13 @@
  *
  * Search: best-first beam of width ef from the entry keys, inner product with the
  * query; neighbour rows are gathered and scored in one kvdex_score_keys call, so the
- * scores have the exact scan's bits. touched = keys scored.
+ * scores have the exact scan's bits. With prefill queries the graph also keeps them
+ * (f16 unit vectors, ~d*2 bytes each) with their top-K answer lists: the beam's first
+ * ef0 entries are expanded, then the prefill queries that answered its best `seeds`
+ * keys are scored by cosine and the answer lists of the best `expand` of them join
+ * the beam, which is expanded to ef (answer_expand: the jump to the second topic a
+ * query mixes in, which co-answer edges reach only by chance). touched = keys scored
+ * plus prefill query vectors scored.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -57,7 +67,7 @@
 /* ---- settings ------------------------------------------------------------------- */
 
 typedef struct graph_params {
-  uint32_t K, degree, ef, efc, entries, cand, train, repair;
+  uint32_t K, degree, ef, efc, entries, cand, train, repair, expand, seeds, fanout, ef0;
   float alpha;
 } graph_params;
 
@@ -71,7 +81,7 @@ typedef struct graph_setting {
 } graph_setting;
 
 static const graph_setting kSettings[] = {
-    {"K", offsetof(graph_params, K), 0, 1, 1024, 64,
+    {"K", offsetof(graph_params, K), 0, 1, 1024, 128,
      "keys, exact top-K taken per prefill query for the projection"},
     {"degree", offsetof(graph_params, degree), 0, 1, 1024, 32,
      "keys, most out-neighbours per key (4 bytes each)"},
@@ -89,6 +99,14 @@ static const graph_setting kSettings[] = {
      "queries, most prefill queries used, evenly spaced (0 = all)"},
     {"repair", offsetof(graph_params, repair), 0, 0, 1, 1,
      "bool, connectivity repair (0 for tests: leaves unanswered keys unreachable)"},
+    {"expand", offsetof(graph_params, expand), 0, 0, 1024, 24,
+     "queries, prefill queries whose answer lists join the beam (0 = off)"},
+    {"seeds", offsetof(graph_params, seeds), 0, 1, 1024, 32,
+     "keys, best beam keys whose answering prefill queries are candidates for expand"},
+    {"ef0", offsetof(graph_params, ef0), 0, 1, KVDEX_MAX_K, 16,
+     "keys, beam width of the first pass, before expansion (capped at ef)"},
+    {"fanout", offsetof(graph_params, fanout), 0, 1, 1024, 8,
+     "queries, most answering queries taken per seed key (hubs answer thousands)"},
 };
 #define N_SETTINGS (sizeof kSettings / sizeof kSettings[0])
 
@@ -101,6 +119,13 @@ typedef struct graph {
   uint32_t *deg;     /* [n] */
   uint32_t n_entry;
   uint32_t *entry;   /* [n_entry] */
+  /* The prefill queries, kept for the search's expansion step (m == 0: key-only) */
+  uint32_t m, K;     /* queries, answer list stride */
+  uint16_t *qv;      /* [m][d] unit vectors, f16 */
+  uint32_t *ans;     /* [m][K] exact top-K keys of each, best first */
+  uint32_t *ans_n;   /* [m] */
+  uint64_t *inv_off; /* [n+1] CSR: key -> the queries whose top-K holds it */
+  uint32_t *inv;     /* [inv_off[n]] */
 } graph;
 
 typedef struct graph_impl {
@@ -112,6 +137,11 @@ static void graph_clear(graph *g) {
   free(g->adj);
   free(g->deg);
   free(g->entry);
+  free(g->qv);
+  free(g->ans);
+  free(g->ans_n);
+  free(g->inv_off);
+  free(g->inv);
   memset(g, 0, sizeof *g);
 }
 
@@ -172,17 +202,22 @@ static int g_param(kvdex_index *ix, const char *name, const char *value) {
 static void g_spec(const kvdex_index *ix, char *buf, size_t len) {
   const graph_params *p = &((const graph_impl *)ix->impl)->p;
   snprintf(buf, len,
-           "graph:K=%u,degree=%u,ef=%u,efc=%u,entries=%u,cand=%u,alpha=%g,train=%u,repair=%u",
+           "graph:K=%u,degree=%u,ef=%u,efc=%u,entries=%u,cand=%u,alpha=%g,train=%u,repair=%u,"
+           "expand=%u,seeds=%u,fanout=%u,ef0=%u",
            p->K, p->degree, p->ef, p->efc, p->entries, p->cand, (double)p->alpha, p->train,
-           p->repair);
+           p->repair, p->expand, p->seeds, p->fanout, p->ef0);
 }
 
 static size_t g_memory(const kvdex_index *ix) {
   const graph_impl *im = ix->impl;
   if (!im) return 0;
   const graph *g = &im->g;
+  size_t q = 0;
+  if (g->m)
+    q = (size_t)g->m * ix->dim * sizeof(uint16_t) + (size_t)g->m * (g->K + 1) * sizeof(uint32_t) +
+        ((size_t)g->n + 1) * sizeof(uint64_t) + (size_t)g->inv_off[g->n] * sizeof(uint32_t);
   return sizeof *im + (size_t)g->n * g->R * sizeof(uint32_t) + (size_t)g->n * sizeof(uint32_t) +
-         (size_t)g->n_entry * sizeof(uint32_t);
+         (size_t)g->n_entry * sizeof(uint32_t) + q;
 }
 
 /* ---- scoring rows read from the view ------------------------------------------------ */
@@ -234,6 +269,14 @@ static size_t beam_insert(beam_ent *beam, size_t *size, size_t L, beam_ent e) {
   return lo;
 }
 
+static int u32_order(const void *a, const void *b) {
+  uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+  return (x > y) - (x < y);
+}
+
+/* Most candidate prefill queries one expansion step scores. */
+#define EXPAND_CAP 4096
+
 /* Scratch sizes the beam search needs for a graph of stride R, dim d. */
 static int beam_prepare(kvdex_index_scratch *s, const graph *g, const kvdex_kv_view *keys,
                         size_t L) {
@@ -243,14 +286,14 @@ static int beam_prepare(kvdex_index_scratch *s, const graph *g, const kvdex_kv_v
   if ((rc = kvdex__scratch_hits(s, L))) return rc;
   size_t rb = row_bytes(keys);
   size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
-  return kvdex__scratch_floats(s, rowfloats + g->R + 16);
+  return kvdex__scratch_floats(s, rowfloats + g->R + 16 + 2 * EXPAND_CAP);
 }
 
-/* Best-first beam search of width L for q (f32 [d]) from the entry keys; on return
- * the beam (in s->h, as beam_ent) holds *size entries best first. *touched += keys
- * scored. beam_prepare must have been called for this search. */
-static void beam_run(const graph *g, const kvdex_kv_view *keys, const float *q, size_t L,
-                     kvdex_index_scratch *s, size_t *size, uint64_t *touched) {
+/* Expands the beam (*size entries, sorted, some not yet expanded) best first until
+ * every entry among its first `limit` has been expanded. *touched += keys scored. */
+static void beam_expand(const graph *g, const kvdex_kv_view *keys, const float *q, size_t L,
+                        size_t limit,
+                        kvdex_index_scratch *s, size_t *size, uint64_t *touched) {
   beam_ent *beam = (beam_ent *)(void *)s->h;
   uint32_t *visit = s->visit, epoch = s->epoch;
   size_t rb = row_bytes(keys);
@@ -258,22 +301,10 @@ static void beam_run(const graph *g, const kvdex_kv_view *keys, const float *q, 
   void *rowbuf = s->f;
   float *sc = s->f + rowfloats;
   uint32_t ids[1024]; /* R <= 1024 */
-  size_t n = 0;
+  size_t n = *size;
   uint64_t t = 0;
-  for (uint32_t e0 = 0; e0 < g->n_entry; e0 += g->R) {
-    size_t m = 0;
-    for (uint32_t e = e0; e < g->n_entry && e < e0 + g->R; e++) {
-      uint32_t id = g->entry[e];
-      if (visit[id] == epoch) continue;
-      visit[id] = epoch;
-      ids[m++] = id;
-    }
-    score_ids(keys, ids, m, q, rowbuf, sc);
-    t += m;
-    for (size_t i = 0; i < m; i++) beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
-  }
   size_t k = 0;
-  while (k < n) {
+  while (k < n && k < limit) {
     if (beam[k].done) {
       k++;
       continue;
@@ -300,6 +331,117 @@ static void beam_run(const graph *g, const kvdex_kv_view *keys, const float *q, 
   }
   *size = n;
   *touched += t;
+}
+
+/* Best-first beam search of width L for q (f32 [d]) from the entry keys; on return
+ * the beam (in s->h, as beam_ent) holds *size entries best first. *touched += keys
+ * scored. beam_prepare must have been called for this search. */
+static void beam_run(const graph *g, const kvdex_kv_view *keys, const float *q, size_t L,
+                     size_t limit,
+                     kvdex_index_scratch *s, size_t *size, uint64_t *touched) {
+  beam_ent *beam = (beam_ent *)(void *)s->h;
+  uint32_t *visit = s->visit, epoch = s->epoch;
+  size_t rb = row_bytes(keys);
+  size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
+  void *rowbuf = s->f;
+  float *sc = s->f + rowfloats;
+  uint32_t ids[1024]; /* R <= 1024 */
+  size_t n = 0;
+  uint64_t t = 0;
+  for (uint32_t e0 = 0; e0 < g->n_entry; e0 += g->R) {
+    size_t m = 0;
+    for (uint32_t e = e0; e < g->n_entry && e < e0 + g->R; e++) {
+      uint32_t id = g->entry[e];
+      if (visit[id] == epoch) continue;
+      visit[id] = epoch;
+      ids[m++] = id;
+    }
+    score_ids(keys, ids, m, q, rowbuf, sc);
+    t += m;
+    for (size_t i = 0; i < m; i++) beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+  }
+  *size = n;
+  *touched += t;
+  beam_expand(g, keys, q, L, limit, s, size, touched);
+}
+
+/* RetrievalAttention's observation, used at search time as well as at build: a
+ * decode query's best keys are what the prefill queries nearest to it answered. The
+ * prefill queries that answered the beam's best `seeds` keys are scored (cosine: their
+ * unit vectors . q), the answer lists of the best `expand` of them join the beam, and
+ * the beam is expanded again. This jumps to the other regions a query mixes in (a
+ * second topic), which co-answer edges alone reach only by chance. *touched counts
+ * the query vectors scored as well as the keys. */
+static void answer_expand(const graph *g, uint32_t dim, const kvdex_kv_view *keys, const float *q,
+                          size_t L, uint32_t seeds, uint32_t fanout, uint32_t expand,
+                          kvdex_index_scratch *s,
+                          size_t *size, uint64_t *touched) {
+  beam_ent *beam = (beam_ent *)(void *)s->h;
+  uint32_t *visit = s->visit, epoch = s->epoch;
+  size_t rb = row_bytes(keys);
+  size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
+  void *rowbuf = s->f;
+  float *sc = s->f + rowfloats;
+  uint32_t *cq = (uint32_t *)(void *)(sc + g->R + 16);
+  float *cs = (float *)(void *)(cq + EXPAND_CAP);
+  size_t n = *size, nc = 0;
+  for (size_t i = 0; i < n && i < seeds && nc < EXPAND_CAP; i++) {
+    uint32_t x = beam[i].id;
+    /* hubs (heavy hitters answer most queries) would flood the candidates: at most
+     * `fanout` of a key's queries, spread over its list */
+    uint64_t e0 = g->inv_off[x], ne = g->inv_off[x + 1] - e0;
+    uint64_t take = ne < fanout ? ne : fanout;
+    for (uint64_t j = 0; j < take && nc < EXPAND_CAP; j++) cq[nc++] = g->inv[e0 + j * ne / take];
+  }
+  if (!nc) return;
+  qsort(cq, nc, sizeof *cq, u32_order);
+  size_t u = 1;
+  for (size_t i = 1; i < nc; i++)
+    if (cq[i] != cq[u - 1]) cq[u++] = cq[i];
+  nc = u;
+  /* score the candidate queries, as many per kernel call as the row buffer holds */
+  size_t qrb = (size_t)dim * sizeof(uint16_t), per = g->R * rb / qrb;
+  for (size_t c0 = 0; c0 < nc; c0 += per) {
+    size_t m = nc - c0 < per ? nc - c0 : per;
+    for (size_t i = 0; i < m; i++)
+      memcpy((char *)rowbuf + i * qrb, g->qv + (size_t)cq[c0 + i] * dim, qrb);
+    kvdex_score_keys(KVDEX_SIMD_AUTO, KVDEX_DTYPE_F16, rowbuf, m, dim, q, 1, cs + c0);
+  }
+  uint64_t t = nc;
+  uint32_t ids[1024];
+  for (uint32_t e = 0; e < expand && e < nc; e++) {
+    size_t best = e; /* selection: expand is small */
+    for (size_t i = e + 1; i < nc; i++)
+      if (cs[i] > cs[best] || (cs[i] == cs[best] && cq[i] < cq[best])) best = i;
+    uint32_t tq = cq[best];
+    float ts = cs[best];
+    cq[best] = cq[e];
+    cs[best] = cs[e];
+    cq[e] = tq;
+    cs[e] = ts;
+    const uint32_t *a = g->ans + (size_t)tq * g->K;
+    size_t m = 0;
+    for (uint32_t r = 0; r < g->ans_n[tq]; r++) {
+      uint32_t id = a[r];
+      if (visit[id] == epoch) continue;
+      visit[id] = epoch;
+      ids[m++] = id;
+      if (m == g->R || r + 1 == g->ans_n[tq]) {
+        score_ids(keys, ids, m, q, rowbuf, sc);
+        t += m;
+        for (size_t i = 0; i < m; i++) beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+        m = 0;
+      }
+    }
+    if (m) {
+      score_ids(keys, ids, m, q, rowbuf, sc);
+      t += m;
+      for (size_t i = 0; i < m; i++) beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+    }
+  }
+  *size = n;
+  *touched += t;
+  beam_expand(g, keys, q, L, L, s, size, touched);
 }
 
 static int query_finite(const float *q, uint32_t d) {
@@ -333,7 +475,15 @@ static int g_search(const kvdex_index *ix, const kvdex_kv_view *keys, const floa
   if (rc) return rc;
   size_t n = 0;
   uint64_t t = 0;
-  beam_run(g, keys, q, L, scratch, &n, &t);
+  if (g->m && im->p.expand) {
+    /* a narrow first pass finds where the query lives; the answer lists of the prefill
+     * queries that live there, then the full beam, do the rest */
+    size_t L0 = im->p.ef0 < L ? im->p.ef0 : L;
+    beam_run(g, keys, q, L, L0, scratch, &n, &t);
+    answer_expand(g, ix->dim, keys, q, L, im->p.seeds, im->p.fanout, im->p.expand, scratch, &n, &t);
+  } else {
+    beam_run(g, keys, q, L, L, scratch, &n, &t);
+  }
   const beam_ent *beam = (const beam_ent *)(const void *)scratch->h;
   uint32_t m = n < k ? (uint32_t)n : k;
   for (uint32_t i = 0; i < m; i++) hits[i] = (kvdex_hit){beam[i].id, beam[i].score};
@@ -704,7 +854,7 @@ static void repair_task(void *ctx, size_t t, unsigned wi) {
   kvdex__view_row_f32(B->keys, u, w->xf);
   size_t n = 0;
   uint64_t touched = 0;
-  beam_run(g, B->keys, w->xf, L, w->s, &n, &touched);
+  beam_run(g, B->keys, w->xf, L, L, w->s, &n, &touched);
   const beam_ent *beam = (const beam_ent *)(const void *)w->s->h;
   size_t nc = 0;
   for (size_t i = 0; i < n; i++)
@@ -1002,6 +1152,32 @@ static int check_input(const kvdex_index_input *in) {
   return 0;
 }
 
+/* Moves the prefill queries' answer lists and the key -> query lists into g, with
+ * the queries as f16 unit vectors, for the search's expansion step. */
+static int keep_queries(build *B, graph *g) {
+  if (B->m > 0xffffffffull) return 0; /* not kept: expansion off */
+  g->qv = malloc((size_t)B->m * B->d * sizeof(uint16_t) + 1);
+  if (!g->qv) return KVDEX_ENOMEM;
+  for (uint64_t i = 0; i < B->m; i++) {
+    const float *x = B->tq + i * B->d;
+    double nn = 0;
+    for (uint32_t j = 0; j < B->d; j++) nn += (double)x[j] * x[j];
+    float inv = nn > 0 ? (float)(1.0 / sqrt(nn)) : 0.0f;
+    for (uint32_t j = 0; j < B->d; j++) g->qv[i * B->d + j] = kvdex_f32_to_f16(x[j] * inv);
+  }
+  g->m = (uint32_t)B->m;
+  g->K = B->K;
+  g->ans = B->gt;
+  g->ans_n = B->gt_n;
+  g->inv_off = B->inv_off;
+  g->inv = B->inv;
+  B->gt = NULL;
+  B->gt_n = NULL;
+  B->inv_off = NULL;
+  B->inv = NULL;
+  return 0;
+}
+
 static int g_build(kvdex_index *ix, const kvdex_index_input *in, kvdex_pool *pool) {
   graph_impl *im = ix->impl;
   int rc = check_input(in);
@@ -1117,6 +1293,7 @@ static int g_build(kvdex_index *ix, const kvdex_index_input *in, kvdex_pool *poo
              (unsigned long long)(B.n - r), (unsigned long long)B.n);
   }
 
+  if (!own_q && (rc = keep_queries(&B, &g))) goto fail;
   graph_clear(&im->g); /* success: the new graph replaces the old one */
   im->g = g;
   memset(&g, 0, sizeof g);
@@ -1159,7 +1336,7 @@ done:
 
 /* ---- serialisation ---------------------------------------------------------------------- */
 
-#define GRAPH_FORMAT 1
+#define GRAPH_FORMAT 2
 
 static int g_save(const kvdex_index *ix, kvdex__buf *out) {
   const graph *g = &((const graph_impl *)ix->impl)->g;
@@ -1173,6 +1350,61 @@ static int g_save(const kvdex_index *ix, kvdex__buf *out) {
     return rc;
   for (uint64_t x = 0; x < n; x++)
     if ((rc = kvdex__buf_put(out, g->adj + x * g->R, g->deg[x] * sizeof(uint32_t)))) return rc;
+  /* the prefill queries of the expansion step (m == 0: none) */
+  uint32_t qh[2] = {g->m, g->K};
+  if ((rc = kvdex__buf_put(out, qh, sizeof qh))) return rc;
+  if (!g->m) return 0;
+  if ((rc = kvdex__buf_put(out, g->qv, (size_t)g->m * ix->dim * sizeof(uint16_t))) ||
+      (rc = kvdex__buf_put(out, g->ans_n, (size_t)g->m * sizeof(uint32_t))))
+    return rc;
+  for (uint32_t i = 0; i < g->m; i++)
+    if ((rc = kvdex__buf_put(out, g->ans + (size_t)i * g->K, g->ans_n[i] * sizeof(uint32_t))))
+      return rc;
+  return 0; /* the key -> query lists are rebuilt from the answers on load */
+}
+
+/* Reads the expansion step's queries into g (g->n, g->adj read already); the key ->
+ * query lists are derived from the answer lists. */
+static int load_queries(kvdex__rd *in, graph *g, uint32_t dim) {
+  uint32_t qh[2];
+  int rc = kvdex__rd_get(in, qh, sizeof qh);
+  if (rc) return rc;
+  if (!qh[0]) return 0;
+  uint32_t m = qh[0], K = qh[1];
+  if (!K || K > 1024 || in->left / ((size_t)dim * sizeof(uint16_t) + sizeof(uint32_t)) < m)
+    return KVDEX_EINVAL;
+  g->m = m;
+  g->K = K;
+  g->qv = malloc((size_t)m * dim * sizeof(uint16_t));
+  g->ans_n = malloc((size_t)m * sizeof(uint32_t));
+  g->ans = malloc((size_t)m * K * sizeof(uint32_t));
+  g->inv_off = calloc((size_t)g->n + 1, sizeof(uint64_t));
+  if (!g->qv || !g->ans_n || !g->ans || !g->inv_off) return KVDEX_ENOMEM;
+  if ((rc = kvdex__rd_get(in, g->qv, (size_t)m * dim * sizeof(uint16_t))) ||
+      (rc = kvdex__rd_get(in, g->ans_n, (size_t)m * sizeof(uint32_t))))
+    return rc;
+  for (uint32_t i = 0; i < m; i++) {
+    if (g->ans_n[i] > K) return KVDEX_EINVAL;
+    uint32_t *a = g->ans + (size_t)i * K;
+    if ((rc = kvdex__rd_get(in, a, g->ans_n[i] * sizeof(uint32_t)))) return rc;
+    for (uint32_t r = 0; r < g->ans_n[i]; r++) {
+      if (a[r] >= g->n) return KVDEX_EINVAL;
+      g->inv_off[a[r] + 1]++;
+    }
+  }
+  for (uint64_t x = 0; x < g->n; x++) g->inv_off[x + 1] += g->inv_off[x];
+  g->inv = malloc((size_t)(g->inv_off[g->n] ? g->inv_off[g->n] : 1) * sizeof(uint32_t));
+  uint64_t *fill = calloc((size_t)g->n, sizeof(uint64_t));
+  if (!g->inv || !fill) {
+    free(fill);
+    return KVDEX_ENOMEM;
+  }
+  for (uint32_t i = 0; i < m; i++)
+    for (uint32_t r = 0; r < g->ans_n[i]; r++) {
+      uint32_t x = g->ans[(size_t)i * K + r];
+      g->inv[g->inv_off[x] + fill[x]++] = i;
+    }
+  free(fill);
   return 0;
 }
 
@@ -1212,6 +1444,12 @@ static int g_load(kvdex_index *ix, kvdex__rd *in) {
       goto bad;
     for (uint32_t j = 0; j < g.deg[x]; j++)
       if (g.adj[x * R + j] >= n) goto bad;
+  }
+  if ((rc = load_queries(in, &g, hdr[3]))) {
+    graph_clear(&g);
+    if (rc == KVDEX_ENOMEM)
+      return kvdex__seterr(KVDEX_ENOMEM, "graph: out of memory loading the prefill queries");
+    return kvdex__seterr(KVDEX_EINVAL, "graph: serialised graph is corrupt (queries)");
   }
   graph_clear(&im->g);
   im->g = g;

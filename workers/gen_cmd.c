@@ -130,7 +130,7 @@ static int write_meta(const char *dir, const kvdex_gen_opts *o, int dtype, uint3
   fprintf(f,
           "{\"generator\":\"kvdex gen\",\"keys\":%llu,\"dim\":%u,\"train_queries\":%u,"
           "\"test_queries\":%u,\"needles\":%u,\"seed\":%llu,\"dtype\":\"%s\",\"topics\":%u,"
-          "\"span\":%u,\"key_offset\":%g,\"query_offset\":%g,\"query_scale\":%g,\"noise\":%g,"
+          "\"span\":%u,\"key_offset\":%g,\"query_offset\":%g,\"query_scale\":%g,\"query_noise\":%g,\"noise\":%g,"
           "\"drift\":%g,\"heavy_frac\":%g,\"needles_top1\":%u,"
           "\"files\":{\"keys\":\"keys.npy\",\"values\":\"values.npy\","
           "\"train_queries\":\"train_queries.npy\",\"queries\":\"queries.npy\","
@@ -140,7 +140,7 @@ static int write_meta(const char *dir, const kvdex_gen_opts *o, int dtype, uint3
           (unsigned long long)o->n_keys, o->dim, o->n_train, o->n_test, o->n_needles,
           (unsigned long long)o->seed, kvdex_dtype_name(dtype), o->topics, o->span,
           (double)o->key_offset, (double)o->query_offset, (double)o->query_scale,
-          (double)o->noise, (double)o->drift, (double)o->heavy_frac, n_top1);
+          (double)o->query_noise, (double)o->noise, (double)o->drift, (double)o->heavy_frac, n_top1);
   int bad = ferror(f);
   if (fclose(f) || bad) return kvdex__seterr(KVDEX_EIO, "%s: write failed", path);
   return 0;
@@ -182,6 +182,7 @@ int kvdex_cmd_gen(int argc, char **argv) {
       .key_offset = real_or_tiny(&s, KVDEX_SET_GEN_KEY_OFFSET),
       .query_offset = real_or_tiny(&s, KVDEX_SET_GEN_QUERY_OFFSET),
       .query_scale = real_or_tiny(&s, KVDEX_SET_GEN_QUERY_SCALE),
+      .query_noise = real_or_tiny(&s, KVDEX_SET_GEN_QUERY_NOISE),
       .noise = real_or_tiny(&s, KVDEX_SET_GEN_NOISE),
       .drift = real_or_tiny(&s, KVDEX_SET_GEN_DRIFT),
       .heavy_frac = real_or_tiny(&s, KVDEX_SET_GEN_HEAVY),

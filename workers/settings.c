@@ -108,6 +108,8 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      "norm", GEN, "norm of the queries' offset, in another direction (what makes them OOD)"},
     {KVDEX_SET_GEN_QUERY_SCALE, "query-scale", "KVDEX_GEN_QUERY_SCALE", T_REAL, "2.5", 0, 1000,
      "factor", GEN, "scale of the queries' topic component"},
+    {KVDEX_SET_GEN_QUERY_NOISE, "query-noise", "KVDEX_GEN_QUERY_NOISE", T_REAL, "0.15", 0, 100,
+     "sigma", GEN, "per-element noise of queries (isotropic: the part of q.k no index can predict)"},
     {KVDEX_SET_GEN_NOISE, "noise", "KVDEX_GEN_NOISE", T_REAL, "1", 0, 100, "factor", GEN,
      "per-element noise of keys (sigma = 0.35 x this)"},
     {KVDEX_SET_GEN_DRIFT, "drift", "KVDEX_GEN_DRIFT", T_REAL, "1", 0, 100, "norm", GEN,
