@@ -29,8 +29,9 @@ typedef struct row {
 
 #define ALL                                                                              \
   (KVDEX_CMD_SERVE | KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | KVDEX_CMD_INSPECT | KVDEX_CMD_GEN | \
-   KVDEX_CMD_BENCH_RECALL)
+   KVDEX_CMD_BENCH_RECALL | KVDEX_CMD_BENCH_FIDELITY)
 #define GEN KVDEX_CMD_GEN
+#define FID KVDEX_CMD_BENCH_FIDELITY
 #define RECALL KVDEX_CMD_BENCH_RECALL
 #define GB (1LL << 30)
 
@@ -44,7 +45,7 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      KVDEX_CMD_SERVE | KVDEX_CMD_DEMO,
      "memory cap for stored K/V (K/M/G/T suffixes or % of RAM)"},
     {KVDEX_SET_THREADS, "threads", "KVDEX_THREADS", T_INT, "0", 0, 1024, "threads",
-     KVDEX_CMD_SERVE | KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL,
+     KVDEX_CMD_SERVE | KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL | FID,
      "worker threads (0 = one per CPU)"},
     {KVDEX_SET_MAX_MESSAGE, "max-message", "KVDEX_MAX_MESSAGE", T_SIZE, "64M", 4096, 1LL << 31,
      "bytes", KVDEX_CMD_SERVE, "largest gRPC message accepted or sent"},
@@ -55,21 +56,21 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
     {KVDEX_SET_NAMESPACE, "namespace", "KVDEX_NAMESPACE", T_STR, "default", 0, 0, "name",
      KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT, "tenant namespace"},
     {KVDEX_SET_TOKENS, "tokens", "KVDEX_TOKENS", T_INT, "131072", 1, 1LL << 32, "tokens",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "context length of the synthetic sequence"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID, "context length of the synthetic sequence"},
     {KVDEX_SET_LAYERS, "layers", "KVDEX_LAYERS", T_INT, "1", 1, 1024, "layers", KVDEX_CMD_DEMO,
      "layers of the synthetic sequence"},
     {KVDEX_SET_KV_HEADS, "kv-heads", "KVDEX_KV_HEADS", T_INT, "8", 1, 1024, "heads",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "KV heads"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID, "KV heads"},
     {KVDEX_SET_Q_HEADS, "q-heads", "KVDEX_Q_HEADS", T_INT, "32", 1, 1024, "heads",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "query heads (a multiple of --kv-heads)"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID, "query heads (a multiple of --kv-heads)"},
     {KVDEX_SET_HEAD_DIM, "head-dim", "KVDEX_HEAD_DIM", T_INT, "128", 1, 1024, "elements",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN, "head dimension"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID, "head dimension"},
     {KVDEX_SET_DTYPE, "dtype", "KVDEX_DTYPE", T_DTYPE, "f16", 0, 0, "f32|f16|bf16",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | GEN,
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | GEN | FID,
      "storage type of K and V (gen: of the .npy arrays, f32 or f16)"},
     {KVDEX_SET_BLOCK_TOKENS, "block-tokens", "KVDEX_BLOCK_TOKENS", T_INT, "64", 1, 65536,
-     "tokens", KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL, "tokens per storage block"},
-    {KVDEX_SET_STEPS, "steps", "KVDEX_STEPS", T_INT, "200", 1, 1000000, "steps", KVDEX_CMD_DEMO,
+     "tokens", KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL | FID, "tokens per storage block"},
+    {KVDEX_SET_STEPS, "steps", "KVDEX_STEPS", T_INT, "200", 1, 1000000, "steps", KVDEX_CMD_DEMO | FID,
      "decode-step searches to run"},
     {KVDEX_SET_K, "k", "KVDEX_K", T_INT, "100", 1, 65536, "tokens", KVDEX_CMD_DEMO | RECALL,
      "top-k per query head"},
@@ -79,12 +80,12 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      KVDEX_CMD_DEMO, "exclude the last N tokens (the caller attends them)"},
     {KVDEX_SET_CHECK, "check", "KVDEX_CHECK", T_INT, "-1", -1, 1000000, "steps", KVDEX_CMD_DEMO,
      "steps checked against the scalar reference (-1 = all if quick, else a sample)"},
-    {KVDEX_SET_SEED, "seed", "KVDEX_SEED", T_INT, "1", 0, INT64_MAX, "", KVDEX_CMD_DEMO | GEN,
+    {KVDEX_SET_SEED, "seed", "KVDEX_SEED", T_INT, "1", 0, INT64_MAX, "", KVDEX_CMD_DEMO | GEN | FID,
      "random seed of the synthetic data"},
     {KVDEX_SET_REPEAT, "repeat", "KVDEX_REPEAT", T_INT, "5", 1, 1000, "runs", KVDEX_CMD_BENCH_SCAN,
      "timed repetitions (the best and median are reported)"},
     {KVDEX_SET_JSON, "json", "KVDEX_JSON", T_BOOL, "0", 0, 1, "",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL, "print one JSON object instead of text"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL | FID, "print one JSON object instead of text"},
     /* kvdex gen: the OOD generator of bench/gen.h, written as .npy files */
     {KVDEX_SET_GEN_OUT, "out", "KVDEX_GEN_OUT", T_STR, "", 0, 0, "dir", GEN,
      "directory to write keys/values/train_queries/queries/needles.npy into (required)"},
@@ -132,6 +133,23 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      "also vary each index's search knob (ef, nprobe, blocks) without rebuilding"},
     {KVDEX_SET_RECALL_CSV, "csv", "KVDEX_RECALL_CSV", T_STR, "", 0, 0, "file", RECALL,
      "write kind,spec,knob,value,recall,touched_frac,qps rows (the sweep, else one per spec)"},
+    /* kvdex bench fidelity */
+    {KVDEX_SET_FID_INDEX, "index", "KVDEX_FIDELITY_INDEX", T_LIST, "graph;landmark:mode=minmax", 0,
+     0, "spec", FID, "index specs to retrieve with (index/ann.h); repeat or join with ';'"},
+    {KVDEX_SET_FID_BUDGETS, "budgets", "KVDEX_FIDELITY_BUDGETS", T_STR, "256,1024,2048", 0, 0,
+     "k,k,...", FID, "top-k budgets per query head to measure"},
+    {KVDEX_SET_FID_SINKS, "sinks", "KVDEX_FIDELITY_SINKS", T_INT, "16", 0, 1LL << 31, "tokens",
+     FID, "first tokens in the static part (attended by the engine, not retrieved)"},
+    {KVDEX_SET_FID_WINDOW, "window", "KVDEX_FIDELITY_WINDOW", T_INT, "256", 0, 1LL << 31,
+     "tokens", FID, "last tokens in the static part (attended by the engine, not retrieved)"},
+    {KVDEX_SET_FID_NEEDLES, "needles", "KVDEX_FIDELITY_NEEDLES", T_INT, "16", 0, 1 << 20,
+     "needles", FID, "planted needles per kv head, at depths 0..100% (generated data)"},
+    {KVDEX_SET_FID_DATA, "data", "KVDEX_FIDELITY_DATA", T_STR, "", 0, 0, "dir", FID,
+     "use keys/values/queries[/train_queries/needles].npy of `kvdex gen` (one kv head) "
+     "instead of generating"},
+    {KVDEX_SET_FID_LOGIT_SCALE, "logit-scale", "KVDEX_FIDELITY_LOGIT_SCALE", T_REAL, "2", 0, 1000,
+     "factor", FID, "attention logits = this x q.k (0 = 1/sqrt(head_dim)); 2 puts ~99% of the "
+     "generator's attention mass in the top 1% of 128K tokens, as in retrieval heads"},
     {KVDEX_SET_LOG_LEVEL, "log-level", "KVDEX_LOG_LEVEL", T_LEVEL, "info", 0, 0,
      "error|warn|info|debug", ALL, "log verbosity (logs go to stderr)"},
 };
@@ -329,7 +347,7 @@ void kvdex_settings_free(kvdex_settings *s) {
 
 void kvdex_settings_print_table(FILE *out) {
   static const char *cmd_names[] = {"serve", "demo", "bench scan", "inspect", "gen",
-                                    "bench recall"};
+                                    "bench recall", "bench fidelity"};
   enum { N_CMDS = sizeof cmd_names / sizeof cmd_names[0] };
   fprintf(out, "| flag | env | default | bounds | unit | used by | meaning |\n");
   fprintf(out, "|---|---|---|---|---|---|---|\n");

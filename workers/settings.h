@@ -17,6 +17,7 @@ enum {
   KVDEX_CMD_INSPECT = 1 << 3,
   KVDEX_CMD_GEN = 1 << 4,
   KVDEX_CMD_BENCH_RECALL = 1 << 5,
+  KVDEX_CMD_BENCH_FIDELITY = 1 << 6,
 };
 
 /* Every setting, in table order. */
@@ -68,6 +69,14 @@ typedef enum kvdex_setting_id {
   KVDEX_SET_RECALL_INDEX,
   KVDEX_SET_RECALL_SWEEP,
   KVDEX_SET_RECALL_CSV,
+  /* kvdex bench fidelity */
+  KVDEX_SET_FID_INDEX,
+  KVDEX_SET_FID_BUDGETS,
+  KVDEX_SET_FID_SINKS,
+  KVDEX_SET_FID_WINDOW,
+  KVDEX_SET_FID_NEEDLES,
+  KVDEX_SET_FID_DATA,
+  KVDEX_SET_FID_LOGIT_SCALE,
   KVDEX_SET_LOG_LEVEL,
   KVDEX_SET_COUNT_
 } kvdex_setting_id;

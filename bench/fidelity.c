@@ -1,0 +1,630 @@
+/* fidelity: sparse-attention fidelity and Attend latency (see fidelity.h). */
+#include "bench/fidelity.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "bench/bench.h"
+#include "bench/gen.h"
+#include "bench/npy.h"
+#include "index/ann.h"
+#include "index/attend.h"
+#include "index/index.h"
+#include "kvstore/base.h"
+#include "kvstore/kvstore.h"
+#include "workers/indexer.h"
+
+#define MAX_SPECS 16
+#define MAX_BUDGETS 16
+#define APPEND_CHUNK 8192
+
+/* The layer's data before it goes into the store: per kv head, test queries and
+ * needles; K and V are converted straight into the staging buffers. */
+typedef struct fdata {
+  uint64_t n;
+  uint32_t H, G, D;
+  void *k, *v;         /* [H][n][D] in the storage dtype */
+  float **train;       /* [H] -> [P][D], or NULL */
+  uint64_t n_train;    /* rows per head */
+  float **test;        /* [H] -> [T][D] */
+  uint64_t n_test;     /* rows per head */
+  uint64_t *needle_pos;/* [H][nn] */
+  uint32_t *needle_row;/* [H][nn] */
+  uint32_t nn;
+} fdata;
+
+static void fdata_free(fdata *f) {
+  for (uint32_t g = 0; f->train && g < f->H; g++) free(f->train[g]);
+  for (uint32_t g = 0; f->test && g < f->H; g++) free(f->test[g]);
+  free(f->train);
+  free(f->test);
+  free(f->k);
+  free(f->v);
+  free(f->needle_pos);
+  free(f->needle_row);
+  memset(f, 0, sizeof *f);
+}
+
+static void to_dtype(int dtype, const float *src, size_t count, void *dst) {
+  if (dtype == KVDEX_DTYPE_F32) {
+    memcpy(dst, src, count * sizeof(float));
+  } else {
+    uint16_t *o = dst;
+    for (size_t i = 0; i < count; i++)
+      o[i] = dtype == KVDEX_DTYPE_F16 ? kvdex_f32_to_f16(src[i]) : kvdex_f32_to_bf16(src[i]);
+  }
+}
+
+static float *npy_f32(const kvdex_npy *a) { /* a fresh f32 copy of an f32/f16 array */
+  float *o = malloc(a->count * sizeof(float) + 1);
+  if (!o) return NULL;
+  for (uint64_t i = 0; i < a->count; i++)
+    o[i] = a->dtype == KVDEX_DTYPE_F32 ? ((const float *)a->data)[i]
+                                       : kvdex_f16_to_f32(((const uint16_t *)a->data)[i]);
+  return o;
+}
+
+static int alloc_heads(fdata *f, const kvdex_fidelity_opts *o) {
+  size_t es = kvdex_dtype_size(o->dtype);
+  f->k = malloc((size_t)f->H * f->n * f->D * es);
+  f->v = malloc((size_t)f->H * f->n * f->D * es);
+  f->train = calloc(f->H, sizeof *f->train);
+  f->test = calloc(f->H, sizeof *f->test);
+  f->needle_pos = calloc((size_t)f->H * (f->nn + 1), sizeof(uint64_t));
+  f->needle_row = calloc((size_t)f->H * (f->nn + 1), sizeof(uint32_t));
+  if (!f->k || !f->v || !f->train || !f->test || !f->needle_pos || !f->needle_row)
+    return kvdex__seterr(KVDEX_ENOMEM, "fidelity: out of memory for %llu tokens x %u kv heads",
+                         (unsigned long long)f->n, f->H);
+  return 0;
+}
+
+/* Generated data: one generator run per kv head (its own seed). */
+static int load_gen(const kvdex_fidelity_opts *o, fdata *f) {
+  f->n = o->tokens;
+  f->H = o->n_kv_heads;
+  f->G = o->n_q_heads / o->n_kv_heads;
+  f->D = o->head_dim;
+  f->nn = o->n_needles;
+  f->n_train = (uint64_t)KVDEX_MAX_QUERY_TOKENS * f->G;
+  f->n_test = (uint64_t)o->steps * f->G;
+  int rc = alloc_heads(f, o);
+  if (rc) return rc;
+  size_t es = kvdex_dtype_size(o->dtype), hd = (size_t)f->n * f->D;
+  for (uint32_t g = 0; g < f->H; g++) {
+    if (o->progress)
+      fprintf(o->progress, "bench fidelity: generating kv head %u/%u (%llu tokens)\n", g + 1,
+              f->H, (unsigned long long)f->n);
+    kvdex_gen_opts go = {.n_keys = f->n, .dim = f->D, .n_train = (uint32_t)f->n_train,
+                         .n_test = (uint32_t)f->n_test, .n_needles = f->nn,
+                         .seed = o->seed * 1000003ull + g};
+    kvdex_gen_data gd;
+    if ((rc = kvdex_gen(&go, &gd))) return rc;
+    to_dtype(o->dtype, gd.keys, hd, (char *)f->k + g * hd * es);
+    to_dtype(o->dtype, gd.values, hd, (char *)f->v + g * hd * es);
+    f->train[g] = gd.train;
+    f->test[g] = gd.test;
+    gd.train = gd.test = NULL;
+    for (uint32_t i = 0; i < f->nn; i++) {
+      f->needle_pos[(size_t)g * f->nn + i] = gd.needle_pos[i];
+      f->needle_row[(size_t)g * f->nn + i] = gd.needle_query[i];
+    }
+    kvdex_gen_free(&gd);
+  }
+  return 0;
+}
+
+static int read_2d(const char *dir, const char *name, int required, uint32_t D, kvdex_npy *a) {
+  char path[4200];
+  snprintf(path, sizeof path, "%s/%s", dir, name);
+  memset(a, 0, sizeof *a);
+  FILE *probe = fopen(path, "rb");
+  if (!probe) {
+    if (!required) return 1;
+    return kvdex__seterr(KVDEX_EIO, "fidelity: %s is missing", path);
+  }
+  fclose(probe);
+  int rc = kvdex_npy_read(path, a);
+  if (rc) return rc;
+  if (a->ndim != 2 || (D && a->shape[1] != D)) {
+    kvdex_npy_free(a);
+    return kvdex__seterr(KVDEX_EINVAL, "fidelity: %s must be 2-D [rows, %u]", path, D);
+  }
+  return 0;
+}
+
+/* .npy data in `kvdex gen`'s layout: one kv head, its group of query heads. */
+static int load_npy(const kvdex_fidelity_opts *o, fdata *f, uint32_t *steps) {
+  kvdex_npy K, V, Q, P, N;
+  int rc = read_2d(o->data_dir, "keys.npy", 1, 0, &K);
+  if (rc) return rc;
+  f->D = (uint32_t)K.shape[1];
+  f->n = K.shape[0];
+  f->H = 1;
+  f->G = o->n_q_heads / o->n_kv_heads;
+  if ((rc = read_2d(o->data_dir, "values.npy", 1, f->D, &V))) goto out_k;
+  if (V.shape[0] != f->n) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: values.npy has %llu rows, keys.npy %llu",
+                       (unsigned long long)V.shape[0], (unsigned long long)f->n);
+    goto out_v;
+  }
+  if ((rc = read_2d(o->data_dir, "queries.npy", 1, f->D, &Q))) goto out_v;
+  if (Q.shape[0] < f->G) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: queries.npy needs at least %u rows (one step)",
+                       f->G);
+    goto out_q;
+  }
+  f->n_test = Q.shape[0];
+  if (*steps > Q.shape[0] / f->G) *steps = (uint32_t)(Q.shape[0] / f->G);
+  int have_p = read_2d(o->data_dir, "train_queries.npy", 0, f->D, &P);
+  if (have_p < 0) {
+    rc = have_p;
+    goto out_q;
+  }
+  int have_n = read_2d(o->data_dir, "needles.npy", 0, 2, &N);
+  if (have_n < 0) {
+    rc = have_n;
+    goto out_p;
+  }
+  f->nn = have_n == 0 ? (uint32_t)N.shape[0] : 0;
+  f->n_train = have_p == 0 ? P.shape[0] : 0;
+  kvdex_fidelity_opts o2 = *o;
+  if ((rc = alloc_heads(f, &o2))) goto out_n;
+  float *kf = npy_f32(&K), *vf = npy_f32(&V);
+  f->test[0] = npy_f32(&Q);
+  if (f->n_train) f->train[0] = npy_f32(&P);
+  if (!kf || !vf || !f->test[0] || (f->n_train && !f->train[0])) {
+    free(kf);
+    free(vf);
+    rc = kvdex__seterr(KVDEX_ENOMEM, "fidelity: out of memory converting the .npy data");
+    goto out_n;
+  }
+  to_dtype(o->dtype, kf, (size_t)f->n * f->D, f->k);
+  to_dtype(o->dtype, vf, (size_t)f->n * f->D, f->v);
+  free(kf);
+  free(vf);
+  for (uint32_t i = 0; i < f->nn; i++) {
+    float pos, row;
+    if (N.dtype == KVDEX_DTYPE_F32) {
+      pos = ((float *)N.data)[2 * i];
+      row = ((float *)N.data)[2 * i + 1];
+    } else {
+      pos = kvdex_f16_to_f32(((uint16_t *)N.data)[2 * i]);
+      row = kvdex_f16_to_f32(((uint16_t *)N.data)[2 * i + 1]);
+    }
+    if (!(pos >= 0 && pos < (float)f->n && row >= 0 && row < (float)f->n_test)) {
+      rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: needles.npy row %u is out of range", i);
+      goto out_n;
+    }
+    f->needle_pos[i] = (uint64_t)pos;
+    f->needle_row[i] = (uint32_t)row;
+  }
+out_n:
+  if (have_n == 0) kvdex_npy_free(&N);
+out_p:
+  if (have_p == 0) kvdex_npy_free(&P);
+out_q:
+  kvdex_npy_free(&Q);
+out_v:
+  kvdex_npy_free(&V);
+out_k:
+  kvdex_npy_free(&K);
+  return rc;
+}
+
+/* Appends K/V in chunks (one transaction each), then the prefill queries of the
+ * tokens the store keeps (every stride-th token), the way an engine's prefill would. */
+static int fill_store(const kvdex_fidelity_opts *o, const fdata *f, kvdex_seq *seq) {
+  size_t es = kvdex_dtype_size(o->dtype), row = (size_t)f->D * es;
+  size_t cb = (size_t)f->H * APPEND_CHUNK * row;
+  char *kc = malloc(cb), *vc = malloc(cb), *qc = malloc((size_t)f->H * f->G * row);
+  int rc = 0;
+  if (!kc || !vc || !qc) {
+    rc = kvdex__seterr(KVDEX_ENOMEM, "fidelity: out of memory for append buffers");
+    goto out;
+  }
+  double t0 = kvdex_bench_now();
+  for (uint64_t s = 0; s < f->n; s += APPEND_CHUNK) {
+    uint32_t c = (uint32_t)(f->n - s < APPEND_CHUNK ? f->n - s : APPEND_CHUNK);
+    for (uint32_t g = 0; g < f->H; g++) {
+      memcpy(kc + (size_t)g * c * row, (char *)f->k + ((size_t)g * f->n + s) * row, c * row);
+      memcpy(vc + (size_t)g * c * row, (char *)f->v + ((size_t)g * f->n + s) * row, c * row);
+    }
+    kvdex_txn *txn;
+    if ((rc = kvdex_txn_begin(seq, &txn))) goto out;
+    if ((rc = kvdex_txn_append(txn, 0, s, c, kc, vc)) || (rc = kvdex_txn_commit(txn, NULL))) {
+      if (rc) kvdex_txn_abort(txn);
+      goto out;
+    }
+    if (o->progress && ((s / APPEND_CHUNK) % 32 == 31 || s + c == f->n))
+      fprintf(o->progress, "bench fidelity: appended %llu/%llu tokens (%.0f MB/s)\n",
+              (unsigned long long)(s + c), (unsigned long long)f->n,
+              (double)(s + c) * f->H * row * 2 / 1e6 / (kvdex_bench_now() - t0));
+  }
+  if (!f->n_train) goto out;
+  uint64_t stride = 1;
+  while ((f->n + stride - 1) / stride > KVDEX_MAX_QUERY_TOKENS) stride *= 2;
+  kvdex_txn *txn;
+  if ((rc = kvdex_txn_begin(seq, &txn))) goto out;
+  float *tmp = malloc((size_t)f->D * sizeof(float));
+  if (!tmp) {
+    kvdex_txn_abort(txn);
+    rc = kvdex__seterr(KVDEX_ENOMEM, "fidelity: out of memory");
+    goto out;
+  }
+  for (uint64_t t = 0, i = 0; t < f->n && !rc; t += stride, i++) {
+    for (uint32_t g = 0; g < f->H; g++)
+      for (uint32_t j = 0; j < f->G; j++) {
+        const float *src = f->train[g] + ((i * f->G + j) % f->n_train) * f->D;
+        memcpy(tmp, src, f->D * sizeof(float));
+        to_dtype(o->dtype, tmp, f->D, qc + ((size_t)g * f->G + j) * row);
+      }
+    rc = kvdex_txn_append_q(txn, 0, t, 1, qc);
+  }
+  free(tmp);
+  if (rc || (rc = kvdex_txn_commit(txn, NULL))) {
+    if (rc) kvdex_txn_abort(txn);
+  }
+out:
+  free(kc);
+  free(vc);
+  free(qc);
+  return rc;
+}
+
+static int parse_budgets(const char *s, uint32_t *out, int *n) {
+  *n = 0;
+  const char *p = s ? s : "";
+  while (*p) {
+    char *end;
+    if (*p < '0' || *p > '9') break;
+    unsigned long v = strtoul(p, &end, 10);
+    if (!v || v > KVDEX_MAX_K || *n == MAX_BUDGETS) break;
+    out[(*n)++] = (uint32_t)v;
+    p = end;
+    if (*p == ',') p++;
+    else if (*p) break;
+  }
+  if (*p || !*n)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "fidelity: --budgets '%s': expected up to %d comma-separated top-k "
+                         "values in [1, %d], e.g. 256,1024,2048",
+                         s ? s : "", MAX_BUDGETS, KVDEX_MAX_K);
+  return 0;
+}
+
+static int split_specs(char *buf, char **specs, int *n) {
+  *n = 0;
+  for (char *save = NULL, *t = strtok_r(buf, ";", &save); t; t = strtok_r(NULL, ";", &save)) {
+    while (*t == ' ') t++;
+    size_t l = strlen(t);
+    while (l && t[l - 1] == ' ') t[--l] = 0;
+    if (!l) continue;
+    if (*n == MAX_SPECS) return kvdex__seterr(KVDEX_EINVAL, "fidelity: at most %d specs", MAX_SPECS);
+    specs[(*n)++] = t;
+  }
+  if (!*n) return kvdex__seterr(KVDEX_EINVAL, "fidelity: --index names no spec");
+  return 0;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return (x > y) - (x < y);
+}
+
+static double pct(double *v, uint32_t n, double p) { /* sorts v */
+  if (!n) return 0;
+  qsort(v, n, sizeof *v, cmp_double);
+  size_t i = (size_t)ceil(p * n) - 1;
+  return v[i < n ? i : n - 1];
+}
+
+/* One result row. */
+typedef struct frow {
+  char spec[160];
+  char used[16];
+  uint32_t k;
+  double err_mean, err_max, mass_mean, touched, p50_ms, p99_ms, build_s;
+  uint64_t bytes;
+  uint32_t needle_hits, needles;
+} frow;
+
+static void print_rows(const kvdex_fidelity_opts *o, const fdata *f, uint32_t steps,
+                       const frow *rows, int nr, double dense_p50, double dense_p99, FILE *out) {
+  if (o->json) {
+    fprintf(out,
+            "{\"bench\":\"fidelity\",\"tokens\":%llu,\"kv_heads\":%u,\"q_heads\":%u,"
+            "\"head_dim\":%u,\"dtype\":\"%s\",\"logit_scale\":%g,\"steps\":%u,\"sinks\":%llu,\"window\":%llu,"
+            "\"dense_p50_ms\":%.3f,\"dense_p99_ms\":%.3f,\"rows\":[",
+            (unsigned long long)f->n, f->H, f->H * f->G, f->D, kvdex_dtype_name(o->dtype),
+            (double)o->logit_scale, steps, (unsigned long long)o->sinks,
+            (unsigned long long)o->window, dense_p50, dense_p99);
+    for (int i = 0; i < nr; i++) {
+      const frow *r = &rows[i];
+      fprintf(out,
+              "%s{\"index\":\"%s\",\"used\":\"%s\",\"k\":%u,\"rel_err_mean\":%.6g,"
+              "\"rel_err_max\":%.6g,\"mass\":%.6g,\"touched_frac\":%.6g,\"attend_p50_ms\":%.3f,"
+              "\"attend_p99_ms\":%.3f,\"build_s\":%.3f,\"index_bytes\":%llu,\"needle_hits\":%u,"
+              "\"needles\":%u}",
+              i ? "," : "", r->spec, r->used, r->k, r->err_mean, r->err_max, r->mass_mean,
+              r->touched, r->p50_ms, r->p99_ms, r->build_s, (unsigned long long)r->bytes,
+              r->needle_hits, r->needles);
+    }
+    fprintf(out, "]}\n");
+    return;
+  }
+  fprintf(out,
+          "fidelity: %llu tokens, %u kv heads / %u q heads, head_dim %u, %s; logits %g x q.k; "
+          "%u steps; "
+          "static part: %llu sinks + %llu window\n"
+          "dense attention (exact reference, all tokens): p50 %.2f ms, p99 %.2f ms per layer\n\n",
+          (unsigned long long)f->n, f->H, f->H * f->G, f->D, kvdex_dtype_name(o->dtype),
+          (double)o->logit_scale, steps, (unsigned long long)o->sinks,
+          (unsigned long long)o->window, dense_p50, dense_p99);
+  fprintf(out, "  %-8s %6s %11s %11s %8s %9s %9s %9s %8s  %s\n", "used", "k", "rel_err", "max_err",
+          "mass", "touched", "p50_ms", "p99_ms", "needles", "index");
+  for (int i = 0; i < nr; i++) {
+    const frow *r = &rows[i];
+    char nd[24] = "-";
+    if (r->needles) snprintf(nd, sizeof nd, "%u/%u", r->needle_hits, r->needles);
+    fprintf(out, "  %-8s %6u %11.3e %11.3e %8.5f %8.3f%% %9.2f %9.2f %8s  %s\n", r->used, r->k,
+            r->err_mean, r->err_max, r->mass_mean, 100 * r->touched, r->p50_ms, r->p99_ms, nd,
+            r->spec);
+  }
+}
+
+int kvdex_bench_fidelity(const kvdex_fidelity_opts *in, FILE *out) {
+  kvdex_fidelity_opts o = *in;
+  uint32_t budgets[MAX_BUDGETS];
+  int nb = 0, ns = 0;
+  char *spec_buf = strdup(o.index_specs ? o.index_specs : "");
+  char *specs[MAX_SPECS];
+  if (!spec_buf) return kvdex__seterr(KVDEX_ENOMEM, "fidelity: out of memory");
+  int rc = parse_budgets(o.budgets, budgets, &nb);
+  if (!rc) rc = split_specs(spec_buf, specs, &ns);
+  for (int i = 0; !rc && i < ns; i++) {
+    kvdex_index *probe = NULL;
+    rc = kvdex_index_create(specs[i], &probe);
+    kvdex_index_destroy(probe);
+  }
+  if (!rc && (!o.n_kv_heads || !o.n_q_heads || o.n_q_heads % o.n_kv_heads || !o.steps))
+    rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: --q-heads must be a multiple of --kv-heads");
+  if (rc) {
+    free(spec_buf);
+    return rc;
+  }
+  uint32_t steps = o.steps;
+  fdata f;
+  memset(&f, 0, sizeof f);
+  kvdex_store *store = NULL;
+  kvdex_seq *seq = NULL;
+  kvdex_pool *pool = NULL;
+  kvdex_indexer *ixr = NULL;
+  kvdex_index_scratch *ixs = NULL;
+  kvdex_attend_scratch *as = NULL;
+  kvdex_search_result res = {0};
+  float *q = NULL, *o_ref = NULL, *lse_ref = NULL, *o_st = NULL, *lse_st = NULL, *o_a = NULL,
+        *lse_a = NULL;
+  uint64_t *ids = NULL, **idp = NULL, *st_ids = NULL;
+  uint32_t *n_ids = NULL, *st_n = NULL;
+  const uint64_t **st_p = NULL;
+  double *lat = NULL, *errs = NULL;
+  frow *rows = NULL;
+  int nr = 0;
+
+  rc = o.data_dir && *o.data_dir ? load_npy(&o, &f, &steps) : load_gen(&o, &f);
+  if (rc) goto done;
+  uint32_t Hq = f.H * f.G, D = f.D;
+  if (!D || D > KVDEX_MAX_HEAD_DIM) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: head_dim %u out of [1, %d]", D, KVDEX_MAX_HEAD_DIM);
+    goto done;
+  }
+  if (o.sinks + o.window >= f.n) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: sinks + window (%llu) leave no tokens of %llu",
+                       (unsigned long long)(o.sinks + o.window), (unsigned long long)f.n);
+    goto done;
+  }
+  kvdex_shape shape = {1, f.H, Hq, D, o.block_tokens, o.dtype};
+  unsigned threads = o.threads;
+  if ((rc = kvdex_store_create(UINT64_MAX / 2, &store)) ||
+      (rc = kvdex_seq_create(store, "bench", "fidelity", &shape)) ||
+      (rc = kvdex_seq_open(store, "bench", "fidelity", &seq)) ||
+      (threads != 1 && (rc = kvdex_pool_create(threads ? threads - 1 : 0, &pool))) ||
+      (rc = kvdex_indexer_create(pool, 1, &ixr)) || (rc = kvdex_index_scratch_create(&ixs)) ||
+      (rc = kvdex_attend_scratch_create(&as)))
+    goto done;
+  if ((rc = fill_store(&o, &f, seq))) goto done;
+  free(f.k);
+  free(f.v);
+  f.k = f.v = NULL;
+
+  uint32_t kmax = 0;
+  for (int b = 0; b < nb; b++) kmax = budgets[b] > kmax ? budgets[b] : kmax;
+  uint64_t n_st = o.sinks + o.window;
+  q = malloc((size_t)Hq * D * sizeof(float));
+  o_ref = malloc((size_t)steps * Hq * D * sizeof(float));
+  lse_ref = malloc((size_t)steps * Hq * sizeof(float));
+  o_st = malloc((size_t)steps * Hq * D * sizeof(float));
+  lse_st = malloc((size_t)steps * Hq * sizeof(float));
+  o_a = malloc((size_t)Hq * D * sizeof(float));
+  lse_a = malloc((size_t)Hq * sizeof(float));
+  ids = malloc((size_t)Hq * kmax * sizeof(uint64_t));
+  idp = malloc((size_t)Hq * sizeof(*idp));
+  n_ids = malloc((size_t)Hq * sizeof(uint32_t));
+  st_ids = malloc((n_st + 1) * sizeof(uint64_t));
+  st_p = malloc((size_t)Hq * sizeof(*st_p));
+  st_n = malloc((size_t)Hq * sizeof(uint32_t));
+  lat = malloc((size_t)steps * sizeof(double));
+  errs = malloc((size_t)steps * Hq * sizeof(double));
+  rows = calloc((size_t)ns * nb, sizeof *rows);
+  if (!q || !o_ref || !lse_ref || !o_st || !lse_st || !o_a || !lse_a || !ids || !idp || !n_ids ||
+      !st_ids || !st_p || !st_n || !lat || !errs || !rows) {
+    rc = kvdex__seterr(KVDEX_ENOMEM, "fidelity: out of memory");
+    goto done;
+  }
+  kvdex_attend_opts ao = {.scale = o.logit_scale};
+  for (uint64_t i = 0; i < o.sinks; i++) st_ids[i] = i;
+  for (uint64_t i = 0; i < o.window; i++) st_ids[o.sinks + i] = f.n - o.window + i;
+  for (uint32_t h = 0; h < Hq; h++) {
+    st_p[h] = st_ids;
+    st_n[h] = (uint32_t)n_st;
+    idp[h] = ids + (size_t)h * kmax;
+  }
+
+  /* The reference and the static part, once per step. */
+  for (uint32_t s = 0; s < steps; s++) {
+    for (uint32_t h = 0; h < Hq; h++)
+      memcpy(q + (size_t)h * D, f.test[h / f.G] + ((size_t)s * f.G + h % f.G) * D,
+             D * sizeof(float));
+    double t0 = kvdex_bench_now();
+    rc = kvdex_attend_dense(seq, 0, q, 0, 0, &ao, pool, as, o_ref + (size_t)s * Hq * D,
+                            lse_ref + (size_t)s * Hq);
+    lat[s] = (kvdex_bench_now() - t0) * 1e3;
+    if (rc || (rc = kvdex_attend_ids(seq, 0, q, st_p, st_n, &ao, pool, as,
+                                     o_st + (size_t)s * Hq * D, lse_st + (size_t)s * Hq)))
+      goto done;
+  }
+  double dense_p50 = pct(lat, steps, 0.5), dense_p99 = pct(lat, steps, 0.99);
+  if (o.progress)
+    fprintf(o.progress, "bench fidelity: dense reference over %u steps: p50 %.2f ms\n", steps,
+            dense_p50);
+
+  uint64_t eligible = f.n - n_st;
+  for (int si = 0; si < ns; si++) {
+    kvdex_indexer_info info;
+    const char *kind = "exact";
+    double build_s = 0;
+    uint64_t bytes = 0;
+    if (strncmp(specs[si], "exact", 5) != 0) {
+      if (o.progress)
+        fprintf(o.progress, "bench fidelity: [%d/%d] building %s\n", si + 1, ns, specs[si]);
+      if ((rc = kvdex_indexer_build(ixr, seq, 0, specs[si], NULL, NULL))) goto done;
+      for (;;) {
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        if ((rc = kvdex_indexer_info_get(ixr, seq, 0, &info))) goto done;
+        if (info.state != KVDEX_INDEXER_BUILDING) break;
+      }
+      if (info.state != KVDEX_INDEXER_READY) {
+        rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: building %s failed: %s", specs[si],
+                           info.error);
+        goto done;
+      }
+      kind = info.kind;
+      build_s = info.build_seconds;
+      bytes = info.memory_bytes;
+      if (o.progress)
+        fprintf(o.progress, "bench fidelity: [%d/%d] built %s in %.1f s (%s)\n", si + 1, ns,
+                specs[si], build_s, info.describe);
+    }
+    for (int b = 0; b < nb; b++) {
+      frow *r = &rows[nr++];
+      snprintf(r->spec, sizeof r->spec, "%s", specs[si]);
+      r->k = budgets[b];
+      r->build_s = build_s;
+      r->bytes = bytes;
+      double touched = 0, mass = 0;
+      for (uint32_t s = 0; s < steps; s++) {
+        for (uint32_t h = 0; h < Hq; h++)
+          memcpy(q + (size_t)h * D, f.test[h / f.G] + ((size_t)s * f.G + h % f.G) * D,
+                 D * sizeof(float));
+        kvdex_search_opts so = {.k = budgets[b], .sinks = (uint32_t)o.sinks,
+                                .window = (uint32_t)o.window};
+        const char *used = NULL;
+        double t0 = kvdex_bench_now();
+        rc = kvdex_indexer_search(ixr, seq, 0, q, &so, kind, NULL, ixs, &res, &used);
+        if (rc) goto done;
+        for (uint32_t h = 0; h < Hq; h++) {
+          n_ids[h] = res.heads[h].n_hits;
+          for (uint32_t i = 0; i < n_ids[h]; i++) idp[h][i] = res.heads[h].hits[i].id;
+          qsort(idp[h], n_ids[h], sizeof(uint64_t), cmp_u64);
+        }
+        rc = kvdex_attend_ids(seq, 0, q, (const uint64_t *const *)idp, n_ids, &ao, pool, as, o_a,
+                              lse_a);
+        lat[s] = (kvdex_bench_now() - t0) * 1e3;
+        if (rc) goto done;
+        snprintf(r->used, sizeof r->used, "%s", used);
+        touched += strcmp(used, "exact") == 0
+                       ? (double)res.keys_scanned / ((double)f.H * eligible)
+                       : (double)res.keys_scanned / ((double)Hq * eligible);
+        for (uint32_t h = 0; h < Hq; h++) {
+          float om[KVDEX_MAX_HEAD_DIM], lm;
+          const float *ref = o_ref + ((size_t)s * Hq + h) * D;
+          kvdex_attend_merge(o_a + (size_t)h * D, lse_a[h], o_st + ((size_t)s * Hq + h) * D,
+                             lse_st[(size_t)s * Hq + h], D, om, &lm);
+          double num = 0, den = 0;
+          for (uint32_t t = 0; t < D; t++) {
+            double dlt = (double)om[t] - ref[t];
+            num += dlt * dlt;
+            den += (double)ref[t] * ref[t];
+          }
+          double e = den > 0 ? sqrt(num / den) : sqrt(num);
+          errs[(size_t)s * Hq + h] = e;
+          mass += exp((double)lm - lse_ref[(size_t)s * Hq + h]);
+        }
+        /* needles whose query is this step's */
+        for (uint32_t g = 0; g < f.H; g++)
+          for (uint32_t i = 0; i < f.nn; i++) {
+            uint32_t row = f.needle_row[(size_t)g * f.nn + i];
+            if (row / f.G != s) continue;
+            uint32_t h = g * f.G + row % f.G;
+            uint64_t pos = f.needle_pos[(size_t)g * f.nn + i];
+            int hit = pos < o.sinks || pos >= f.n - o.window;
+            for (uint32_t j = 0; !hit && j < n_ids[h]; j++) hit = idp[h][j] == pos;
+            r->needles++;
+            r->needle_hits += (uint32_t)hit;
+          }
+      }
+      double sum = 0, mx = 0;
+      for (size_t i = 0; i < (size_t)steps * Hq; i++) {
+        sum += errs[i];
+        if (errs[i] > mx) mx = errs[i];
+      }
+      r->err_mean = sum / ((double)steps * Hq);
+      r->err_max = mx;
+      r->mass_mean = mass / ((double)steps * Hq);
+      r->touched = touched / steps;
+      r->p50_ms = pct(lat, steps, 0.5);
+      r->p99_ms = pct(lat, steps, 0.99);
+      if (o.progress)
+        fprintf(o.progress,
+                "bench fidelity: %s k=%u: rel_err %.3e, mass %.4f, touched %.3f%%, p99 %.2f ms\n",
+                r->spec, r->k, r->err_mean, r->mass_mean, 100 * r->touched, r->p99_ms);
+    }
+  }
+  print_rows(&o, &f, steps, rows, nr, dense_p50, dense_p99, out);
+
+done:
+  kvdex_indexer_destroy(ixr);
+  kvdex_search_result_free(&res);
+  kvdex_index_scratch_destroy(ixs);
+  kvdex_attend_scratch_destroy(as);
+  kvdex_seq_release(seq);
+  kvdex_store_destroy(store);
+  kvdex_pool_destroy(pool);
+  fdata_free(&f);
+  free(spec_buf);
+  free(q);
+  free(o_ref);
+  free(lse_ref);
+  free(o_st);
+  free(lse_st);
+  free(o_a);
+  free(lse_a);
+  free(ids);
+  free(idp);
+  free(n_ids);
+  free(st_ids);
+  free(st_p);
+  free(st_n);
+  free(lat);
+  free(errs);
+  free(rows);
+  return rc;
+}
