@@ -35,6 +35,8 @@ def label(kind, spec, knob):
     spec = spec.split(" (")[0]
     if knob and knob != "none":
         spec = re.sub(r"([:,])%s=\d+,?" % re.escape(knob), r"\1", spec).rstrip(",:")
+    if len(spec) > 48:  # long specs (graph's) would cover the plot: the kind and what differs
+        spec = kind + " (defaults)" if ":" in spec else spec[:48]
     return spec if spec != kind else kind
 
 
@@ -71,7 +73,7 @@ def main():
     ax.set_ylim(0, 1.02)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(a.title or "recall vs keys touched (kvdex bench recall --sweep)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8, bbox_to_anchor=(0.0, 0.93))
     fig.tight_layout()
     fig.savefig(a.png)
     print(f"plot_recall: wrote {a.png} ({len(lines)} lines, {len(rows)} points)")
