@@ -47,9 +47,11 @@ struct kvdex__vt {
   /* Allocates the transport's appender and fills its head (db, shape). */
   int (*append_begin)(kvdex_db *db, const char *seq_id, kvdex_appender **out /* OUT */);
   /* layer < shape.n_layers, n_tokens > 0 and no overflow: checked by kvdex.c.
-   * q: prefill queries [n_q_heads][n_tokens][head_dim], or NULL. */
+   * q: prefill queries [n_q_heads][n_tokens][head_dim], or NULL. landmarks: one per
+   * block of shape.block_tokens ending in the range, [n_kv_heads][n_blocks][head_dim],
+   * or NULL (kvdex.c passes NULL when n_blocks is 0). */
   int (*append_kv)(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
-                   const void *k, const void *v, const void *q);
+                   const void *k, const void *v, const void *q, const void *landmarks);
   /* Ends the stream and frees the appender whatever the result. */
   int (*append_commit)(kvdex_appender *ap, uint64_t *tokens_appended /* OUT, or NULL */);
   void (*append_abort)(kvdex_appender *ap);

@@ -3,9 +3,9 @@
  * own completion queue that runs the batches synchronously until the call's
  * deadline (opts.timeout_ms). AppendKV is a real client stream (begin = initial
  * metadata, one message per kvdex_append_kv, commit = half-close + response,
- * abort = cancel; prefill queries ride in the same messages); ReadKV is a server
- * stream reassembled into the caller's buffers; Search packs every sequence of a batch
- * into one SearchRequest; BuildIndex is a unary call that only queues the build.
+ * abort = cancel; prefill queries and landmarks ride in the same messages); ReadKV is
+ * a server stream reassembled into the caller's buffers; Search packs every sequence
+ * of a batch into one SearchRequest; BuildIndex is a unary call that only queues the build.
  * Caller buffers carry no sizes, so the client needs each sequence's shape: it
  * keeps a small per-handle cache filled by create/stat and asks StatSequence on a
  * miss. It does no retries and no routing over several hosts.
@@ -388,16 +388,20 @@ static int stat_call(grpc_db *g, const char *seq_id, kvdex_shape *shape, kvdex_s
     const Kvdex__V1__SequenceInfo *si = resp->info;
     uint32_t n = shape->n_layers;
     uint64_t *tokens = calloc(n, sizeof *tokens), *qtokens = calloc(n, sizeof *qtokens);
+    uint64_t *lmblocks = calloc(n, sizeof *lmblocks);
     kvdex_layer_index *ix = si->n_indexes ? calloc(si->n_indexes, sizeof *ix) : NULL;
-    if (!tokens || !qtokens || (si->n_indexes && !ix)) {
+    if (!tokens || !qtokens || !lmblocks || (si->n_indexes && !ix)) {
       free(tokens);
       free(qtokens);
+      free(lmblocks);
       free(ix);
       rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
     } else {
       for (size_t l = 0; l < n && l < si->n_layer_tokens; l++) tokens[l] = si->layer_tokens[l];
       for (size_t l = 0; l < n && l < si->n_layer_query_tokens; l++)
         qtokens[l] = si->layer_query_tokens[l];
+      for (size_t l = 0; l < n && l < si->n_layer_landmark_blocks; l++)
+        lmblocks[l] = si->layer_landmark_blocks[l];
       for (size_t i = 0; i < si->n_indexes; i++) {
         const Kvdex__V1__LayerIndex *li = si->indexes[i];
         kvdex_layer_index *o = &ix[i];
@@ -416,6 +420,7 @@ static int stat_call(grpc_db *g, const char *seq_id, kvdex_shape *shape, kvdex_s
       info->n_layers = n;
       info->layer_tokens = tokens;
       info->layer_query_tokens = qtokens;
+      info->layer_landmark_blocks = lmblocks;
       info->n_indexes = (uint32_t)si->n_indexes;
       info->indexes = ix;
     }
@@ -518,9 +523,10 @@ static int grpc_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **
 }
 
 /* Sends one AppendKVRequest and waits until gRPC has taken it. q (may be NULL) has
- * bytes * n_q_heads / n_kv_heads bytes. */
+ * bytes * n_q_heads / n_kv_heads bytes; landmarks (may be NULL) lm_bytes. */
 static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
-                       const void *k, const void *v, const void *q, size_t bytes) {
+                       const void *k, const void *v, const void *q, size_t bytes,
+                       const void *landmarks, size_t lm_bytes) {
   if (ap->r.status_done) return stream_failed(&ap->r); /* the server already refused */
   Kvdex__V1__SequenceRef ref;
   Kvdex__V1__AppendKVRequest req = KVDEX__V1__APPEND_KVREQUEST__INIT;
@@ -539,6 +545,10 @@ static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, 
     req.q.data = (uint8_t *)q;
     req.q.len = bytes / ap->base.shape.n_kv_heads * ap->base.shape.n_q_heads;
   }
+  if (landmarks && lm_bytes) {
+    req.landmarks.data = (uint8_t *)landmarks;
+    req.landmarks.len = lm_bytes;
+  }
   grpc_byte_buffer *bb = pack(&req.base);
   grpc_op op;
   memset(&op, 0, sizeof op);
@@ -552,34 +562,47 @@ static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, 
 }
 
 static int grpc_append_kv(kvdex_appender *base, uint32_t layer, uint64_t token_start,
-                          uint32_t n_tokens, const void *k, const void *v, const void *q) {
+                          uint32_t n_tokens, const void *k, const void *v, const void *q,
+                          const void *lm) {
   grpc_appender *ap = (grpc_appender *)base;
   const kvdex_shape *s = &base->shape;
   size_t row = (size_t)s->head_dim * kvdex_dtype_size(s->dtype); /* bytes of one token, one head */
   size_t heads = s->n_kv_heads, qheads = q ? s->n_q_heads : 0;
   size_t bytes = (size_t)n_tokens * heads * row; /* < 2^54: bounded by the shape limits */
   size_t per_token = (2 * heads + qheads) * row; /* K + V (+ queries) of one token */
+  /* Landmarks: one row per head for each block of bt tokens that ends in the range. */
+  const uint64_t bt = s->block_tokens ? s->block_tokens : KVDEX_DEFAULT_BLOCK_TOKENS;
+  const uint64_t b_first = token_start / bt;
+  const size_t nb = (size_t)((token_start + n_tokens) / bt - b_first);
+  if (!nb) lm = NULL;
   if (n_tokens * per_token <= MSG_PAYLOAD_BYTES)
-    return send_append(ap, layer, token_start, n_tokens, k, v, q, bytes);
+    return send_append(ap, layer, token_start, n_tokens, k, v, q, bytes, lm, nb * heads * row);
+  /* Too large for one message: split by token range (landmarks go with the piece that
+   * holds their block's last token; a piece's landmarks add at most 1/bt of its K). */
   size_t per_msg = MSG_PAYLOAD_BYTES / per_token;
   if (per_msg == 0) per_msg = 1;
   if (heads == 1 && qheads <= 1) { /* pieces are contiguous in the caller's buffers */
     int rc = KVDEX_OK;
     for (size_t t0 = 0; rc == KVDEX_OK && t0 < n_tokens; t0 += per_msg) {
       size_t t = n_tokens - t0 < per_msg ? n_tokens - t0 : per_msg;
+      uint64_t pb0 = (token_start + t0) / bt, pb1 = (token_start + t0 + t) / bt;
       rc = send_append(ap, layer, token_start + t0, (uint32_t)t, (const char *)k + t0 * row,
-                       (const char *)v + t0 * row, q ? (const char *)q + t0 * row : NULL, t * row);
+                       (const char *)v + t0 * row, q ? (const char *)q + t0 * row : NULL, t * row,
+                       lm ? (const char *)lm + (size_t)(pb0 - b_first) * row : NULL,
+                       (size_t)(pb1 - pb0) * row);
     }
     return rc;
   }
-  /* Too large for one message: split by token range. Each piece gathers its rows of
-   * every head into [heads][piece][head_dim], which costs one extra copy. */
+  /* Each piece gathers its rows of every head into [heads][piece][head_dim], which
+   * costs one extra copy. */
   size_t piece_bytes = per_msg * heads * row, qpiece_bytes = per_msg * qheads * row;
+  size_t lmpiece_bytes = lm ? (per_msg / bt + 1) * heads * row : 0;
   char *kbuf = malloc(piece_bytes), *vbuf = malloc(piece_bytes);
-  char *qbuf = q ? malloc(qpiece_bytes) : NULL;
+  char *qbuf = q ? malloc(qpiece_bytes) : NULL, *lmbuf = lm ? malloc(lmpiece_bytes) : NULL;
   int rc = KVDEX_OK;
-  if (!kbuf || !vbuf || (q && !qbuf))
-    rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory for %zu bytes", 2 * piece_bytes + qpiece_bytes);
+  if (!kbuf || !vbuf || (q && !qbuf) || (lm && !lmbuf))
+    rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory for %zu bytes",
+                       2 * piece_bytes + qpiece_bytes + lmpiece_bytes);
   for (size_t t0 = 0; rc == KVDEX_OK && t0 < n_tokens; t0 += per_msg) {
     size_t t = n_tokens - t0 < per_msg ? n_tokens - t0 : per_msg;
     for (size_t h = 0; h < heads; h++) {
@@ -588,11 +611,17 @@ static int grpc_append_kv(kvdex_appender *base, uint32_t layer, uint64_t token_s
     }
     for (size_t h = 0; h < qheads; h++)
       memcpy(qbuf + h * t * row, (const char *)q + (h * n_tokens + t0) * row, t * row);
-    rc = send_append(ap, layer, token_start + t0, (uint32_t)t, kbuf, vbuf, qbuf, t * heads * row);
+    size_t pb0 = (size_t)((token_start + t0) / bt - b_first);
+    size_t pnb = (size_t)((token_start + t0 + t) / bt - (token_start + t0) / bt);
+    for (size_t h = 0; lm && h < heads; h++)
+      memcpy(lmbuf + h * pnb * row, (const char *)lm + (h * nb + pb0) * row, pnb * row);
+    rc = send_append(ap, layer, token_start + t0, (uint32_t)t, kbuf, vbuf, qbuf, t * heads * row,
+                     lmbuf, pnb * heads * row);
   }
   free(kbuf);
   free(vbuf);
   free(qbuf);
+  free(lmbuf);
   return rc;
 }
 

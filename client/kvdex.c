@@ -149,9 +149,11 @@ void kvdex_seq_info_free(kvdex_seq_info *info) {
   if (!info) return;
   free(info->layer_tokens);
   free(info->layer_query_tokens);
+  free(info->layer_landmark_blocks);
   free(info->indexes);
   info->layer_tokens = NULL;
   info->layer_query_tokens = NULL;
+  info->layer_landmark_blocks = NULL;
   info->indexes = NULL;
   info->n_layers = 0;
   info->n_indexes = 0;
@@ -205,6 +207,11 @@ int kvdex_append_kv(kvdex_appender *ap, uint32_t layer, uint64_t token_start, ui
 
 int kvdex_append_kvq(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
                      const void *k, const void *v, const void *q) {
+  return kvdex_append_kvl(ap, layer, token_start, n_tokens, k, v, q, NULL);
+}
+
+int kvdex_append_kvl(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
+                     const void *k, const void *v, const void *q, const void *landmarks) {
   if (!ap) return kvdex__seterr(KVDEX_EINVAL, "kvdex_append_kv: appender is NULL");
   if (ap->failed)
     return kvdex__seterr(ap->failed,
@@ -221,7 +228,9 @@ int kvdex_append_kvq(kvdex_appender *ap, uint32_t layer, uint64_t token_start, u
                                     ap->shape.n_layers));
   if (token_start > UINT64_MAX - n_tokens)
     return poison(ap, kvdex__seterr(KVDEX_EINVAL, "kvdex_append_kv: token range overflows"));
-  int rc = ap->db->vt->append_kv(ap, layer, token_start, n_tokens, k, v, q);
+  const uint64_t bt = ap->shape.block_tokens ? ap->shape.block_tokens : KVDEX_DEFAULT_BLOCK_TOKENS;
+  if ((token_start + n_tokens) / bt == token_start / bt) landmarks = NULL; /* no block ends */
+  int rc = ap->db->vt->append_kv(ap, layer, token_start, n_tokens, k, v, q, landmarks);
   return rc ? poison(ap, kvdex__preerr(rc, "kvdex_append_kv")) : KVDEX_OK;
 }
 

@@ -14,6 +14,7 @@
  * Tensor layouts (little-endian, row-major), matching proto/kvdex/v1/kvdex.proto:
  *   K, V of an append:      sequence dtype, [n_kv_heads][n_tokens][head_dim]
  *   prefill queries (kvq):  sequence dtype, [n_q_heads][n_tokens][head_dim]
+ *   landmarks (kvl):        sequence dtype, [n_kv_heads][n_blocks][head_dim]
  *   K, V of a read:         sequence dtype, [n_kv_heads][n][head_dim]
  *   queries of a search:    f32, [n_q_heads][head_dim]
  * Buffers carry no sizes: they must match the sequence's shape. Over gRPC the
@@ -79,7 +80,8 @@ typedef struct kvdex_layer_index {
   double build_seconds;  /* wall time of its build */
   uint64_t memory_bytes; /* bytes it holds (all KV heads); counted in `bytes` of the
                             sequence and against the node's memory cap */
-  uint64_t tokens;       /* tokens it covers; later ones are scanned exactly */
+  uint64_t tokens;       /* tokens it covers (landmark:mode=given: the blocks that had
+                            landmarks); the others are scanned exactly */
 } kvdex_layer_index;
 
 typedef struct kvdex_seq_info {
@@ -88,6 +90,8 @@ typedef struct kvdex_seq_info {
   uint32_t n_layers;
   uint64_t *layer_tokens;       /* n_layers entries, owned by the info; kvdex_seq_info_free */
   uint64_t *layer_query_tokens; /* n_layers entries: tokens whose prefill queries are kept */
+  uint64_t *layer_landmark_blocks; /* n_layers entries: blocks [0, n) have landmark keys
+                                      (kvdex_append_kvl) */
   uint32_t n_indexes;
   kvdex_layer_index *indexes;   /* layers that have had a kvdex_build_index, ascending */
 } kvdex_seq_info;
@@ -130,6 +134,23 @@ int kvdex_append_kv(kvdex_appender *ap, uint32_t layer, uint64_t token_start, ui
  * kvdex_build_index gives each KV head's index the queries of its GQA group. */
 int kvdex_append_kvq(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
                      const void *k, const void *v, const void *q);
+/* kvdex_append_kvq plus caller-given landmark keys (Landmark Attention: one key per
+ * block of tokens), for kvdex_build_index "landmark:mode=given". A block is the
+ * sequence's block_tokens tokens (B; block b = tokens [b*B, (b+1)*B)), and its
+ * landmark is passed with the call whose range holds the block's last token: this call
+ * takes the blocks b with token_start < (b+1)*B <= token_start + n_tokens, so
+ * n_blocks = floor((token_start + n_tokens) / B) - floor(token_start / B), possibly 0
+ * (then landmarks is not read). landmarks: sequence dtype, layout
+ * [n_kv_heads][n_blocks][head_dim], finite values (else KVDEX_EINVAL); NULL = none.
+ * q may be NULL (no prefill queries). Stored with the stream's commit and counted
+ * against the memory cap (KVDEX_ENOMEM). A layer's landmarks are contiguous from
+ * block 0 (kvdex_seq_info.layer_landmark_blocks says how many it has): re-sent
+ * landmarks of a block that has one must be identical, and landmarks for blocks after
+ * one that has none (appended without landmarks) are refused; both KVDEX_ECONFLICT.
+ * To add the missing ones, re-send those tokens (an identical K/V replay, a no-op for
+ * K/V) with their landmarks. */
+int kvdex_append_kvl(kvdex_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
+                     const void *k, const void *v, const void *q, const void *landmarks);
 /* Commits the stream. tokens_appended (may be NULL) gets the new tokens stored,
  * replayed identical tokens excluded. A stream with no block commits nothing and
  * succeeds. Frees the appender whatever the result. */
@@ -205,8 +226,12 @@ int kvdex_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *req, size
  * build thread of the handle), one index per KV head, from the tokens committed when
  * it starts and the layer's prefill queries (kvdex_append_kvq).
  * spec: "kind:name=value,...", e.g. "graph:degree=32", "ivf:nlist=256", "hnsw:M=32",
- * "landmark:mode=minmax" ("landmark:mode=given" needs caller-given landmarks, which
- * are not supported yet: such a build fails).
+ * "landmark:mode=minmax", "landmark:mode=given". mode=given is built from the layer's
+ * caller-given landmarks (kvdex_append_kvl) and covers the complete blocks that have
+ * one when it starts, tokens [0, layer_landmark_blocks * block_tokens); searches scan
+ * the later tokens exactly (kvdex_layer_index.tokens says what it covers). Its spec's
+ * block, if set, must equal the sequence's block_tokens (else the build FAILS with
+ * "INVALID_ARGUMENT: ..."); a layer to build without landmarks is KVDEX_ECONFLICT.
  * kvdex_stat shows the layer KVDEX_INDEX_BUILDING, then READY (searches with index
  * "auto" or its kind use it from then on; a rebuild replaces the old index
  * atomically) or FAILED with a message (nothing else changes then, e.g. when the

@@ -87,12 +87,14 @@ static int local_stat(kvdex_db *db, const char *seq_id, kvdex_seq_info *info) {
     return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   }
   uint64_t *qtokens = malloc((size_t)shape->n_layers * sizeof *qtokens);
+  uint64_t *lmblocks = malloc((size_t)shape->n_layers * sizeof *lmblocks);
   kvdex_layer_index *ix = NULL;
   uint32_t n_ix = 0;
-  int rc2 = qtokens ? KVDEX_OK : kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+  int rc2 = qtokens && lmblocks ? KVDEX_OK : kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   for (uint32_t l = 0; l < shape->n_layers && !rc2; l++) {
     tokens[l] = kvdex_seq_tokens(seq, l);
     qtokens[l] = kvdex_seq_query_tokens(seq, l);
+    lmblocks[l] = kvdex_seq_landmark_blocks(seq, l);
     kvdex_indexer_info ii;
     rc2 = kvdex_indexer_info_get(as_local(db)->indexer, seq, l, &ii);
     if (rc2 || ii.state == KVDEX_INDEXER_NONE) continue;
@@ -114,6 +116,7 @@ static int local_stat(kvdex_db *db, const char *seq_id, kvdex_seq_info *info) {
   if (rc2) {
     free(tokens);
     free(qtokens);
+    free(lmblocks);
     free(ix);
     kvdex_seq_release(seq);
     return rc2;
@@ -123,6 +126,7 @@ static int local_stat(kvdex_db *db, const char *seq_id, kvdex_seq_info *info) {
   info->n_layers = shape->n_layers;
   info->layer_tokens = tokens;
   info->layer_query_tokens = qtokens;
+  info->layer_landmark_blocks = lmblocks;
   info->n_indexes = n_ix;
   info->indexes = ix;
   kvdex_seq_release(seq);
@@ -192,10 +196,13 @@ static int local_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender *
 }
 
 static int local_append_kv(kvdex_appender *ap, uint32_t layer, uint64_t token_start,
-                           uint32_t n_tokens, const void *k, const void *v, const void *q) {
+                           uint32_t n_tokens, const void *k, const void *v, const void *q,
+                           const void *landmarks) {
   kvdex_txn *txn = ((local_appender *)ap)->txn;
   int rc = kvdex_txn_append(txn, layer, token_start, n_tokens, k, v);
   if (!rc && q) rc = kvdex_txn_append_q(txn, layer, token_start, n_tokens, q);
+  if (!rc && landmarks)
+    rc = kvdex_txn_append_landmarks(txn, layer, token_start, n_tokens, landmarks);
   return rc;
 }
 

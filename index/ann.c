@@ -219,6 +219,10 @@ size_t kvdex_index_memory(const kvdex_index *ix) {
 
 const char *kvdex_index_kind(const kvdex_index *ix) { return ix ? ix->ops->kind : ""; }
 
+int kvdex_index_needs_landmarks(const kvdex_index *ix) {
+  return ix && ix->ops->needs_landmarks && ix->ops->needs_landmarks(ix);
+}
+
 const char *kvdex_index_describe(const kvdex_index *ix) { return ix ? ix->describe : ""; }
 
 /* ---- serialisation ------------------------------------------------------------

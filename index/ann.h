@@ -76,6 +76,9 @@ uint64_t kvdex_index_tokens(const kvdex_index *ix);
 size_t kvdex_index_memory(const kvdex_index *ix);
 /* The kind ("graph", "ivf", ...). */
 const char *kvdex_index_kind(const kvdex_index *ix);
+/* 1 when building ix needs caller-given landmarks (kvdex_index_input.landmarks:
+ * "landmark:mode=given"), else 0 (also for NULL). Known from the spec, before build. */
+int kvdex_index_needs_landmarks(const kvdex_index *ix);
 /* One line: normalised spec with every parameter, plus build notes, e.g.
  * "graph:K=32,degree=32,ef=128 (key-only kNN: no prefill queries)". */
 const char *kvdex_index_describe(const kvdex_index *ix);

@@ -45,6 +45,8 @@ typedef struct kvdex__index_ops {
   int (*save)(const kvdex_index *ix, kvdex__buf *out);
   int (*load)(kvdex_index *ix, kvdex__rd *in);
   void (*free)(kvdex_index *ix); /* frees ix->impl */
+  /* Optional: 1 when a build needs kvdex_index_input.landmarks (NULL = never). */
+  int (*needs_landmarks)(const kvdex_index *ix);
 } kvdex__index_ops;
 
 struct kvdex_index {

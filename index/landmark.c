@@ -333,6 +333,10 @@ static void lm_free(kvdex_index *ix) {
   ix->impl = NULL;
 }
 
+static int lm_needs_landmarks(const kvdex_index *ix) {
+  return ((const landmark *)ix->impl)->mode == MODE_GIVEN;
+}
+
 const kvdex__index_ops kvdex__landmark_ops = {
     .kind = "landmark",
     .init = lm_init,
@@ -344,4 +348,5 @@ const kvdex__index_ops kvdex__landmark_ops = {
     .save = lm_save,
     .load = lm_load,
     .free = lm_free,
+    .needs_landmarks = lm_needs_landmarks,
 };

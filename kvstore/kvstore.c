@@ -9,6 +9,10 @@
  * Prefill queries: per layer a kvdex__qset (kept token ids ascending, their rows of all
  * query heads), replaced as a whole: a transaction works on a private copy
  * (layer.qpend) and commit swaps it in under seq->mu, where readers copy it out.
+ * Landmarks: per layer a kvdex__lmset (rows [n_kv_heads][cap][row], n committed
+ * blocks). The transaction writes new rows past the committed n in place when there is
+ * room (readers copy only rows below n, under seq->mu), else into a grown private copy
+ * (layer.lmpend) that commit swaps in under seq->mu; commit then publishes the count.
  * Attachments: per (layer, slot) a refcounted record (the slot holds one reference,
  * every kvdex_attachment_get another, which also holds a reference on the sequence,
  * so the sequence outlives every record it has to uncharge); the last release frees
@@ -17,9 +21,11 @@
  * Locking:
  *  - store->lock (rwlock) guards the hash map, the all-sequences list and n_seqs.
  *    Functions named *_locked run with it held.
- *  - seq->mu (mutex) guards the attachment slots and every layer's qpub. It is never
+ *  - seq->mu (mutex) guards the attachment slots, every layer's qpub, lmpub and
+ *    lmpub->n. It is never
  *    held while an attachment is freed or the store lock is taken.
- *  - A sequence's writer state (layer.staged, head.pending, retired, txn) belongs to
+ *  - A sequence's writer state (layer.staged, lm_staged, qpend, lmpend, head.pending,
+ *    retired, txn) belongs to
  *    the thread owning the transaction (seq->txn_active, acquire/release).
  *  - Readers take no lock: they load layer.committed (acquire) and then head.pub
  *    (acquire). Commit publishes grown pointer arrays and then the lengths (release),
@@ -62,11 +68,22 @@ typedef struct kvdex__qset {
   char *rows;      /* [cap][n_q_heads * row_bytes], sequence dtype */
 } kvdex__qset;
 
+/* The landmark keys a layer keeps: one allocation, header + rows. */
+typedef struct kvdex__lmset {
+  uint64_t n;    /* committed blocks (seq->mu; the txn owner may read it) */
+  uint64_t cap;  /* blocks of room per kv head */
+  size_t bytes;  /* size of this allocation (accounted) */
+  char *rows;    /* [n_kv_heads][cap][row_bytes], sequence dtype */
+} kvdex__lmset;
+
 typedef struct kvdex__layer {
   _Atomic uint64_t committed; /* tokens readers may see */
   uint64_t staged;            /* committed + staged by the open txn (txn owner only) */
   kvdex__qset *qpub;          /* committed queries (seq->mu; the txn owner may read it) */
   kvdex__qset *qpend;         /* the open txn's copy (txn owner only) */
+  kvdex__lmset *lmpub;        /* committed landmarks (seq->mu; the txn owner may read it) */
+  kvdex__lmset *lmpend;       /* the open txn's grown copy (txn owner only) */
+  uint64_t lm_staged;         /* landmark blocks, committed + staged (txn owner only) */
 } kvdex__layer;
 
 struct kvdex_attachment {
@@ -421,6 +438,7 @@ int kvdex_seq_create(kvdex_store *st, const char *ns, const char *seq_id,
 }
 
 static void qset_free(kvdex_seq *seq, kvdex__qset *qs);
+static void lmset_free(kvdex_seq *seq, kvdex__lmset *ls);
 static void att_unref(kvdex_attachment *att);
 
 /* Frees a sequence whose last reference is gone, unlinking it from the all-list
@@ -451,6 +469,9 @@ static void seq_free(kvdex_seq *seq, bool unlink) {
     qset_free(seq, seq->layers[l].qpub);
     qset_free(seq, seq->layers[l].qpend);
     seq->layers[l].qpub = seq->layers[l].qpend = NULL;
+    lmset_free(seq, seq->layers[l].lmpub);
+    lmset_free(seq, seq->layers[l].lmpend);
+    seq->layers[l].lmpub = seq->layers[l].lmpend = NULL;
     uint64_t nb = blocks_for(seq->layers[l].staged, bt);
     for (uint32_t h = 0; h < seq->shape.n_kv_heads; h++) {
       kvdex__head *hd = seq_head(seq, l, h);
@@ -871,6 +892,11 @@ static void txn_rollback(kvdex_txn *txn) {
       qset_free(seq, ly->qpend);
       ly->qpend = NULL;
     }
+    if (ly->lmpend) {
+      lmset_free(seq, ly->lmpend);
+      ly->lmpend = NULL;
+    }
+    ly->lm_staged = ly->lmpub ? ly->lmpub->n : 0; /* rows written past n are ignored */
     uint64_t committed = atomic_load_explicit(&ly->committed, memory_order_relaxed);
     if (ly->staged == committed) continue;
     uint64_t nb_c = blocks_for(committed, bt), nb_s = blocks_for(ly->staged, bt);
@@ -929,19 +955,34 @@ int kvdex_txn_commit(kvdex_txn *txn, kvdex_txn_result *result) {
       ly->qpend = NULL;
       qset_free(seq, old);
     }
-    if (ly->staged == atomic_load_explicit(&ly->committed, memory_order_relaxed)) continue;
-    for (uint32_t h = 0; h < seq->shape.n_kv_heads; h++) {
-      kvdex__head *hd = seq_head(seq, l, h);
-      if (!hd->pending) continue;
-      kvdex__blocks *old = atomic_load_explicit(&hd->pub, memory_order_relaxed);
-      atomic_store_explicit(&hd->pub, hd->pending, memory_order_release);
-      hd->pending = NULL;
-      if (old) { /* readers may still hold it: kept until the sequence is freed */
-        old->retired_next = seq->retired;
-        seq->retired = old;
+    if (ly->staged != atomic_load_explicit(&ly->committed, memory_order_relaxed)) {
+      for (uint32_t h = 0; h < seq->shape.n_kv_heads; h++) {
+        kvdex__head *hd = seq_head(seq, l, h);
+        if (!hd->pending) continue;
+        kvdex__blocks *old = atomic_load_explicit(&hd->pub, memory_order_relaxed);
+        atomic_store_explicit(&hd->pub, hd->pending, memory_order_release);
+        hd->pending = NULL;
+        if (old) { /* readers may still hold it: kept until the sequence is freed */
+          old->retired_next = seq->retired;
+          seq->retired = old;
+        }
       }
+      atomic_store_explicit(&ly->committed, ly->staged, memory_order_release);
     }
-    atomic_store_explicit(&ly->committed, ly->staged, memory_order_release);
+    /* Landmarks after their tokens: a reader never sees more landmark blocks than
+     * complete committed blocks. Readers copy lmpub under seq->mu: the old set goes. */
+    if (ly->lmpend || (ly->lmpub && ly->lmpub->n != ly->lm_staged)) {
+      kvdex__lmset *old = NULL;
+      pthread_mutex_lock(&seq->mu);
+      if (ly->lmpend) {
+        old = ly->lmpub;
+        ly->lmpub = ly->lmpend;
+        ly->lmpend = NULL;
+      }
+      ly->lmpub->n = ly->lm_staged;
+      pthread_mutex_unlock(&seq->mu);
+      lmset_free(seq, old);
+    }
   }
   if (result) {
     result->tokens_appended = txn->appended;
@@ -1167,6 +1208,186 @@ int kvdex_seq_queries(kvdex_seq *seq, uint32_t layer, uint32_t q_head0, uint32_t
   *out = f;
   *n_tokens = n;
   if (ids) *ids = idc;
+  return KVDEX_OK;
+}
+
+/* ---- landmarks -------------------------------------------------------------------- */
+
+static void lmset_free(kvdex_seq *seq, kvdex__lmset *ls) {
+  if (!ls) return;
+  size_t bytes = ls->bytes;
+  kvdex__alloc_free(seq->store->alloc, ls, bytes);
+  seq_uncharge(seq, bytes);
+}
+
+/* A new set with room for cap blocks per kv head (n = 0), charged to seq; NULL with
+ * the error set. */
+static kvdex__lmset *lmset_new(kvdex_seq *seq, uint64_t cap) {
+  size_t off_rows = align_up(sizeof(kvdex__lmset), 64);
+  size_t per_block = (size_t)seq->shape.n_kv_heads * seq->row_bytes, bytes;
+  if (cap > (SIZE_MAX - off_rows) / per_block) {
+    kvdex__seterr(KVDEX_ENOMEM, "landmarks of %" PRIu64 " blocks: size overflow", cap);
+    return NULL;
+  }
+  bytes = off_rows + (size_t)cap * per_block;
+  if (seq_charge(seq, bytes)) return NULL;
+  char *mem = kvdex__alloc_malloc(seq->store->alloc, bytes);
+  if (!mem) {
+    seq_uncharge(seq, bytes);
+    kvdex__seterr(KVDEX_ENOMEM, "out of memory: allocation of %zu bytes failed", bytes);
+    return NULL;
+  }
+  kvdex__lmset *ls = (kvdex__lmset *)mem;
+  ls->n = 0;
+  ls->cap = cap;
+  ls->bytes = bytes;
+  ls->rows = mem + off_rows;
+  return ls;
+}
+
+static inline char *lm_row(const kvdex_seq *seq, const kvdex__lmset *ls, uint32_t h, uint64_t b) {
+  return ls->rows + ((size_t)h * ls->cap + b) * seq->row_bytes;
+}
+
+/* Index of the first non-finite element of n elements of dtype at p, or n. */
+static size_t first_nonfinite(int dtype, const char *p, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    if (dtype == KVDEX_DTYPE_F32) {
+      uint32_t x;
+      memcpy(&x, p + 4 * i, 4);
+      if ((x & 0x7f800000u) == 0x7f800000u) return i;
+    } else {
+      uint16_t x;
+      memcpy(&x, p + 2 * i, 2);
+      uint16_t exp = dtype == KVDEX_DTYPE_F16 ? 0x7c00 : 0x7f80;
+      if ((x & exp) == exp) return i;
+    }
+  }
+  return n;
+}
+
+int kvdex_txn_append_landmarks(kvdex_txn *txn, uint32_t layer, uint64_t token_start,
+                               uint32_t n_tokens, const void *landmarks) {
+  if (!txn) return kvdex__seterr(KVDEX_EINVAL, "append_landmarks: transaction is NULL");
+  kvdex_seq *seq = txn->seq;
+  if (txn->err)
+    return kvdex__seterr(txn->err, "append_landmarks: transaction already failed: %s",
+                         txn->errmsg);
+  if (atomic_load_explicit(&seq->deleted, memory_order_acquire))
+    return txn_fail(txn, kvdex__seterr(KVDEX_ENOTFOUND,
+                                       "append_landmarks: sequence %s/%s was deleted", seq->ns,
+                                       seq->id));
+  if (layer >= seq->shape.n_layers)
+    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
+                                       "append_landmarks: layer %u is out of range (n_layers = "
+                                       "%u)",
+                                       layer, seq->shape.n_layers));
+  if (n_tokens == 0)
+    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append_landmarks: n_tokens is 0"));
+  kvdex__layer *ly = &seq->layers[layer];
+  if (token_start > ly->staged || ly->staged - token_start < n_tokens)
+    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
+                                       "append_landmarks: landmarks for tokens [%" PRIu64
+                                       ",%" PRIu64 ") of layer %u, which has %" PRIu64
+                                       " tokens: append their K and V first",
+                                       token_start, token_start + n_tokens, layer, ly->staged));
+  const uint32_t B = seq->shape.block_tokens, nh = seq->shape.n_kv_heads;
+  const uint64_t b0 = token_start / B, b1 = (token_start + n_tokens) / B, nb = b1 - b0;
+  if (nb == 0) return KVDEX_OK; /* no block ends in this range */
+  if (!landmarks)
+    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
+                                       "append_landmarks: landmarks is NULL, but blocks "
+                                       "[%" PRIu64 ",%" PRIu64 ") end in tokens [%" PRIu64
+                                       ",%" PRIu64 ")",
+                                       b0, b1, token_start, token_start + n_tokens));
+  const char *src = landmarks;
+  const size_t row = seq->row_bytes, d = seq->shape.head_dim;
+  for (uint32_t h = 0; h < nh; h++)
+    for (uint64_t i = 0; i < nb; i++) {
+      size_t bad = first_nonfinite(seq->shape.dtype, src + ((size_t)h * nb + i) * row, d);
+      if (bad < d)
+        return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
+                                           "append_landmarks: the landmark of block %" PRIu64
+                                           " (kv head %u) of layer %u has a non-finite "
+                                           "element at dim %zu",
+                                           b0 + i, h, layer, bad));
+    }
+  const uint64_t have = ly->lm_staged;
+  kvdex__lmset *cur = ly->lmpend ? ly->lmpend : ly->lmpub;
+
+  /* 1. Blocks that have a landmark: replays must be identical. */
+  for (uint64_t b = b0; b < b1 && b < have; b++)
+    for (uint32_t h = 0; h < nh; h++)
+      if (memcmp(lm_row(seq, cur, h, b), src + ((size_t)h * nb + (b - b0)) * row, row))
+        return txn_fail(txn, kvdex__seterr(KVDEX_ECONFLICT,
+                                           "append_landmarks: the landmark of block %" PRIu64
+                                           " (kv head %u) of layer %u differs from the "
+                                           "stored one",
+                                           b, h, layer));
+  if (b1 <= have) return KVDEX_OK;
+  if (b0 > have)
+    return txn_fail(txn, kvdex__seterr(KVDEX_ECONFLICT,
+                                       "append_landmarks: layer %u has landmarks for blocks "
+                                       "[0,%" PRIu64 ") only, these are for blocks [%" PRIu64
+                                       ",%" PRIu64 "): blocks [%" PRIu64 ",%" PRIu64
+                                       ") (tokens [%" PRIu64 ",%" PRIu64
+                                       ")) were appended without landmarks; landmarks must "
+                                       "cover every block from block 0: re-send those tokens "
+                                       "with their landmarks first",
+                                       layer, have, b0, b1, have, b0, have * B, b0 * B));
+
+  /* 2. Room: the rows past the committed count are the transaction's to write, in
+   * place; otherwise a grown copy (doubling), which commit swaps in. */
+  if (!cur || cur->cap < b1) {
+    uint64_t ncap = cur && cur->cap * 2 > b1 ? cur->cap * 2 : b1;
+    if (ncap < 16) ncap = 16;
+    kvdex__lmset *ls = lmset_new(seq, ncap);
+    if (!ls) return txn_fail(txn, kvdex__preerr(KVDEX_ENOMEM, "append_landmarks"));
+    if (have)
+      for (uint32_t h = 0; h < nh; h++)
+        memcpy(lm_row(seq, ls, h, 0), lm_row(seq, cur, h, 0), (size_t)have * row);
+    if (ly->lmpend) lmset_free(seq, ly->lmpend);
+    ly->lmpend = ls;
+    cur = ls;
+  }
+
+  /* 3. The new rows. */
+  for (uint32_t h = 0; h < nh; h++)
+    memcpy(lm_row(seq, cur, h, have), src + ((size_t)h * nb + (have - b0)) * row,
+           (size_t)(b1 - have) * row);
+  ly->lm_staged = b1;
+  return KVDEX_OK;
+}
+
+uint64_t kvdex_seq_landmark_blocks(kvdex_seq *seq, uint32_t layer) {
+  if (!seq || layer >= seq->shape.n_layers) return 0;
+  pthread_mutex_lock(&seq->mu);
+  uint64_t n = seq->layers[layer].lmpub ? seq->layers[layer].lmpub->n : 0;
+  pthread_mutex_unlock(&seq->mu);
+  return n;
+}
+
+int kvdex_seq_landmarks(kvdex_seq *seq, uint32_t layer, uint32_t kv_head, uint64_t max_blocks,
+                        float *out, uint64_t *n_blocks) {
+  if (n_blocks) *n_blocks = 0;
+  if (!seq || !n_blocks || (!out && max_blocks))
+    return kvdex__seterr(KVDEX_EINVAL, "seq_landmarks: NULL argument");
+  if (layer >= seq->shape.n_layers)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "seq_landmarks: layer %u is out of range (n_layers = %u)", layer,
+                         seq->shape.n_layers);
+  if (kv_head >= seq->shape.n_kv_heads)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "seq_landmarks: kv head %u is out of range (n_kv_heads = %u)", kv_head,
+                         seq->shape.n_kv_heads);
+  const size_t d = seq->shape.head_dim;
+  pthread_mutex_lock(&seq->mu);
+  const kvdex__lmset *ls = seq->layers[layer].lmpub;
+  uint64_t n = ls ? ls->n : 0;
+  if (n > max_blocks) n = max_blocks;
+  if (n) kvdex_to_f32(seq->shape.dtype, lm_row(seq, ls, kv_head, 0), out, (size_t)n * d);
+  pthread_mutex_unlock(&seq->mu);
+  *n_blocks = n;
   return KVDEX_OK;
 }
 

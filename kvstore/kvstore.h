@@ -8,7 +8,8 @@
  * atomically on commit, so searches run during appends.
  *
  * Besides K and V a sequence keeps, per layer, a bounded sample of the prefill
- * queries (for attention-aware indexes) and a few opaque attachments: objects other
+ * queries (for attention-aware indexes), caller-given landmark keys (one per block,
+ * for landmark indexes) and a few opaque attachments: objects other
  * modules hang on a (sequence, layer), such as retrieval indexes. The store counts
  * their bytes against its cap and frees them with the sequence, without knowing
  * what they are.
@@ -55,9 +56,9 @@ void kvdex_store_destroy(kvdex_store *store);
 
 typedef struct kvdex_store_stats {
   uint64_t bytes_used;      /* accounted bytes: K/V blocks, block pointer arrays,
-                               per-sequence metadata, prefill queries and attachments,
-                               staged tokens included (the store's own small fixed
-                               structures are not counted) */
+                               per-sequence metadata, prefill queries, landmarks and
+                               attachments, staged tokens included (the store's own
+                               small fixed structures are not counted) */
   uint64_t bytes_cap;       /* 0 = unlimited */
   uint64_t n_sequences;
   uint64_t allocator_bytes; /* bytes the KV allocator reports live (jemalloc arena stats,
@@ -207,6 +208,49 @@ uint64_t kvdex_seq_query_tokens(kvdex_seq *seq, uint32_t layer);
 int kvdex_seq_queries(kvdex_seq *seq, uint32_t layer, uint32_t q_head0, uint32_t n_heads,
                       float **out /* OUT */, uint64_t *n_tokens /* OUT */,
                       uint64_t **ids /* OUT, may be NULL */);
+
+/* ---- Caller-given landmark keys ------------------------------------------------- */
+
+/* Landmark Attention models emit one landmark key per block of tokens; a layer keeps
+ * them per kv head, in the sequence dtype, for the retrieval index
+ * "landmark:mode=given". Block b of a layer holds tokens [b*B, (b+1)*B) with
+ * B = shape.block_tokens, and its landmark is sent with the append whose token range
+ * contains the block's last token.
+ *
+ * Stages the landmarks of the blocks that end inside tokens [token_start, token_start +
+ * n_tokens) of `layer`, i.e. blocks b with token_start < (b+1)*B <= token_start +
+ * n_tokens: n_blocks = floor((token_start + n_tokens) / B) - floor(token_start / B),
+ * possibly 0 (then this is a no-op and landmarks may be NULL). landmarks: sequence
+ * dtype, layout [n_kv_heads][n_blocks][head_dim]. The tokens must already be in the
+ * layer (committed, or staged by this transaction): KVDEX_EINVAL otherwise, and for a
+ * non-finite element (inf or NaN). A layer's landmarks are contiguous from block 0:
+ *   - a block that has one is compared: identical -> replay, different ->
+ *     KVDEX_ECONFLICT;
+ *   - landmarks for blocks after one that has none (its tokens were appended without
+ *     landmarks) -> KVDEX_ECONFLICT, naming the missing blocks. Re-sending those tokens
+ *     (an identical K/V replay) with their landmarks fills the hole.
+ * So kvdex_seq_landmark_blocks(layer) <= floor(committed tokens / B): blocks appended
+ * without landmarks, and the incomplete last block, have none.
+ * Their bytes count against the memory cap from here on (KVDEX_ENOMEM): a layer's
+ * landmarks are one array, grown by doubling into a copy that replaces it at commit
+ * (until then both are counted). Failures poison the transaction like
+ * kvdex_txn_append; a failed call stages nothing. Committed with the transaction. */
+int kvdex_txn_append_landmarks(kvdex_txn *txn, uint32_t layer, uint64_t token_start,
+                               uint32_t n_tokens, const void *landmarks);
+
+/* Committed landmark blocks of `layer`: blocks [0, result) have a landmark (0 if none
+ * or layer out of range). Never more than floor(kvdex_seq_tokens(layer) / B) as seen
+ * by a later call: landmarks are published after their tokens. */
+uint64_t kvdex_seq_landmark_blocks(kvdex_seq *seq, uint32_t layer);
+
+/* Copies the committed landmarks of (layer, kv_head), blocks [0, min(max_blocks,
+ * committed landmark blocks)), converted to f32, into out[*n_blocks][head_dim] (the
+ * caller's buffer, room for max_blocks rows; may be NULL when max_blocks is 0).
+ * Landmarks never change or go away once committed, so a count read earlier with
+ * kvdex_seq_landmark_blocks can be copied in full later. KVDEX_EINVAL for bad
+ * indices or a NULL argument. */
+int kvdex_seq_landmarks(kvdex_seq *seq, uint32_t layer, uint32_t kv_head, uint64_t max_blocks,
+                        float *out /* OUT */, uint64_t *n_blocks /* OUT */);
 
 /* ---- Attachments: opaque per-(sequence, layer) objects of other modules ---------- */
 

@@ -117,6 +117,21 @@ static double now_s(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* 1 if an index made from spec (already parsed once) needs the layer's landmarks. */
+static bool spec_needs_landmarks(const char *spec) {
+  kvdex_index *probe = NULL;
+  bool needs = kvdex_index_create(spec, &probe) == KVDEX_OK && kvdex_index_needs_landmarks(probe);
+  kvdex_index_destroy(probe);
+  return needs;
+}
+
+/* Landmark blocks a build of `layer` can use: complete committed blocks that have one. */
+static uint64_t usable_landmarks(kvdex_seq *seq, uint32_t layer) {
+  uint64_t n = kvdex_seq_tokens(seq, layer), n_lm = kvdex_seq_landmark_blocks(seq, layer);
+  uint64_t full = n / kvdex_seq_shape(seq)->block_tokens;
+  return n_lm < full ? n_lm : full;
+}
+
 /* Ends a job: records the outcome in the layer's state, drops the references. */
 static void job_finish(ix_job *job, int state, const char *error) {
   ix_state *st = kvdex_attachment_obj(job->satt);
@@ -144,8 +159,33 @@ static int job_run(kvdex_indexer *ixr, ix_job *job, char *err, size_t err_len) {
   const uint32_t n_kv = sh->n_kv_heads, group = sh->n_q_heads / sh->n_kv_heads;
   double t0 = now_s();
   uint64_t n = kvdex_seq_tokens(seq, job->layer);
+  /* landmark:mode=given covers the blocks that have landmarks, [0, n_lm * B): one
+   * count for every kv head, read after n (landmarks are published after their tokens
+   * and never go away, so each head can copy n_lm of them); the tail merge of
+   * kvdex_indexer_search scans the rest exactly. */
+  const uint32_t B = sh->block_tokens;
+  uint64_t n_lm = 0;
+  if (spec_needs_landmarks(job->spec)) {
+    n_lm = kvdex_seq_landmark_blocks(seq, job->layer);
+    if (n_lm > n / B) n_lm = n / B;
+    if (n_lm == 0) { /* kvdex_indexer_build checked it: cannot happen */
+      snprintf(err, err_len,
+               "%s: layer %u has no landmarks (landmark:mode=given indexes the blocks whose "
+               "landmark keys were appended with their tokens, AppendKVRequest.landmarks)",
+               status_name(KVDEX_ECONFLICT), job->layer);
+      return KVDEX_INDEXER_FAILED;
+    }
+    n = n_lm * B;
+  }
+  float *lms = NULL;
+  if (n_lm && !(lms = malloc((size_t)n_lm * sh->head_dim * sizeof *lms))) {
+    snprintf(err, err_len, "%s: out of memory for %llu landmarks", status_name(KVDEX_ENOMEM),
+             (unsigned long long)n_lm);
+    return KVDEX_INDEXER_FAILED;
+  }
   ix_set *set = calloc(1, sizeof *set + n_kv * sizeof(kvdex_index *));
   if (!set) {
+    free(lms);
     snprintf(err, err_len, "%s: out of memory", status_name(KVDEX_ENOMEM));
     return KVDEX_INDEXER_FAILED;
   }
@@ -156,30 +196,45 @@ static int job_run(kvdex_indexer *ixr, ix_job *job, char *err, size_t err_len) {
     if (kvdex_seq_deleted(seq)) goto discard;
     if (stopping(ixr)) {
       snprintf(err, err_len, "CANCELLED: the indexer was stopped");
+      free(lms);
       ix_set_free(set);
       return KVDEX_INDEXER_FAILED;
     }
     kvdex_kv_view view;
     float *train = NULL;
-    uint64_t n_train = 0;
+    uint64_t n_train = 0, got_lm = 0;
     int rc = kvdex_seq_view(seq, job->layer, h, &view);
     if (!rc) {
       view.n_tokens = n; /* the length at the start: later rows are not ours */
       rc = kvdex_seq_queries(seq, job->layer, h * group, group, &train, &n_train, NULL);
     }
+    if (!rc && n_lm) {
+      rc = kvdex_seq_landmarks(seq, job->layer, h, n_lm, lms, &got_lm);
+      if (!rc && got_lm != n_lm) /* cannot happen: landmarks never go away */
+        rc = kvdex__seterr(KVDEX_EINTERNAL, "%llu landmarks, expected %llu",
+                           (unsigned long long)got_lm, (unsigned long long)n_lm);
+    }
     if (!rc) rc = kvdex_index_create(job->spec, &set->ix[h]);
     if (!rc) {
       kvdex_index_input in = {.keys = &view, .train_q = train, .n_train = n_train * group};
+      if (n_lm) {
+        in.landmarks = lms;
+        in.n_landmarks = n_lm;
+        in.landmark_block = B;
+      }
       rc = kvdex_index_build(set->ix[h], &in, ixr->pool);
     }
     free(train);
     if (rc) {
       snprintf(err, err_len, "%s: kv head %u: %s", status_name(rc), h, kvdex_errmsg());
+      free(lms);
       ix_set_free(set);
       return KVDEX_INDEXER_FAILED;
     }
     memory += kvdex_index_memory(set->ix[h]);
   }
+  free(lms);
+  lms = NULL;
   set->build_seconds = now_s() - t0;
   snprintf(set->describe, sizeof set->describe, "%s", kvdex_index_describe(set->ix[0]));
   int rc = kvdex_seq_attach(seq, job->layer, KVDEX_INDEXER_SLOT_SET, set, memory, ix_set_free);
@@ -196,6 +251,7 @@ static int job_run(kvdex_indexer *ixr, ix_job *job, char *err, size_t err_len) {
             (unsigned long long)n, set->build_seconds, (unsigned long long)memory);
   return KVDEX_INDEXER_READY;
 discard: /* the sequence was deleted: nobody will look at the state again */
+  free(lms);
   ix_set_free(set);
   snprintf(err, err_len, "NOT_FOUND: discarded, the sequence was deleted");
   return KVDEX_INDEXER_FAILED;
@@ -276,6 +332,7 @@ int kvdex_indexer_build(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, cons
                          KVDEX_INDEXER_TEXT - 1);
   kvdex_index *probe = NULL;
   int rc = kvdex_index_create(spec, &probe); /* the parser's message names the problem */
+  const bool needs_landmarks = kvdex_index_needs_landmarks(probe);
   kvdex_index_destroy(probe);
   if (rc) return kvdex__preerr(rc, "build_index");
   const kvdex_shape *sh = kvdex_seq_shape(seq);
@@ -300,6 +357,15 @@ int kvdex_indexer_build(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, cons
   rc = KVDEX_OK;
   for (uint32_t l = lo; l < hi && !rc; l++) {
     if (kvdex_seq_tokens(seq, l) == 0) continue;
+    if (needs_landmarks && usable_landmarks(seq, l) == 0) {
+      rc = kvdex__seterr(KVDEX_ECONFLICT,
+                         "build_index: \"%.64s\": layer %u has no landmarks (mode=given indexes "
+                         "the complete blocks whose landmark keys were appended with their "
+                         "tokens; %llu tokens, blocks of %u)",
+                         spec, l, (unsigned long long)kvdex_seq_tokens(seq, l),
+                         kvdex_seq_shape(seq)->block_tokens);
+      break;
+    }
     ix_job *job = calloc(1, sizeof *job);
     if (!job) {
       rc = kvdex__seterr(KVDEX_ENOMEM, "build_index: out of memory");
@@ -516,10 +582,16 @@ static int search_set(kvdex_seq *seq, uint32_t layer, const ix_set *set, const f
   if (lo > hi) lo = hi;
   const uint64_t eligible = hi - lo;
   const size_t kk = eligible < opts->k ? (size_t)eligible : opts->k;
-  /* Candidates from the index: enough that k survive dropping sinks and window. */
-  uint64_t kf = (uint64_t)opts->k + opts->sinks + opts->window;
+  /* Candidates from the index: enough that k survive dropping the excluded tokens it
+   * covers (sinks, and window tokens that were there at build). Asking for all of
+   * them widens every beam by the window, so the first try asks for a share of them,
+   * and a head that then keeps fewer than k searches again with the full count. */
+  uint64_t excl = (opts->sinks < built ? opts->sinks : built) + (built > hi ? built - hi : 0);
+  uint64_t kf = (uint64_t)opts->k + excl;
   if (kf > built) kf = built;
   if (kf > KVDEX_MAX_K) kf = KVDEX_MAX_K;
+  uint64_t kf1 = (uint64_t)opts->k + (excl < opts->k / 4 + 64 ? excl : opts->k / 4 + 64);
+  if (kf1 > kf) kf1 = kf;
   const bool use_index = kk > 0 && lo < (built < hi ? built : hi);
   const uint64_t tail_lo = lo > built ? lo : built, tail_hi = hi;
   const bool use_tail = kk > 0 && tail_lo < tail_hi;
@@ -546,10 +618,19 @@ static int search_set(kvdex_seq *seq, uint32_t layer, const ix_set *set, const f
     for (uint32_t j = 0; use_index && j < group && !rc; j++) {
       uint32_t nh = 0;
       uint64_t touched = 0;
-      rc = kvdex_index_search(set->ix[kv], &view, q + (size_t)(kv * group + j) * d, (uint32_t)kf,
-                              params, scratch, cand, &nh, &touched);
+      const float *qh = q + (size_t)(kv * group + j) * d;
+      rc = kvdex_index_search(set->ix[kv], &view, qh, (uint32_t)kf1, params, scratch, cand, &nh,
+                              &touched);
       if (rc) break;
       scanned += touched;
+      uint32_t kept = 0;
+      for (uint32_t i = 0; i < nh; i++) kept += cand[i].id >= lo && cand[i].id < hi;
+      if (kept < kk && nh == kf1 && kf1 < kf) { /* too many excluded: the full count */
+        rc = kvdex_index_search(set->ix[kv], &view, qh, (uint32_t)kf, params, scratch, cand, &nh,
+                                &touched);
+        if (rc) break;
+        scanned += touched;
+      }
       for (uint32_t i = 0; i < nh; i++)
         if (cand[i].id >= lo && cand[i].id < hi) topk_push(&heaps[j], cand[i].id, cand[i].score);
     }

@@ -3,7 +3,8 @@
  *
  * One index per (layer, kv head), made by index/ann.h (kvdex_index_create/build) from
  * the committed tokens of the layer when its build starts, with the layer's prefill
- * queries (kvdex_seq_queries) of the kv head's GQA group as training queries. A
+ * queries (kvdex_seq_queries) of the kv head's GQA group as training queries and,
+ * for "landmark:mode=given", the kv head's landmark keys (kvdex_seq_landmarks). A
  * layer's indexes are published together, atomically, as one kvstore attachment
  * (slot KVDEX_INDEXER_SLOT_SET), so their bytes count against the store's memory cap
  * and they are freed with their sequence; a second attachment (slot
@@ -60,11 +61,17 @@ void kvdex_indexer_destroy(kvdex_indexer *ixr);
  * KVDEX_INDEXER_ALL_LAYERS) of seq with `spec` (ann.h: "graph:degree=32",
  * "ivf:nlist=256", "hnsw:M=32", "landmark:mode=minmax", ...) and returns at once; the
  * layers show BUILDING from here on. The build covers the tokens committed when it
- * starts. layers[0..*n_queued) (both may be NULL) get the layers queued, ascending.
+ * starts, except "landmark:mode=given": it covers the complete blocks that have
+ * landmarks, tokens [0, n_lm * block_tokens) with n_lm = min(kvdex_seq_landmark_blocks,
+ * committed / block_tokens) at its start (searches scan the rest exactly), and is
+ * built from those landmarks (blocks of the shape's block_tokens; a spec "block=" that
+ * differs fails the build with INVALID_ARGUMENT).
+ * layers[0..*n_queued) (both may be NULL) get the layers queued, ascending.
  * All or nothing: KVDEX_EINVAL (bad spec, with the parser's message; layer out of
  * range), KVDEX_ECONFLICT (the layer has no committed tokens; for all layers: none
- * has), KVDEX_EBUSY (a build of one of the layers is queued or running),
- * KVDEX_ENOTFOUND (seq deleted), KVDEX_EUNAVAIL (the indexer is stopping),
+ * has; "landmark:mode=given" and a layer to build, with tokens, has no landmark:
+ * "... has no landmarks ..."), KVDEX_EBUSY (a build of one of the layers is queued or
+ * running), KVDEX_ENOTFOUND (seq deleted), KVDEX_EUNAVAIL (the indexer is stopping),
  * KVDEX_ENOMEM. When the build ends, the layer is READY (its new index set replaced
  * the old one atomically) or FAILED with a message: a failed build changes nothing
  * else (an older ready index stays in use), e.g. when publishing the index would pass
@@ -96,7 +103,8 @@ typedef struct kvdex_indexer_info {
                                        spec and build notes */
   double build_seconds;             /* wall time of its build */
   uint64_t memory_bytes;            /* bytes it holds (all kv heads), as accounted */
-  uint64_t tokens;                  /* tokens it covers (the layer's length at build) */
+  uint64_t tokens;                  /* tokens it covers (the layer's length at build;
+                                       landmark:mode=given: its blocks with landmarks) */
 } kvdex_indexer_info;
 
 /* Fills *out for one layer (zeroed, state NONE, when nothing was ever built).

@@ -362,6 +362,11 @@ static int kvdex__fill_info(kvdex_server *srv, kvdex__arena *a, kvdex_seq *seq,
   if (!info->layer_query_tokens) return KVDEX_ENOMEM;
   for (uint32_t l = 0; l < sh->n_layers; l++)
     info->layer_query_tokens[l] = kvdex_seq_query_tokens(seq, l);
+  info->n_layer_landmark_blocks = sh->n_layers;
+  info->layer_landmark_blocks = kvdex__arena_alloc(a, sizeof(uint64_t) * sh->n_layers);
+  if (!info->layer_landmark_blocks) return KVDEX_ENOMEM;
+  for (uint32_t l = 0; l < sh->n_layers; l++)
+    info->layer_landmark_blocks[l] = kvdex_seq_landmark_blocks(seq, l);
   /* Layers that have had a BuildIndex. */
   for (uint32_t l = 0; l < sh->n_layers; l++) {
     kvdex_indexer_info ii;
@@ -859,14 +864,26 @@ static int kvdex__append_msg(kvdex__call *c, const Kvdex__V1__AppendKVRequest *m
                          "(%u) x %zu (%s) = %llu, or none",
                          m->q.len, sh->n_q_heads, m->n_tokens, sh->head_dim, dsz,
                          kvdex_dtype_name(sh->dtype), (unsigned long long)want_q);
-  if (m->landmarks.len)
-    return kvdex__seterr(KVDEX_EUNIMPL,
-                         "landmarks are not supported yet (landmark:mode=given); use "
-                         "landmark:mode=minmax or mode=mean, which compute their own");
+  /* One landmark per block of block_tokens that ends in [token_start, end). */
+  const uint64_t end = m->token_start + m->n_tokens, bt = sh->block_tokens;
+  const uint64_t n_blocks = end / bt - m->token_start / bt;
+  const uint64_t want_lm = (uint64_t)sh->n_kv_heads * n_blocks * sh->head_dim * dsz;
+  if (m->landmarks.len && m->landmarks.len != want_lm)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "landmarks has %zu bytes, expected n_kv_heads (%u) x n_blocks (%llu: "
+                         "the blocks of %llu tokens that end in tokens [%llu,%llu)) x head_dim "
+                         "(%u) x %zu (%s) = %llu, or none",
+                         m->landmarks.len, sh->n_kv_heads, (unsigned long long)n_blocks,
+                         (unsigned long long)bt, (unsigned long long)m->token_start,
+                         (unsigned long long)end, sh->head_dim, dsz, kvdex_dtype_name(sh->dtype),
+                         (unsigned long long)want_lm);
   if (m->n_tokens == 0) return KVDEX_OK; /* only names the sequence */
   rc = kvdex_txn_append(c->txn, m->layer, m->token_start, m->n_tokens, m->k.data, m->v.data);
   if (!rc && m->q.len)
     rc = kvdex_txn_append_q(c->txn, m->layer, m->token_start, m->n_tokens, m->q.data);
+  if (!rc && m->landmarks.len)
+    rc = kvdex_txn_append_landmarks(c->txn, m->layer, m->token_start, m->n_tokens,
+                                    m->landmarks.data);
   return rc;
 }
 

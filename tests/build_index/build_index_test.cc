@@ -530,6 +530,7 @@ TEST_P(BuildIndex, BadRequestsAreRefusedWithAMessage) {
       {"", 0, KVDEX_EINVAL, "spec"},
       {"ivf", 3, KVDEX_EINVAL, "layer 3"},
       {"ivf", 1, KVDEX_ECONFLICT, "no committed tokens"},
+      {"landmark:mode=given", 0, KVDEX_ECONFLICT, "no landmarks"},  // none were appended
   };
   for (const Bad &b : bad) {
     SCOPED_TRACE(std::string(b.spec) + " layer " + std::to_string(b.layer));
@@ -562,11 +563,21 @@ TEST_P(BuildIndex, BadRequestsAreRefusedWithAMessage) {
   // Queries of the wrong size are not possible through the C API (no sizes); queries
   // for tokens that are not there are (kvdex_append_kvq checks against the layer).
   // A build that fails in the background: FAILED with the reason, nothing else changes.
+  // Landmarks of the 12 complete blocks of 8 tokens (a K/V replay carries them), then a
+  // mode=given spec whose block disagrees with the sequence's.
+  std::vector<float> lm(12 * 16, 0.5f);
+  ASSERT_EQ(kvdex_append_begin(db_, "small", &ap), 0);
+  ASSERT_EQ(kvdex_append_kvl(ap, 0, 0, 100, k.data(), v.data(), nullptr, lm.data()), 0)
+      << kvdex_errmsg();
+  ASSERT_EQ(kvdex_append_commit(ap, nullptr), 0) << kvdex_errmsg();
+  EXPECT_EQ(Info(db_, "small").i.layer_landmark_blocks[0], 12u);
   uint64_t bytes = Info(db_, "small").i.bytes;
-  ASSERT_EQ(kvdex_build_index(db_, "small", 0, "landmark:mode=given"), 0) << kvdex_errmsg();
+  ASSERT_EQ(kvdex_build_index(db_, "small", 0, "landmark:mode=given,block=4"), 0)
+      << kvdex_errmsg();
   kvdex_layer_index li = WaitBuilt(db_, "small", 0);
   EXPECT_EQ(li.state, KVDEX_INDEX_FAILED);
-  EXPECT_NE(std::string(li.error).find("landmarks"), std::string::npos) << li.error;
+  EXPECT_NE(std::string(li.error).find("INVALID_ARGUMENT"), std::string::npos) << li.error;
+  EXPECT_NE(std::string(li.error).find("block=4"), std::string::npos) << li.error;
   EXPECT_STREQ(li.kind, "");
   EXPECT_EQ(li.memory_bytes, 0u);
   EXPECT_EQ(Info(db_, "small").i.bytes, bytes);
@@ -574,11 +585,11 @@ TEST_P(BuildIndex, BadRequestsAreRefusedWithAMessage) {
   ASSERT_EQ(kvdex_build_index(db_, "small", 0, "landmark:blocks=4"), 0) << kvdex_errmsg();
   li = WaitBuilt(db_, "small", 0);
   ASSERT_EQ(li.state, KVDEX_INDEX_READY) << li.error;
-  ASSERT_EQ(kvdex_build_index(db_, "small", 0, "landmark:mode=given"), 0);
+  ASSERT_EQ(kvdex_build_index(db_, "small", 0, "landmark:mode=given,block=4"), 0);
   li = WaitBuilt(db_, "small", 0);
   EXPECT_EQ(li.state, KVDEX_INDEX_FAILED);
   EXPECT_STREQ(li.kind, "landmark");  // still ready and used
-  EXPECT_STREQ(li.spec, "landmark:mode=given");
+  EXPECT_STREQ(li.spec, "landmark:mode=given,block=4");
   EXPECT_EQ(Search(db_, "small", 0, sq, 3, "landmark").index, "landmark");
 }
 

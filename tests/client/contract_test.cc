@@ -761,6 +761,311 @@ TEST_P(Contract, BatchedSearchReturnsEachSequencesOwnResultInOrder) {
     EXPECT_STRNE(kvdex_errmsg(), "") << #call;                               \
   } while (0)
 
+// ---- caller-given landmarks ("landmark:mode=given") --------------------------------
+
+// Landmark keys of blocks [b0, b0 + nb) from all[kv][n_blocks][dim] (f32), converted to
+// the sequence dtype, layout [n_kv_heads][nb][head_dim].
+std::vector<uint8_t> LandmarkSlice(const kvdex_shape &s, const std::vector<float> &all,
+                                   uint64_t n_blocks, uint64_t b0, uint64_t nb) {
+  size_t es = kvdex_dtype_size(s.dtype), d = s.head_dim;
+  std::vector<uint8_t> out((size_t)s.n_kv_heads * nb * d * es);
+  for (size_t h = 0; nb && h < s.n_kv_heads; h++)
+    kvdex_from_f32(s.dtype, all.data() + (h * n_blocks + b0) * d, out.data() + h * nb * d * es,
+                   nb * d);
+  return out;
+}
+
+// One stream of kvdex_append_kvl calls: pieces of the model with the landmarks of
+// the blocks that end in each (lm: all[kv][n_blocks][dim] f32; nullptr = none).
+// KVDEX_EBUSY (a previous stream winding down on the server) is retried.
+int AppendWithLandmarks(kvdex_db *db, const char *id, const Model &m, const std::vector<Piece> &pieces,
+                        const std::vector<float> *lm, uint64_t n_blocks,
+                        uint64_t *appended = nullptr) {
+  const uint64_t B = m.shape.block_tokens;
+  for (int attempt = 0;; attempt++) {
+    kvdex_appender *ap = nullptr;
+    int rc = kvdex_append_begin(db, id, &ap);
+    for (size_t i = 0; rc == 0 && i < pieces.size(); i++) {
+      const Piece &p = pieces[i];
+      std::vector<uint8_t> k = m.Block(p.layer, p.t0, p.n, false);
+      std::vector<uint8_t> v = m.Block(p.layer, p.t0, p.n, true);
+      uint64_t b0 = p.t0 / B, nb = (p.t0 + p.n) / B - b0;
+      std::vector<uint8_t> l;
+      if (lm) l = LandmarkSlice(m.shape, *lm, n_blocks, b0, nb);
+      rc = kvdex_append_kvl(ap, p.layer, p.t0, p.n, k.data(), v.data(), nullptr,
+                            lm ? l.data() : nullptr);
+      if (rc) {
+        EXPECT_STRNE(kvdex_errmsg(), "");
+        EXPECT_EQ(kvdex_append_commit(ap, appended), rc);
+        ap = nullptr;
+      }
+    }
+    if (rc == 0) rc = kvdex_append_commit(ap, appended);
+    if (rc == KVDEX_EBUSY && attempt < 500) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      continue;
+    }
+    return rc;
+  }
+}
+
+std::vector<uint64_t> LandmarkBlocks(kvdex_db *db, const char *id) {
+  kvdex_seq_info info;
+  int rc = kvdex_stat(db, id, &info);
+  EXPECT_EQ(rc, 0) << kvdex_errmsg();
+  std::vector<uint64_t> out;
+  if (rc == 0 && info.layer_landmark_blocks)
+    out.assign(info.layer_landmark_blocks, info.layer_landmark_blocks + info.n_layers);
+  kvdex_seq_info_free(&info);
+  return out;
+}
+
+// Polls until the latest build of `layer` is no longer BUILDING; returns its record.
+kvdex_layer_index WaitBuilt(kvdex_db *db, const char *id, uint32_t layer) {
+  kvdex_layer_index li{};
+  for (int i = 0; i < 3000; i++) {
+    kvdex_seq_info info;
+    if (kvdex_stat(db, id, &info) == 0) {
+      for (uint32_t j = 0; j < info.n_indexes; j++)
+        if (info.indexes[j].layer == layer) li = info.indexes[j];
+      kvdex_seq_info_free(&info);
+      if (li.state != KVDEX_INDEX_BUILDING && li.state != KVDEX_INDEX_NONE) return li;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ADD_FAILURE() << "the build of layer " << layer << " did not finish";
+  return li;
+}
+
+TEST_P(Contract, GivenLandmarksSelectTheirBlocksAndTheTailIsExact) {
+  // Blocks of 8 tokens; 150 tokens = 18 complete blocks (covered by the index) and a
+  // tail of 6 tokens. Query heads of a KV head all ask u[kv]; the landmarks of two
+  // blocks per KV head point along u, every other one against it, so blocks=2 selects
+  // exactly those two.
+  const uint32_t B = 8, N = 150, NB = N / B;
+  kvdex_shape s = Shape(2, 2, 4, 16, KVDEX_DTYPE_F16, B);
+  Create("lm", s);
+  Model m(s, N, 81);
+  std::vector<float> u = RandomQuery(Shape(1, 2, 2, 16, KVDEX_DTYPE_F32), 82);  // [kv][dim]
+  const std::vector<uint64_t> chosen[2] = {{3, 11}, {5, 17}};
+  std::vector<float> lm((size_t)2 * NB * 16);
+  for (uint32_t kv = 0; kv < 2; kv++)
+    for (uint64_t b = 0; b < NB; b++) {
+      bool in = std::find(chosen[kv].begin(), chosen[kv].end(), b) != chosen[kv].end();
+      for (uint32_t d = 0; d < 16; d++) lm[(kv * NB + b) * 16 + d] = (in ? 4.f : -4.f) * u[kv * 16 + d];
+    }
+  // Planted keys: one outside the chosen blocks (exact search finds it, the index must
+  // not) and one in the tail (the exact tail scan must).
+  std::vector<float> big0(16), big1(16);
+  for (uint32_t d = 0; d < 16; d++) {
+    big0[d] = 3.f * u[d];
+    big1[d] = 3.f * u[16 + d];
+  }
+  m.SetKey(0, 0, 2, big0);     // kv 0, block 0
+  m.SetKey(0, 1, 147, big1);   // kv 1, the tail
+  std::vector<float> q(4 * 16);
+  for (uint32_t h = 0; h < 4; h++)
+    for (uint32_t d = 0; d < 16; d++) q[h * 16 + d] = u[(h / 2) * 16 + d];
+
+  // Before any landmark, mode=given is refused at once.
+  ASSERT_EQ(AppendPieces(db_, "lm", m, {{0, 0, 4}}), 0) << kvdex_errmsg();
+  ResetErr();
+  EXPECT_EQ(kvdex_build_index(db_, "lm", 0, "landmark:mode=given"), KVDEX_ECONFLICT);
+  EXPECT_NE(std::string(kvdex_errmsg()).find("no landmarks"), std::string::npos)
+      << kvdex_errmsg();
+  // Pieces that cross block edges; the first one is a replay of the 4 tokens above.
+  uint64_t appended = 0;
+  ASSERT_EQ(AppendWithLandmarks(db_, "lm", m, {{0, 0, 13}, {0, 13, 3}, {0, 16, 1}, {0, 17, 100},
+                                               {0, 117, 33}},
+                                &lm, NB, &appended),
+            0)
+      << kvdex_errmsg();
+  EXPECT_EQ(appended, N - 4u);
+  EXPECT_EQ(LandmarkBlocks(db_, "lm"), (std::vector<uint64_t>{NB, 0}));
+  ExpectStored(db_, "lm", m, {N, 0});
+
+  ASSERT_EQ(kvdex_build_index(db_, "lm", 0, "landmark:mode=given,blocks=2"), 0) << kvdex_errmsg();
+  kvdex_layer_index li = WaitBuilt(db_, "lm", 0);
+  ASSERT_EQ(li.state, KVDEX_INDEX_READY) << li.error;
+  EXPECT_STREQ(li.kind, "landmark");
+  EXPECT_EQ(li.tokens, (uint64_t)NB * B);
+  EXPECT_EQ(std::string(li.describe).rfind("landmark:mode=given,block=8,blocks=2", 0), 0u)
+      << li.describe;
+
+  const char *ids[] = {"lm"};
+  const float *qs[] = {q.data()};
+  for (const char *index : {"landmark", "auto"}) {
+    SCOPED_TRACE(index);
+    kvdex_search_req req{};
+    req.k = 5;
+    req.index = index;
+    kvdex_search_out out;
+    ASSERT_EQ(kvdex_search(db_, 0, &req, 1, ids, qs, &out), 0) << kvdex_errmsg();
+    EXPECT_STREQ(out.index, "landmark");
+    EXPECT_EQ(out.tokens, N);
+    ASSERT_EQ(out.n_q_heads, 4u);
+    for (uint32_t h = 0; h < 4; h++) {
+      SCOPED_TRACE("q head " + std::to_string(h));
+      const uint32_t kv = h / 2;
+      // The reference: exact top-k over the chosen blocks plus the tail.
+      std::vector<Hit> full = BruteTopK(m, 0, N, q.data(), h, UINT32_MAX, 0, 0), ref;
+      for (const Hit &x : full)
+        if (x.id >= (uint64_t)NB * B ||
+            std::find(chosen[kv].begin(), chosen[kv].end(), x.id / B) != chosen[kv].end())
+          ref.push_back(x);
+      ref.resize(5);
+      const kvdex_hits &got = out.heads[h];
+      ASSERT_EQ(got.n, 5u);
+      for (uint32_t i = 0; i < 5; i++) {
+        double tol = 1e-3 * (1.0 + std::fabs(ref[i].score));
+        EXPECT_NEAR(got.scores[i], ref[i].score, tol) << "rank " << i;
+        bool ok = got.ids[i] >= (uint64_t)NB * B ||
+                  std::find(chosen[kv].begin(), chosen[kv].end(), got.ids[i] / B) !=
+                      chosen[kv].end();
+        EXPECT_TRUE(ok) << "id " << got.ids[i] << " is in a block the landmarks did not select";
+      }
+      if (kv == 0) {
+        EXPECT_NE(got.ids[0], 2u);  // the planted key of block 0 is not selected
+      } else {
+        EXPECT_EQ(got.ids[0], 147u);  // the tail is scanned exactly
+      }
+    }
+    kvdex_search_out_free(&out);
+  }
+  // The exact search does find the planted key of block 0.
+  kvdex_search_req ex{};
+  ex.k = 1;
+  kvdex_search_out out;
+  ASSERT_EQ(kvdex_search(db_, 0, &ex, 1, ids, qs, &out), 0) << kvdex_errmsg();
+  EXPECT_EQ(out.heads[0].ids[0], 2u);
+  kvdex_search_out_free(&out);
+
+  // Replays: identical landmarks are a no-op; different ones conflict (all or nothing).
+  ASSERT_EQ(AppendWithLandmarks(db_, "lm", m, {{0, 40, 30}}, &lm, NB, &appended), 0)
+      << kvdex_errmsg();
+  EXPECT_EQ(appended, 0u);
+  std::vector<float> other = lm;
+  other[(1 * NB + 6) * 16 + 3] += 1.f;  // kv head 1, block 6
+  ResetErr();
+  EXPECT_EQ(AppendWithLandmarks(db_, "lm", m, {{1, 0, 8}, {0, 40, 30}}, &other, NB),
+            KVDEX_ECONFLICT);
+  EXPECT_STRNE(kvdex_errmsg(), "");
+  EXPECT_EQ(LayerTokens(db_, "lm"), (std::vector<uint64_t>{N, 0}));
+  // Layer 1 without landmarks, then landmarks past that hole: refused; re-sending the
+  // tokens with theirs fills it.
+  ASSERT_EQ(AppendPieces(db_, "lm", m, {{1, 0, 20}}), 0) << kvdex_errmsg();
+  ResetErr();
+  EXPECT_EQ(AppendWithLandmarks(db_, "lm", m, {{1, 20, 4}}, &lm, NB), KVDEX_ECONFLICT);
+  EXPECT_NE(std::string(kvdex_errmsg()).find("without landmarks"), std::string::npos)
+      << kvdex_errmsg();
+  ASSERT_EQ(AppendWithLandmarks(db_, "lm", m, {{1, 0, 24}}, &lm, NB, &appended), 0)
+      << kvdex_errmsg();
+  EXPECT_EQ(appended, 4u);
+  EXPECT_EQ(LandmarkBlocks(db_, "lm"), (std::vector<uint64_t>{NB, 3}));
+  // Non-finite landmarks are refused.
+  std::vector<float> nan = lm;
+  nan[(0 * NB + 3) * 16] = std::numeric_limits<float>::quiet_NaN();
+  ResetErr();
+  EXPECT_EQ(AppendWithLandmarks(db_, "lm", m, {{1, 24, 8}}, &nan, NB), KVDEX_EINVAL);
+  EXPECT_NE(std::string(kvdex_errmsg()).find("non-finite"), std::string::npos) << kvdex_errmsg();
+  EXPECT_EQ(LayerTokens(db_, "lm"), (std::vector<uint64_t>{N, 24}));
+}
+
+TEST_P(Contract, LargeAppendsSendLandmarksWithTheirBlocks) {
+  // Over gRPC these appends are split into several messages (16 MiB of K+V each) at
+  // token offsets that fall inside a block: each landmark must travel with the piece
+  // that ends its block. Two KV heads (pieces gathered) and one (pieces contiguous).
+  struct Case {
+    kvdex_shape s;
+    uint32_t n;
+  } cases[] = {{Shape(1, 2, 2, 128, KVDEX_DTYPE_F32, 48), 9000},
+               {Shape(1, 1, 1, 1024, KVDEX_DTYPE_F32, 100), 2500}};
+  int i = 0;
+  for (const Case &c : cases) {
+    std::string id = "lmbig" + std::to_string(i++);
+    SCOPED_TRACE(id);
+    Create(id.c_str(), c.s);
+    Model m(c.s, c.n, 97 + i);
+    const uint64_t nb = c.n / c.s.block_tokens, d = c.s.head_dim;
+    std::vector<float> lm(c.s.n_kv_heads * nb * d);
+    for (size_t j = 0; j < lm.size(); j++) lm[j] = (float)(j % 1000) * 0.001f;
+    ASSERT_EQ(AppendWithLandmarks(db_, id.c_str(), m, {{0, 0, c.n}}, &lm, nb), 0)
+        << kvdex_errmsg();
+    EXPECT_EQ(LandmarkBlocks(db_, id.c_str()), (std::vector<uint64_t>{nb}));
+    ExpectStored(db_, id.c_str(), m, {c.n});
+    if (grpc()) {  // the server's store is at hand: compare the stored landmarks
+      kvdex_seq *seq = nullptr;
+      ASSERT_EQ(kvdex_seq_open(store_, nullptr, id.c_str(), &seq), 0) << kvdex_errmsg();
+      std::vector<float> got(nb * d);
+      for (uint32_t h = 0; h < c.s.n_kv_heads; h++) {
+        uint64_t n = 0;
+        ASSERT_EQ(kvdex_seq_landmarks(seq, 0, h, nb, got.data(), &n), 0) << kvdex_errmsg();
+        ASSERT_EQ(n, nb);
+        EXPECT_TRUE(std::equal(got.begin(), got.end(), lm.begin() + h * nb * d))
+            << "kv head " << h;
+      }
+      kvdex_seq_release(seq);
+    }
+  }
+}
+
+TEST_P(Contract, LandmarksOfTheWrongSizeAreEinval) {
+  if (!grpc()) GTEST_SKIP() << "sizes come from the shape: only a stale shape over gRPC can be wrong";
+  // This handle caches block_tokens 8; another handle re-creates the sequence with
+  // block_tokens 4 (same K/V sizes). The landmarks this handle sends are then sized
+  // for the wrong block count, and the server says so.
+  kvdex_shape s8 = Shape(1, 2, 2, 8, KVDEX_DTYPE_F32, 8), s4 = Shape(1, 2, 2, 8, KVDEX_DTYPE_F32, 4);
+  Create("lmsz", s8);
+  kvdex_db *other = nullptr;
+  ASSERT_EQ(kvdex_open(uri_.c_str(), nullptr, &other), 0) << kvdex_errmsg();
+  ASSERT_EQ(kvdex_delete(other, "lmsz", nullptr), 0) << kvdex_errmsg();
+  ASSERT_EQ(kvdex_create(other, "lmsz", &s4), 0) << kvdex_errmsg();
+  kvdex_close(other);
+  Model m(s8, 16, 91);
+  std::vector<float> lm(2 * 4 * 8, 0.5f);
+  ResetErr();
+  EXPECT_EQ(AppendWithLandmarks(db_, "lmsz", m, {{0, 0, 16}}, &lm, 4), KVDEX_EINVAL);
+  std::string msg = kvdex_errmsg();
+  EXPECT_NE(msg.find("landmarks has 128 bytes, expected"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("= 256"), std::string::npos) << msg;
+  EXPECT_EQ(LayerTokens(db_, "lmsz"), (std::vector<uint64_t>{0}));
+  // The refusal made the handle forget the shape: the next stream is sized right.
+  Model m4(s4, 16, 91);  // the same K/V, blocks of 4
+  ASSERT_EQ(AppendWithLandmarks(db_, "lmsz", m4, {{0, 0, 16}}, &lm, 4), 0) << kvdex_errmsg();
+  EXPECT_EQ(LandmarkBlocks(db_, "lmsz"), (std::vector<uint64_t>{4}));
+}
+
+TEST_P(Contract, LandmarksOverTheCapAreEnomemAndChangeNothing) {
+  // One token per block: a landmark row per token and KV head (2 KiB a token over 4
+  // heads) next to 4 KiB of K+V. 1000 tokens with landmarks, then 7500 more: their K/V
+  // (30 MiB) fit under the cap (48 MiB), their landmarks (a grown copy of 17 MiB, or
+  // over gRPC, which splits the stream, 20 MiB, while the old one is still counted)
+  // do not.
+  const uint32_t N0 = 1000, N1 = 7500, N = N0 + N1;
+  kvdex_shape s = Shape(1, 4, 4, 128, KVDEX_DTYPE_F32, 1);
+  Create("lmcap", s);
+  Model m(s, N, 95);
+  std::vector<float> lm((size_t)4 * N * 128, 0.25f);
+  ASSERT_EQ(AppendWithLandmarks(db_, "lmcap", m, {{0, 0, N0}}, &lm, N), 0) << kvdex_errmsg();
+  kvdex_seq_info before;
+  ASSERT_EQ(kvdex_stat(db_, "lmcap", &before), 0) << kvdex_errmsg();
+  ResetErr();
+  int rc = AppendWithLandmarks(db_, "lmcap", m, {{0, N0, N1}}, &lm, N);
+  EXPECT_EQ(rc, KVDEX_ENOMEM) << kvdex_errname(rc);
+  EXPECT_NE(std::string(kvdex_errmsg()).find("memory cap"), std::string::npos) << kvdex_errmsg();
+  kvdex_seq_info after;
+  ASSERT_EQ(kvdex_stat(db_, "lmcap", &after), 0) << kvdex_errmsg();
+  EXPECT_EQ(after.bytes, before.bytes);
+  EXPECT_EQ(after.layer_tokens[0], N0);
+  EXPECT_EQ(after.layer_landmark_blocks[0], N0);
+  kvdex_seq_info_free(&before);
+  kvdex_seq_info_free(&after);
+  // The same tokens without landmarks fit: it was the landmarks that did not.
+  ASSERT_EQ(AppendPieces(db_, "lmcap", m, {{0, N0, N1}}), 0) << kvdex_errmsg();
+  EXPECT_EQ(LandmarkBlocks(db_, "lmcap"), (std::vector<uint64_t>{N0}));
+  ExpectStored(db_, "lmcap", m, {N});
+}
+
 TEST_P(Contract, BadArgumentsAreEinvalWithAMessage) {
   kvdex_shape good = Shape(2, 2, 4, 8, KVDEX_DTYPE_F32);
   Create("ok", good);

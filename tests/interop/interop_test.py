@@ -694,12 +694,12 @@ class InteropTest(unittest.TestCase):
             m.q = q[:, start:start + cnt].tobytes() if qb is None else qb
             m.landmarks = landmarks
             return m
-        # Sizes are checked on the wire; landmarks are not supported yet.
+        # Sizes are checked on the wire: queries and landmarks of the wrong size.
         self.assertIn("q has", self.assertCode(
             C.INVALID_ARGUMENT, self.kv.AppendKV, iter([msg(0, 16, True, qb=b"x" * 10)]),
             timeout=TIMEOUT))
-        self.assertIn("landmarks", self.assertCode(
-            C.UNIMPLEMENTED, self.kv.AppendKV, iter([msg(0, 16, True, landmarks=b"x" * 64)]),
+        self.assertIn("landmarks has 64 bytes", self.assertCode(
+            C.INVALID_ARGUMENT, self.kv.AppendKV, iter([msg(0, 16, True, landmarks=b"x" * 64)]),
             timeout=TIMEOUT))
         self.assertEqual(s.tokens(), [0, 0])
         r = self.kv.AppendKV(iter([msg(0, 1024, True), msg(1024, 1024, False)]), timeout=TIMEOUT)
@@ -775,6 +775,102 @@ class InteropTest(unittest.TestCase):
         # Delete returns everything, index included.
         held = s.stat().bytes
         self.assertGreater(held, li.memory_bytes)
+        self.assertEqual(s.delete().bytes_freed, held)
+        self.assertEqual(bytes_used(self), base)
+
+    def test_landmarks_given(self):
+        """AppendKV with landmark keys, BuildIndex landmark:mode=given, Search."""
+        base = bytes_used(self)
+        B, n, d = 16, 264, 32  # 16 complete blocks of 16 tokens and a tail of 8
+        s = Seq(self, "landmark-1", n_layers=2, n_kv=2, n_q=4, d=d, dtype=F16, block=B)
+        k, v = s.rand(n)
+        # Query heads of a KV head all ask u[kv]; the landmarks of two blocks per KV head
+        # point along it, all others against it, so blocks=2 selects exactly those.
+        u = _rng.standard_normal((2, d)).astype(np.float32)
+        chosen = [{2, 9}, {4, 15}]
+        nb = n // B
+        lm = np.empty((2, nb, d), np.float16)
+        for kv in range(2):
+            for b in range(nb):
+                lm[kv, b] = (4.0 if b in chosen[kv] else -4.0) * u[kv]
+        qd = np.repeat(u, 2, axis=0)  # [n_q][d]
+
+        def msg(layer, start, cnt, first, landmarks=None):
+            m = s.msg(layer, start, k[:, start:start + cnt], v[:, start:start + cnt],
+                      first=first)
+            if landmarks is None:  # the blocks that end in [start, start + cnt)
+                b0, b1 = start // B, (start + cnt) // B
+                landmarks = np.ascontiguousarray(lm[:, b0:b1]).tobytes()
+            m.landmarks = landmarks
+            return m
+
+        # Bad sizes: INVALID_ARGUMENT naming expected and got; nothing stored.
+        for start, cnt, bad in ((0, 40, 3), (0, 10, 1), (20, 20, 2)):
+            details = self.assertCode(
+                C.INVALID_ARGUMENT, self.kv.AppendKV,
+                iter([msg(0, start, cnt, True, landmarks=b"\0" * (bad * 2 * d * 2 + 2))]),
+                timeout=TIMEOUT)
+            self.assertIn("landmarks has", details)
+            self.assertIn("expected", details)
+        self.assertEqual(s.tokens(), [0, 0])
+        self.assertEqual(list(s.stat().layer_landmark_blocks), [0, 0])
+        # Good ones: two streams, pieces that cross block edges.
+        r = self.kv.AppendKV(iter([msg(0, 0, 100, True), msg(0, 100, 60, False)]), timeout=TIMEOUT)
+        self.assertEqual(r.tokens_appended, 160)
+        r = self.kv.AppendKV(iter([msg(0, 160, 7, True), msg(0, 167, n - 167, False)]),
+                             timeout=TIMEOUT)
+        self.assertEqual(r.tokens_appended, n - 160)
+        s.K[0], s.V[0] = k, v
+        info = s.stat()
+        self.assertEqual(list(info.layer_tokens), [n, 0])
+        self.assertEqual(list(info.layer_landmark_blocks), [nb, 0])
+        # Replays: identical is a no-op, different is FAILED_PRECONDITION.
+        r = self.kv.AppendKV(iter([msg(0, 32, 64, True)]), timeout=TIMEOUT)
+        self.assertEqual((r.tokens_appended, r.tokens_replayed), (0, 64))
+        other = lm[:, 2:6].copy()
+        other[1, 0, 0] += 1
+        self.assertIn("landmark", self.assertCode(
+            C.FAILED_PRECONDITION, self.kv.AppendKV,
+            iter([msg(0, 32, 64, True, landmarks=other.tobytes())]), timeout=TIMEOUT))
+        # Layer 1 has tokens but no landmarks: mode=given is refused there.
+        self.kv.AppendKV(iter([msg(1, 0, 40, True, landmarks=b"")]), timeout=TIMEOUT)
+        bi = kvdex_pb2.BuildIndexRequest
+        self.assertIn("no landmarks", self.assertCode(
+            C.FAILED_PRECONDITION, self.ret.BuildIndex,
+            bi(seq=s.ref(), layer=1, spec="landmark:mode=given"), timeout=TIMEOUT))
+        # ...and landmarks after blocks that have none are refused too.
+        self.assertIn("without landmarks", self.assertCode(
+            C.FAILED_PRECONDITION, self.kv.AppendKV, iter([msg(1, 40, 10, True)]),
+            timeout=TIMEOUT))
+
+        r = self.ret.BuildIndex(bi(seq=s.ref(), layer=0, spec="landmark:mode=given,blocks=2"),
+                                timeout=TIMEOUT)
+        self.assertEqual(list(r.layers), [0])
+
+        def built():
+            return s.stat().indexes[0].state != kvdex_pb2.INDEX_STATE_BUILDING
+        self.assertTrue(wait_until(built, timeout=60))
+        li = s.stat().indexes[0]
+        self.assertEqual(li.state, kvdex_pb2.INDEX_STATE_READY, li.error)
+        self.assertEqual(li.kind, "landmark")
+        self.assertEqual(li.tokens, nb * B)
+        self.assertTrue(li.describe.startswith("landmark:mode=given,block=16,blocks=2"),
+                        li.describe)
+
+        res = self.search(s, qd, 6, index="landmark")
+        self.assertEqual(res.index, "landmark")
+        self.assertEqual(res.tokens, n)
+        for h in range(4):
+            kv = h // 2
+            keys = k[kv].astype(np.float64)
+            ids = np.array(res.heads[h].token_ids, dtype=np.int64)
+            elig = np.array([t for t in range(n) if t >= nb * B or t // B in chosen[kv]])
+            true = keys @ qd[h].astype(np.float64)
+            want = elig[np.argsort(-true[elig], kind="stable")[:6]]
+            self.assertTrue(all(t >= nb * B or t // B in chosen[kv] for t in ids), ids)
+            np.testing.assert_allclose(res.heads[h].scores, true[want], rtol=1e-3, atol=1e-3)
+
+        held = s.stat().bytes
         self.assertEqual(s.delete().bytes_freed, held)
         self.assertEqual(bytes_used(self), base)
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -1337,6 +1338,230 @@ TEST_F(KvstoreTest, QueriesOverTheCapAreEnomemAndAllocationFailuresChangeNothing
   kvdex_txn_abort(txn);
   EXPECT_EQ(before.bytes_used, Stats().bytes_used);
   CheckQueries(seq, 0, 0, 8, ids);
+  kvdex_seq_release(seq);
+}
+
+// ---- landmarks ---------------------------------------------------------------------
+
+// Landmark rows of blocks [b0, b0+nb), layout [n_kv_heads][nb][head_dim] (kv 3).
+std::vector<uint8_t> LRows(const kvdex_shape &s, uint32_t layer, uint64_t b0, uint64_t nb,
+                           uint32_t tag = 9) {
+  size_t rb = RowBytes(s);
+  std::vector<uint8_t> out((size_t)s.n_kv_heads * nb * rb);
+  for (uint32_t h = 0; h < s.n_kv_heads; h++)
+    for (uint64_t i = 0; i < nb; i++) {
+      std::vector<uint8_t> r = Row(s, tag, layer, h, b0 + i, 3);
+      memcpy(&out[((size_t)h * nb + i) * rb], r.data(), rb);
+    }
+  return out;
+}
+
+// Appends K/V (tag 1) of tokens [start, start+n) and, with_lm, the landmarks of the
+// blocks that end in the range (tag lmtag), in one transaction.
+int AppendKVL(kvdex_seq *seq, uint32_t layer, uint64_t start, uint32_t n, bool with_lm = true,
+              uint32_t lmtag = 9) {
+  const kvdex_shape &s = *kvdex_seq_shape(seq);
+  kvdex_txn *txn = nullptr;
+  int rc = kvdex_txn_begin(seq, &txn);
+  if (rc) return rc;
+  const uint64_t B = s.block_tokens, b0 = start / B, nb = (start + n) / B - b0;
+  auto k = Rows(s, 1, layer, start, n, 0), v = Rows(s, 1, layer, start, n, 1);
+  auto lm = LRows(s, layer, b0, nb, lmtag);
+  rc = kvdex_txn_append(txn, layer, start, n, k.data(), v.data());
+  if (!rc && with_lm)
+    rc = kvdex_txn_append_landmarks(txn, layer, start, n, nb ? lm.data() : nullptr);
+  if (rc) {
+    EXPECT_EQ(rc, kvdex_txn_commit(txn, nullptr));  // poisoned: commit reports it
+    return rc;
+  }
+  return kvdex_txn_commit(txn, nullptr);
+}
+
+// Checks the committed landmarks of `layer`: n_blocks of them, equal to the generator.
+void CheckLandmarks(kvdex_seq *seq, uint32_t layer, uint64_t n_blocks, uint32_t tag = 9) {
+  const kvdex_shape &s = *kvdex_seq_shape(seq);
+  EXPECT_EQ(n_blocks, kvdex_seq_landmark_blocks(seq, layer));
+  std::vector<float> got((n_blocks + 1) * s.head_dim, -7.f);
+  for (uint32_t h = 0; h < s.n_kv_heads; h++) {
+    uint64_t n = 99;
+    ASSERT_EQ(0, kvdex_seq_landmarks(seq, layer, h, n_blocks + 1, got.data(), &n))
+        << kvdex_errmsg();
+    ASSERT_EQ(n_blocks, n);
+    for (uint64_t b = 0; b < n; b++)
+      for (uint32_t d = 0; d < s.head_dim; d++) {
+        float want;
+        std::vector<uint8_t> r = Row(s, tag, layer, h, b, 3);
+        kvdex_to_f32(s.dtype, &r[d * kvdex_dtype_size(s.dtype)], &want, 1);
+        ASSERT_EQ(want, got[b * s.head_dim + d]) << "kv head " << h << " block " << b;
+      }
+    EXPECT_EQ(-7.f, got[n_blocks * s.head_dim]) << "wrote past the blocks";
+  }
+}
+
+TEST_F(KvstoreTest, LandmarksAreOnePerCompletedBlockAndCommittedWithTheTransaction) {
+  for (int dtype : {KVDEX_DTYPE_F32, KVDEX_DTYPE_F16, KVDEX_DTYPE_BF16}) {
+    SCOPED_TRACE(kvdex_dtype_name(dtype));
+    kvdex_shape s = Shape(2, 2, 4, 8, 4, dtype);
+    std::string id = std::string("lm-") + kvdex_dtype_name(dtype);
+    kvdex_seq *seq = Create(id.c_str(), s);
+    CheckLandmarks(seq, 0, 0);
+    uint64_t used = Stats().bytes_used;
+    // Tokens [0,10): blocks 0 and 1 end inside; block 2 (tokens 8..11) does not.
+    ASSERT_EQ(0, AppendKVL(seq, 0, 0, 10)) << kvdex_errmsg();
+    CheckLandmarks(seq, 0, 2);
+    CheckLandmarks(seq, 1, 0);
+    EXPECT_GE(Stats().bytes_used, used + 10 * 2 * 2 * RowBytes(s) + 2 * 2 * RowBytes(s));
+    EXPECT_EQ(Stats().bytes_used, kvdex_seq_bytes(seq));
+    // [10,11): no block ends there, landmarks may be NULL; [11,13) ends block 2.
+    ASSERT_EQ(0, AppendKVL(seq, 0, 10, 1)) << kvdex_errmsg();
+    ASSERT_EQ(0, AppendKVL(seq, 0, 11, 2)) << kvdex_errmsg();
+    CheckLandmarks(seq, 0, 3);
+
+    // Staged landmarks are invisible until commit and vanish on abort.
+    kvdex_txn *txn = nullptr;
+    ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+    auto k = Rows(s, 1, 0, 13, 7, 0), v = Rows(s, 1, 0, 13, 7, 1), lm = LRows(s, 0, 3, 2);
+    ASSERT_EQ(0, kvdex_txn_append(txn, 0, 13, 7, k.data(), v.data()));
+    ASSERT_EQ(0, kvdex_txn_append_landmarks(txn, 0, 13, 7, lm.data())) << kvdex_errmsg();
+    EXPECT_EQ(3u, kvdex_seq_landmark_blocks(seq, 0));
+    kvdex_txn_abort(txn);
+    CheckLandmarks(seq, 0, 3);
+    EXPECT_EQ(Stats().bytes_used, kvdex_seq_bytes(seq));
+
+    // Identical replays are no-ops (also inside one transaction), different ones conflict.
+    ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+    auto k0 = Rows(s, 1, 0, 0, 13, 0), v0 = Rows(s, 1, 0, 0, 13, 1), lm0 = LRows(s, 0, 0, 3);
+    ASSERT_EQ(0, kvdex_txn_append(txn, 0, 0, 13, k0.data(), v0.data()));
+    ASSERT_EQ(0, kvdex_txn_append_landmarks(txn, 0, 0, 13, lm0.data())) << kvdex_errmsg();
+    auto lm1 = LRows(s, 0, 1, 1);  // tokens [4,8) end block 1 only
+    ASSERT_EQ(0, kvdex_txn_append_landmarks(txn, 0, 4, 4, lm1.data())) << kvdex_errmsg();
+    kvdex_txn_abort(txn);
+    ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+    ASSERT_EQ(0, kvdex_txn_append_landmarks(txn, 0, 0, 13, lm0.data())) << kvdex_errmsg();
+    auto other = LRows(s, 0, 1, 1, 10);
+    EXPECT_EQ(KVDEX_ECONFLICT, kvdex_txn_append_landmarks(txn, 0, 4, 4, other.data()));
+    EXPECT_NE(std::string::npos, std::string(kvdex_errmsg()).find("block 1")) << kvdex_errmsg();
+    EXPECT_EQ(KVDEX_ECONFLICT, kvdex_txn_commit(txn, nullptr));  // poisoned
+    CheckLandmarks(seq, 0, 3);
+
+    // Landmarks must follow their tokens' K/V, be given when blocks end, be finite.
+    ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+    auto lm5 = LRows(s, 0, 0, 5);
+    EXPECT_EQ(KVDEX_EINVAL, kvdex_txn_append_landmarks(txn, 0, 0, 20, lm5.data()));
+    EXPECT_NE(std::string::npos, std::string(kvdex_errmsg()).find("append their K and V first"))
+        << kvdex_errmsg();
+    kvdex_txn_abort(txn);
+    ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+    EXPECT_EQ(0, kvdex_txn_append_landmarks(txn, 0, 12, 1, nullptr));  // no block ends
+    EXPECT_EQ(KVDEX_EINVAL, kvdex_txn_append_landmarks(txn, 0, 8, 4, nullptr));
+    kvdex_txn_abort(txn);
+    ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+    ASSERT_EQ(0, kvdex_txn_append(txn, 0, 13, 7, k.data(), v.data()));
+    std::vector<uint8_t> bad = lm;
+    float inf = INFINITY;
+    PutElem(dtype, inf, &bad[(2 + 1) * RowBytes(s) + 5 * kvdex_dtype_size(dtype)]);
+    EXPECT_EQ(KVDEX_EINVAL, kvdex_txn_append_landmarks(txn, 0, 13, 7, bad.data()));
+    EXPECT_NE(std::string::npos, std::string(kvdex_errmsg()).find("non-finite"))
+        << kvdex_errmsg();
+    kvdex_txn_abort(txn);
+    CheckLandmarks(seq, 0, 3);
+    EXPECT_EQ(13u, kvdex_seq_tokens(seq, 0));
+
+    // Blocks appended without landmarks leave a hole that later landmarks may not jump:
+    // refused, until the tokens are re-sent with theirs.
+    ASSERT_EQ(0, AppendKVL(seq, 1, 0, 9, false)) << kvdex_errmsg();
+    CheckLandmarks(seq, 1, 0);
+    EXPECT_EQ(KVDEX_ECONFLICT, AppendKVL(seq, 1, 9, 3));  // block 2 after blocks 0, 1 without
+    EXPECT_NE(std::string::npos, std::string(kvdex_errmsg()).find("without landmarks"))
+        << kvdex_errmsg();
+    EXPECT_EQ(9u, kvdex_seq_tokens(seq, 1));  // all or nothing
+    ASSERT_EQ(0, AppendKVL(seq, 1, 0, 12)) << kvdex_errmsg();  // K/V replay + landmarks
+    CheckLandmarks(seq, 1, 3);
+    EXPECT_EQ(12u, kvdex_seq_tokens(seq, 1));
+
+    // Argument checks of the reader.
+    float buf[8];
+    uint64_t n = 0;
+    EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_landmarks(seq, 2, 0, 1, buf, &n));
+    EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_landmarks(seq, 0, 2, 1, buf, &n));
+    EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_landmarks(seq, 0, 0, 1, nullptr, &n));
+    EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_landmarks(seq, 0, 0, 1, buf, nullptr));
+    EXPECT_EQ(0, kvdex_seq_landmarks(seq, 0, 0, 0, nullptr, &n));
+    EXPECT_EQ(0u, n);
+    EXPECT_EQ(0, kvdex_seq_landmarks(seq, 0, 1, 1, buf, &n));  // at most max_blocks
+    EXPECT_EQ(1u, n);
+    EXPECT_EQ(0u, kvdex_seq_landmark_blocks(seq, 2));
+    EXPECT_EQ(0u, kvdex_seq_landmark_blocks(nullptr, 0));
+
+    uint64_t sbytes = kvdex_seq_bytes(seq), freed = 0;
+    kvdex_seq_release(seq);
+    ASSERT_EQ(0, kvdex_seq_delete(store_, nullptr, id.c_str(), &freed));
+    EXPECT_EQ(sbytes, freed);
+    EXPECT_EQ(0u, Stats().bytes_used);
+  }
+}
+
+TEST_F(KvstoreTest, LandmarksGrowInPlaceAndByCopyWhateverTheAppendSizes) {
+  kvdex_shape s = Shape(1, 3, 3, 5, 3, KVDEX_DTYPE_BF16);
+  kvdex_seq *seq = Create("lmgrow", s);
+  // One token per transaction (landmarks every third), then odd-sized appends, some
+  // with several landmark-bearing pieces in one transaction.
+  uint64_t t = 0;
+  for (; t < 200; t++) ASSERT_EQ(0, AppendKVL(seq, 0, t, 1)) << kvdex_errmsg() << " t " << t;
+  CheckLandmarks(seq, 0, 200 / 3);
+  kvdex_txn *txn = nullptr;
+  ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+  for (uint32_t n : {7u, 1u, 2u, 50u, 33u, 400u}) {
+    const uint64_t b0 = t / 3, nb = (t + n) / 3 - b0;
+    auto k = Rows(s, 1, 0, t, n, 0), v = Rows(s, 1, 0, t, n, 1), lm = LRows(s, 0, b0, nb);
+    ASSERT_EQ(0, kvdex_txn_append(txn, 0, t, n, k.data(), v.data()));
+    ASSERT_EQ(0, kvdex_txn_append_landmarks(txn, 0, t, n, nb ? lm.data() : nullptr))
+        << kvdex_errmsg();
+    t += n;
+  }
+  EXPECT_EQ(200u / 3, kvdex_seq_landmark_blocks(seq, 0));
+  ASSERT_EQ(0, kvdex_txn_commit(txn, nullptr)) << kvdex_errmsg();
+  CheckLandmarks(seq, 0, t / 3);
+  EXPECT_EQ(Stats().bytes_used, kvdex_seq_bytes(seq));
+  EXPECT_EQ(0u, CheckView(seq, 1, 0, 2, t));
+  kvdex_seq_release(seq);
+}
+
+TEST_F(KvstoreTest, LandmarksOverTheCapAreEnomemAndAllocationFailuresChangeNothing) {
+  // 1 KiB rows, one token per block: K/V 2 KiB a token, a landmark 1 KiB a block.
+  MakeStore(200 << 10);
+  kvdex_shape s = Shape(1, 1, 1, 256, 1, KVDEX_DTYPE_F32);
+  kvdex_seq *seq = Create("lmcap", s);
+  ASSERT_EQ(0, AppendKVL(seq, 0, 0, 40)) << kvdex_errmsg();
+  kvdex_store_stats before = Stats();
+  // K/V of 20 more tokens fit (40 KiB); their landmarks need a grown copy (80 KiB,
+  // while the old 40 KiB is still counted), which does not.
+  ASSERT_EQ(0, AppendKVL(seq, 0, 40, 20, false)) << kvdex_errmsg();
+  ASSERT_EQ(0, kvdex_seq_delete(store_, nullptr, "lmcap", nullptr));
+  kvdex_seq_release(seq);
+  ASSERT_EQ(0u, Stats().bytes_used);
+  seq = Create("lmcap", s);
+  ASSERT_EQ(0, AppendKVL(seq, 0, 0, 40)) << kvdex_errmsg();
+  EXPECT_EQ(before.bytes_used, Stats().bytes_used);
+  EXPECT_EQ(KVDEX_ENOMEM, AppendKVL(seq, 0, 40, 20));
+  EXPECT_NE(std::string::npos, std::string(kvdex_errmsg()).find("memory cap")) << kvdex_errmsg();
+  EXPECT_EQ(before.bytes_used, Stats().bytes_used);
+  EXPECT_EQ(40u, kvdex_seq_tokens(seq, 0));
+  CheckLandmarks(seq, 0, 40);
+  // An allocation failure of the copy: same.
+  kvdex__alloc *a = kvdex__store_alloc(store_);
+  kvdex_txn *txn = nullptr;
+  ASSERT_EQ(0, kvdex_txn_begin(seq, &txn));
+  auto k = Rows(s, 1, 0, 40, 4, 0), v = Rows(s, 1, 0, 40, 4, 1), lm = LRows(s, 0, 40, 4);
+  ASSERT_EQ(0, kvdex_txn_append(txn, 0, 40, 4, k.data(), v.data()));
+  uint64_t mid = Stats().bytes_used;
+  kvdex__alloc_fail_after(a, 0);
+  EXPECT_EQ(KVDEX_ENOMEM, kvdex_txn_append_landmarks(txn, 0, 40, 4, lm.data()));
+  kvdex__alloc_fail_after(a, -1);
+  EXPECT_EQ(mid, Stats().bytes_used);
+  kvdex_txn_abort(txn);
+  EXPECT_EQ(before.bytes_used, Stats().bytes_used);
+  CheckLandmarks(seq, 0, 40);
   kvdex_seq_release(seq);
 }
 
