@@ -373,8 +373,8 @@ static void beam_run(const graph *g, const kvdex_kv_view *keys, const float *q, 
  * second topic), which co-answer edges alone reach only by chance. *touched counts
  * the query vectors scored as well as the keys. */
 static void answer_expand(const graph *g, uint32_t dim, const kvdex_kv_view *keys, const float *q,
-                          size_t L, uint32_t seeds, uint32_t fanout, uint32_t expand,
-                          kvdex_index_scratch *s,
+                          size_t L, size_t limit, uint32_t seeds, uint32_t fanout,
+                          uint32_t expand, kvdex_index_scratch *s,
                           size_t *size, uint64_t *touched) {
   beam_ent *beam = (beam_ent *)(void *)s->h;
   uint32_t *visit = s->visit, epoch = s->epoch;
@@ -441,7 +441,7 @@ static void answer_expand(const graph *g, uint32_t dim, const kvdex_kv_view *key
   }
   *size = n;
   *touched += t;
-  beam_expand(g, keys, q, L, L, s, size, touched);
+  beam_expand(g, keys, q, L, limit, s, size, touched);
 }
 
 static int query_finite(const float *q, uint32_t d) {
@@ -468,8 +468,8 @@ static int g_search(const kvdex_index *ix, const kvdex_kv_view *keys, const floa
                          (unsigned long long)keys->n_tokens, keys->head_dim,
                          (unsigned long long)g->n, ix->dim);
   if (!query_finite(q, ix->dim)) return kvdex__seterr(KVDEX_EINVAL, "graph: non-finite query");
-  size_t L = params && params->ef ? params->ef : im->p.ef;
-  if (L < k) L = k;
+  size_t ef = params && params->ef ? params->ef : im->p.ef;
+  size_t L = ef < k ? k : ef;
   if (L > g->n) L = (size_t)g->n; /* the beam never holds more than every key */
   int rc = beam_prepare(scratch, g, keys, L);
   if (rc) return rc;
@@ -477,10 +477,19 @@ static int g_search(const kvdex_index *ix, const kvdex_kv_view *keys, const floa
   uint64_t t = 0;
   if (g->m && im->p.expand) {
     /* a narrow first pass finds where the query lives; the answer lists of the prefill
-     * queries that live there, then the full beam, do the rest */
+     * queries that live there, then the beam, do the rest. The beam holds k entries
+     * but only its best ef are expanded: a large k (a budget of thousands of tokens
+     * for Attend) is filled from the answer lists, more of them as k grows, instead
+     * of widening the walk in proportion to k. */
     size_t L0 = im->p.ef0 < L ? im->p.ef0 : L;
+    uint32_t expand = im->p.expand;
+    if (k > ef && g->K && 2 * (k / g->K + 1) > expand) expand = 2 * (k / g->K + 1);
+    if (expand > 1024) expand = 1024;
     beam_run(g, keys, q, L, L0, scratch, &n, &t);
-    answer_expand(g, ix->dim, keys, q, L, im->p.seeds, im->p.fanout, im->p.expand, scratch, &n, &t);
+    answer_expand(g, ix->dim, keys, q, L, ef < L ? ef : L, im->p.seeds, im->p.fanout, expand,
+                  scratch, &n, &t);
+    /* too few keys met to fill k: walk on (wider) until the beam holds k */
+    if (n < k && n < L) beam_expand(g, keys, q, L, L, scratch, &n, &t);
   } else {
     beam_run(g, keys, q, L, L, scratch, &n, &t);
   }

@@ -252,6 +252,35 @@ TEST(GraphRecall, AnswerListsRaiseRecall) {
   EXPECT_GT(a.r100, b.r100 + 0.01);  // measured 0.993 vs 0.977 (deterministic build and search)
 }
 
+// A large k (an Attend budget of thousands of tokens) fills the beam from the answer
+// lists instead of widening the walk: keys touched stay near the k = 100 figure, and
+// the best 100 of the k = 1000 answer are as good as the k = 100 answer.
+TEST(GraphRecall, LargeKDoesNotWidenTheWalk) {
+  Data data(16384, 1638, 50, 14);
+  Pool pool(2);
+  Graph g;
+  ASSERT_EQ(0, g.Build(data.keys->view, data.d.train, 1638, pool.p)) << kvdex_errmsg();
+  Scratch s;
+  double t100 = 0, t1000 = 0, r100 = 0, r1000 = 0;
+  for (uint32_t q = 0; q < 50; q++) {
+    auto a = g.Search(data.keys->view, data.Test(q), 100, 0, s.s);
+    auto b = g.Search(data.keys->view, data.Test(q), 1000, 0, s.s);
+    ASSERT_EQ(0, a.rc);
+    ASSERT_EQ(0, b.rc);
+    ASSERT_EQ(1000u, b.hits.size());
+    ExpectOrdered(b.hits);
+    t100 += (double)a.touched;
+    t1000 += (double)b.touched;
+    r100 += Recall(a.hits, data.exact[q]);
+    std::vector<kvdex_hit> best(b.hits.begin(), b.hits.begin() + 100);
+    r1000 += Recall(best, data.exact[q]);
+  }
+  printf("k=100: touched %.0f recall %.3f; k=1000: touched %.0f, its best 100 recall %.3f\n",
+         t100 / 50, r100 / 50, t1000 / 50, r1000 / 50);
+  EXPECT_LE(t1000, 2.0 * t100);
+  EXPECT_GE(r1000, r100 - 0.01);
+}
+
 // Queries dominated by their topics (query_scale 5): the structure the prefill
 // queries teach is most of the answer, and recall is high at the default beam.
 TEST(GraphRecall, TopicDominatedQueries) {
