@@ -63,6 +63,15 @@ struct kvdex__vt {
                 const char *const *seq_ids, const float *const *q, kvdex_search_out *out);
   /* spec non-empty; layer is checked by the transport (it needs the shape). */
   int (*build_index)(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec);
+  /* n_items > 0, items' seq_id, q non-NULL, o[i], lse[i] non-NULL, k in range unless
+   * dense, extras <= KVDEX__MAX_EXTRA: checked by kvdex.c. info: n_items zeroed
+   * entries, or NULL. Shapes, layer, index, extras' values: the transport. */
+  int (*attend)(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts, size_t n_items,
+                const kvdex_attend_item *items, float *const *o, float *const *lse,
+                kvdex_attend_info *info);
+  /* q_obs, ids non-NULL, 1 <= n_obs <= 4096, budget > 0: checked by kvdex.c. */
+  int (*retain)(kvdex_db *db, const char *seq_id, uint32_t layer, const float *q_obs,
+                uint32_t n_obs, const kvdex_retain_options *opts, uint64_t *ids, float *scores);
 };
 
 /* Transport constructors. `target` is the grpc "host:port" (already validated). */

@@ -5,7 +5,8 @@
  * metadata, one message per kvdex_append_kv, commit = half-close + response,
  * abort = cancel; prefill queries and landmarks ride in the same messages); ReadKV is
  * a server stream reassembled into the caller's buffers; Search packs every sequence
- * of a batch into one SearchRequest; BuildIndex is a unary call that only queues the build.
+ * of a batch into one SearchRequest; BuildIndex is a unary call that only queues the build;
+ * Attend (a batch in one AttendRequest) and Retain are unary calls.
  * Caller buffers carry no sizes, so the client needs each sequence's shape: it
  * keeps a small per-handle cache filled by create/stat and asks StatSequence on a
  * miss. It does no retries and no routing over several hosts.
@@ -37,17 +38,31 @@
 #define READ_MAX_IDS_PER_CALL ((size_t)1 << 20)
 #define SHAPE_CACHE_SLOTS 1024 /* direct-mapped: a collision replaces the entry */
 
-enum { M_CREATE, M_DELETE, M_STAT, M_LIST, M_APPEND, M_READ, M_SEARCH, M_BUILD, M_COUNT };
+enum {
+  M_CREATE,
+  M_DELETE,
+  M_STAT,
+  M_LIST,
+  M_APPEND,
+  M_READ,
+  M_SEARCH,
+  M_BUILD,
+  M_ATTEND,
+  M_RETAIN,
+  M_COUNT
+};
 
 static const char *const method_path[M_COUNT] = {
     "/kvdex.v1.KVStore/CreateSequence", "/kvdex.v1.KVStore/DeleteSequence",
     "/kvdex.v1.KVStore/StatSequence",   "/kvdex.v1.KVStore/ListSequences",
     "/kvdex.v1.KVStore/AppendKV",       "/kvdex.v1.KVStore/ReadKV",
     "/kvdex.v1.Retrieval/Search",       "/kvdex.v1.Retrieval/BuildIndex",
+    "/kvdex.v1.Retrieval/Attend",       "/kvdex.v1.Retrieval/Retain",
 };
 static const char *const method_name[M_COUNT] = {
     "CreateSequence", "DeleteSequence", "StatSequence", "ListSequences",
     "AppendKV",       "ReadKV",         "Search",       "BuildIndex",
+    "Attend",         "Retain",
 };
 
 typedef struct shape_slot {
@@ -918,6 +933,156 @@ static int grpc_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, co
   return KVDEX_OK;
 }
 
+/* ---- attend / retain --------------------------------------------------------------------- */
+
+static int grpc_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *aopts,
+                       size_t n_items, const kvdex_attend_item *items, float *const *o,
+                       float *const *lse, kvdex_attend_info *info) {
+  grpc_db *g = as_grpc(db);
+  int rc = KVDEX_OK;
+  size_t bytes = n_items * (sizeof(kvdex_shape) + sizeof(Kvdex__V1__SequenceRef) +
+                            sizeof(Kvdex__V1__AttendItem) + sizeof(Kvdex__V1__AttendItem *));
+  char *block = malloc(bytes);
+  if (!block) return kvdex__seterr(KVDEX_ENOMEM, "out of memory for %zu bytes", bytes);
+  kvdex_shape *shapes = (kvdex_shape *)block;
+  Kvdex__V1__SequenceRef *refs = (Kvdex__V1__SequenceRef *)(shapes + n_items);
+  Kvdex__V1__AttendItem *its = (Kvdex__V1__AttendItem *)(refs + n_items);
+  Kvdex__V1__AttendItem **iptrs = (Kvdex__V1__AttendItem **)(its + n_items);
+  protobuf_c_boolean *streaming = NULL;
+  size_t i;
+  for (i = 0; i < n_items && rc == KVDEX_OK; i++) {
+    rc = shape_get(g, items[i].seq_id, &shapes[i]);
+    if (rc == KVDEX_OK && layer >= shapes[i].n_layers)
+      rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (n_layers %u)", layer,
+                         shapes[i].n_layers);
+    if (rc == KVDEX_OK && i > 0 && aopts->streaming &&
+        shapes[i].n_q_heads != shapes[0].n_q_heads)
+      rc = kvdex__seterr(KVDEX_EINVAL,
+                         "streaming heads need the same n_q_heads in every item (%u vs %u)",
+                         shapes[i].n_q_heads, shapes[0].n_q_heads);
+    if (rc) break;
+    seq_ref(&refs[i], db, items[i].seq_id);
+    kvdex__v1__attend_item__init(&its[i]);
+    its[i].seq = &refs[i];
+    its[i].q.data = (uint8_t *)items[i].q;
+    its[i].q.len = (size_t)shapes[i].n_q_heads * shapes[i].head_dim * sizeof(float);
+    its[i].n_extra_tokens = items[i].n_extra;
+    its[i].extra_tokens = (uint64_t *)items[i].extra;
+    iptrs[i] = &its[i];
+  }
+  if (rc) {
+    char where[KVDEX_MAX_SEQ_ID + 48];
+    snprintf(where, sizeof where, "item %zu (sequence \"%s\")", i, items[i].seq_id);
+    free(block);
+    return kvdex__preerr(rc, where);
+  }
+  Kvdex__V1__AttendRequest req = KVDEX__V1__ATTEND_REQUEST__INIT;
+  if (aopts->streaming) {
+    uint32_t nq = shapes[0].n_q_heads;
+    streaming = malloc(nq * sizeof *streaming);
+    if (!streaming) {
+      free(block);
+      return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+    }
+    for (uint32_t h = 0; h < nq; h++) streaming[h] = aopts->streaming[h] ? 1 : 0;
+    req.n_streaming_heads = nq;
+    req.streaming_heads = streaming;
+  }
+  req.layer = layer;
+  req.n_items = n_items;
+  req.items = iptrs;
+  req.k = aopts->k;
+  req.sinks = aopts->sinks;
+  req.window = aopts->window;
+  req.index = (char *)(aopts->index ? aopts->index : "");
+  req.ef = aopts->ef;
+  req.nprobe = aopts->nprobe;
+  req.blocks = aopts->blocks;
+  req.scale = aopts->scale;
+  req.dense = aopts->dense ? 1 : 0;
+  ProtobufCMessage *msg;
+  rc = unary(g, M_ATTEND, &req.base, &kvdex__v1__attend_response__descriptor, &msg);
+  free(streaming);
+  if (rc) {
+    if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL)
+      for (i = 0; i < n_items; i++) cache_drop(g, items[i].seq_id);
+    free(block);
+    return rc;
+  }
+  const Kvdex__V1__AttendResponse *resp = (const Kvdex__V1__AttendResponse *)msg;
+  if (resp->n_results != n_items)
+    rc = kvdex__seterr(KVDEX_EINTERNAL, "Attend: the server sent %zu results for %zu items",
+                       resp->n_results, n_items);
+  /* Check every result before writing any caller buffer. */
+  for (i = 0; i < n_items && rc == KVDEX_OK; i++) {
+    const Kvdex__V1__AttendResult *r = resp->results[i];
+    size_t nq = shapes[i].n_q_heads, nf = nq * shapes[i].head_dim;
+    if (!r || r->o.len != nf * sizeof(float) || r->lse.len != nq * sizeof(float))
+      rc = kvdex__seterr(KVDEX_EINTERNAL, "Attend: result %zu has the wrong size", i);
+  }
+  for (i = 0; i < n_items && rc == KVDEX_OK; i++) {
+    const Kvdex__V1__AttendResult *r = resp->results[i];
+    memcpy(o[i], r->o.data, r->o.len);
+    memcpy(lse[i], r->lse.data, r->lse.len);
+    if (info) {
+      info[i].keys_touched = r->keys_touched;
+      info[i].tokens = r->tokens;
+      info[i].attended = r->attended;
+      snprintf(info[i].index, sizeof info[i].index, "%s",
+               r->index_used && r->index_used[0] ? r->index_used : "exact");
+    }
+  }
+  protobuf_c_message_free_unpacked(msg, NULL);
+  free(block);
+  return rc;
+}
+
+static int grpc_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const float *q_obs,
+                       uint32_t n_obs, const kvdex_retain_options *opts, uint64_t *ids,
+                       float *scores) {
+  grpc_db *g = as_grpc(db);
+  kvdex_shape sh;
+  int rc = shape_get(g, seq_id, &sh);
+  if (rc) return rc;
+  Kvdex__V1__SequenceRef ref;
+  seq_ref(&ref, db, seq_id);
+  Kvdex__V1__RetainRequest req = KVDEX__V1__RETAIN_REQUEST__INIT;
+  req.seq = &ref;
+  req.layer = layer;
+  req.q_obs.data = (uint8_t *)q_obs;
+  req.q_obs.len = (size_t)n_obs * sh.n_q_heads * sh.head_dim * sizeof(float);
+  req.n_obs = n_obs;
+  req.budget = opts->budget;
+  req.pool_window = opts->pool_window;
+  req.pooling = (Kvdex__V1__Pooling)opts->pooling;
+  req.sinks = opts->sinks;
+  req.window = opts->window;
+  req.scale = opts->scale;
+  req.materialize = opts->materialize ? 1 : 0;
+  ProtobufCMessage *msg;
+  rc = unary(g, M_RETAIN, &req.base, &kvdex__v1__retain_response__descriptor, &msg);
+  if (rc) {
+    if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL) cache_drop(g, seq_id);
+    return rc;
+  }
+  const Kvdex__V1__RetainResponse *resp = (const Kvdex__V1__RetainResponse *)msg;
+  if (resp->n_heads != sh.n_kv_heads)
+    rc = kvdex__seterr(KVDEX_EINTERNAL, "Retain: %zu heads, expected %u", resp->n_heads,
+                       sh.n_kv_heads);
+  for (uint32_t h = 0; h < sh.n_kv_heads && rc == KVDEX_OK; h++) {
+    const Kvdex__V1__RetainedHead *rh = resp->heads[h];
+    if (!rh || rh->n_ids != opts->budget || rh->n_scores != opts->budget)
+      rc = kvdex__seterr(KVDEX_EINTERNAL, "Retain: head %u is malformed", h);
+  }
+  for (uint32_t h = 0; h < sh.n_kv_heads && rc == KVDEX_OK; h++) {
+    const Kvdex__V1__RetainedHead *rh = resp->heads[h];
+    memcpy(ids + (size_t)h * opts->budget, rh->ids, opts->budget * sizeof *ids);
+    if (scores) memcpy(scores + (size_t)h * opts->budget, rh->scores, opts->budget * sizeof *scores);
+  }
+  protobuf_c_message_free_unpacked(msg, NULL);
+  return rc;
+}
+
 /* ---- open / close ---------------------------------------------------------------------- */
 
 static void grpc_close(kvdex_db *db) {
@@ -943,6 +1108,8 @@ static const kvdex__vt grpc_vt = {
     .read = grpc_read,
     .search = grpc_search,
     .build_index = grpc_build_index,
+    .attend = grpc_attend,
+    .retain = grpc_retain,
 };
 
 int kvdex__grpc_open(const char *target, const kvdex_open_opts *opts, kvdex_db **out) {

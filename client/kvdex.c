@@ -8,10 +8,16 @@
 #include <string.h>
 
 #include "client/client_int.h"
+#include "index/attend.h"
 #include "index/index.h"
 
 /* Most sequences in one kvdex_search call. */
 #define KVDEX__MAX_BATCH 65536
+/* Most items in one kvdex_attend call (the server's limit too). */
+#define KVDEX__MAX_ATTEND_ITEMS 4096
+/* Most extra tokens of one attend item, observation queries of one retain. */
+#define KVDEX__MAX_EXTRA 65536
+#define KVDEX__MAX_OBS 4096
 
 #define URI_FORMS "expected \"local:\" or \"grpc://host:port\" (IPv6: \"grpc://[addr]:port\")"
 
@@ -319,4 +325,58 @@ int kvdex_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, const ch
   if (strlen(spec) >= 512)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_build_index: spec is longer than 511 bytes");
   return pre(db->vt->build_index(db, seq_id, layer, spec), "kvdex_build_index");
+}
+
+/* ---- attention ------------------------------------------------------------------- */
+
+int kvdex_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts, size_t n_items,
+                 const kvdex_attend_item *items, float *const *o, float *const *lse,
+                 kvdex_attend_info *info) {
+  if (n_items > KVDEX__MAX_ATTEND_ITEMS)
+    return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: n_items %zu is too large (max %d)",
+                         n_items, KVDEX__MAX_ATTEND_ITEMS);
+  if (info) memset(info, 0, n_items * sizeof *info);
+  CHECK(check_db(db, "kvdex_attend"));
+  if (!opts) return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: opts is NULL");
+  if (!opts->dense && (opts->k == 0 || opts->k > KVDEX_MAX_K))
+    return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: k = %u out of range (1..%d) without dense",
+                         opts->k, KVDEX_MAX_K);
+  if (!(opts->scale >= 0) || opts->scale > 3.4e38f)
+    return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: scale must be finite and >= 0");
+  if (n_items == 0) return KVDEX_OK;
+  if (!items || !o || !lse)
+    return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: items, o and lse must not be NULL");
+  for (size_t i = 0; i < n_items; i++) {
+    CHECK(check_seq(db, items[i].seq_id, "kvdex_attend"));
+    if (!items[i].q || !o[i] || !lse[i])
+      return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: item %zu: q, o and lse must not be NULL",
+                           i);
+    if (items[i].n_extra > KVDEX__MAX_EXTRA || (items[i].n_extra && !items[i].extra))
+      return kvdex__seterr(KVDEX_EINVAL,
+                           "kvdex_attend: item %zu: %u extra tokens (at most %d, extra non-NULL)",
+                           i, items[i].n_extra, KVDEX__MAX_EXTRA);
+  }
+  int rc = db->vt->attend(db, layer, opts, n_items, items, o, lse, info);
+  if (rc && info) memset(info, 0, n_items * sizeof *info);
+  return pre(rc, "kvdex_attend");
+}
+
+int kvdex_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const float *q_obs,
+                 uint32_t n_obs, const kvdex_retain_options *opts, uint64_t *ids,
+                 float *scores) {
+  CHECK(check_db(db, "kvdex_retain"));
+  CHECK(check_seq(db, seq_id, "kvdex_retain"));
+  if (!opts || !q_obs || !ids)
+    return kvdex__seterr(KVDEX_EINVAL, "kvdex_retain: opts, q_obs and ids must not be NULL");
+  if (n_obs == 0 || n_obs > KVDEX__MAX_OBS)
+    return kvdex__seterr(KVDEX_EINVAL, "kvdex_retain: n_obs = %u out of range (1..%d)", n_obs,
+                         KVDEX__MAX_OBS);
+  if (opts->budget == 0)
+    return kvdex__seterr(KVDEX_EINVAL, "kvdex_retain: budget must be > 0");
+  return pre(db->vt->retain(db, seq_id, layer, q_obs, n_obs, opts, ids, scores), "kvdex_retain");
+}
+
+void kvdex_merge_partials(const float *o_a, float lse_a, const float *o_b, float lse_b,
+                          uint32_t d, float *o_out, float *lse_out) {
+  kvdex_attend_merge(o_a, lse_a, o_b, lse_b, d, o_out, lse_out);
 }

@@ -17,6 +17,8 @@
  *   landmarks (kvl):        sequence dtype, [n_kv_heads][n_blocks][head_dim]
  *   K, V of a read:         sequence dtype, [n_kv_heads][n][head_dim]
  *   queries of a search:    f32, [n_q_heads][head_dim]
+ *   attend q / o, lse:      f32, [n_q_heads][head_dim] / [n_q_heads]
+ *   retain observations:    f32, [n_obs][n_q_heads][head_dim]
  * Buffers carry no sizes: they must match the sequence's shape. Over gRPC the
  * client learns shapes from create/stat (or asks StatSequence on first use) and
  * keeps them per handle; it forgets one on delete and when the server refuses a
@@ -176,7 +178,9 @@ typedef struct kvdex_search_req {
    *   a kind               "graph", "ivf", "hnsw", "landmark": the layer's ready index,
    *                        which must be of that kind: KVDEX_ECONFLICT when none is
    *                        ready (or it is of another kind), KVDEX_EINVAL for an
-   *                        unknown kind.
+   *                        unknown kind;
+   *   "retained"           exact scan of the layer's retained set only (kvdex_retain
+   *                        with materialize; KVDEX_ECONFLICT when it has none).
    * With an index, each query head searches its KV head's index for k + sinks +
    * window candidates, drops the ineligible ones and merges them with an exact scan
    * of the eligible tokens appended after the build, so new tokens are never missed;
@@ -241,6 +245,105 @@ int kvdex_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *req, size
  * KVDEX_ECONFLICT (the layer has no tokens; with KVDEX_ALL_LAYERS none has),
  * KVDEX_EBUSY (a build of one of these layers is queued or running). */
 int kvdex_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec);
+
+/* ---- attention: Attend, Retain, merging partial results --------------------------- */
+
+/* One sequence of a batched kvdex_attend. */
+typedef struct kvdex_attend_item {
+  const char *seq_id;
+  const float *q;         /* f32 [n_q_heads][head_dim] of this sequence's shape */
+  const uint64_t *extra;  /* tokens every query head also attends (e.g. a landmark */
+  uint32_t n_extra;       /* block's): each < the layer's length and outside sinks /
+                             window, at most 65536; duplicates count once; may be NULL
+                             when n_extra is 0 */
+} kvdex_attend_item;
+
+typedef struct kvdex_attend_options {
+  uint32_t k;        /* tokens retrieved per query head, 1..65536 (ignored when dense) */
+  uint32_t sinks;    /* tokens [0, sinks) are not attended: the caller attends them */
+  uint32_t window;   /* nor the last `window` tokens */
+  /* What retrieves the tokens: as kvdex_search_req.index (NULL/""/"exact", "auto", a
+   * kind), or "retained": the best k of the layer's retained set (kvdex_retain with
+   * materialize; KVDEX_ECONFLICT when it has none). */
+  const char *index;
+  uint32_t ef, nprobe, blocks; /* index overrides, as kvdex_search_req (0 = the spec's) */
+  float scale;       /* logits = scale * q.k; 0 = 1/sqrt(head_dim); finite, >= 0 */
+  int dense;         /* 1: attend every token of [sinks, n - window) (the exact reference) */
+  const uint8_t *streaming; /* NULL, or per query head (n_q_heads of every item's
+                               sequence): 1 = a streaming head (DuoAttention), nothing
+                               retrieved, o = 0, lse = -INFINITY */
+} kvdex_attend_options;
+
+typedef struct kvdex_attend_info {
+  uint64_t keys_touched; /* keys scored by retrieval (as kvdex_search_out.keys_scanned);
+                            dense: eligible tokens x n_kv_heads */
+  uint64_t tokens;       /* committed tokens of the layer when the call ran */
+  uint64_t attended;     /* tokens attended, summed over query heads */
+  char index[32];        /* "dense", "exact", "retained" or the index kind */
+} kvdex_attend_info;
+
+/* Attend: sparse attention over the tokens kvdex holds, for `layer` of n_items
+ * sequences (batched decode; over gRPC one call). For item i and each query head h,
+ * over the token set T (the top-k of opts->index for h, plus the extra tokens):
+ *   o[i][h]   = sum_{t in T} softmax_t(scale * q_h . k_t) v_t     (head_dim floats)
+ *   lse[i][h] = log sum_{t in T} exp(scale * q_h . k_t)            (natural log)
+ * An empty T gives o = 0, lse = -INFINITY. Query head h reads KV head
+ * h / (n_q_heads / n_kv_heads). The engine combines this partial result with its own
+ * (the sinks and the window, attended on its GPU) by kvdex_merge_partials.
+ * o[i]: caller's buffer of n_q_heads * head_dim floats; lse[i]: n_q_heads floats;
+ * info: n_items entries or NULL. If any item fails the whole call fails (the message
+ * names the item); o and lse may then be partly written and info is zeroed.
+ * n_items = 0 is a no-op. Changes no stored state. Errors: KVDEX_EINVAL (k 0 or >
+ * 65536 without dense, layer out of range, non-finite query, bad scale, extras out
+ * of range or too many, unknown index), KVDEX_ENOTFOUND, KVDEX_ECONFLICT (the index
+ * kind is not ready; "retained" without a retained set), KVDEX_ENOMEM. */
+int kvdex_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts, size_t n_items,
+                 const kvdex_attend_item *items, float *const *o /* OUT */,
+                 float *const *lse /* OUT */, kvdex_attend_info *info /* OUT, or NULL */);
+
+/* Pooling of kvdex_retain_options (values equal kvdex.v1.Pooling). */
+#define KVDEX_POOLING_MAX 0 /* pooled(t) = max of the mass in the window */
+#define KVDEX_POOLING_AVG 1 /* pooled(t) = mean over the tokens of the window */
+
+typedef struct kvdex_retain_options {
+  uint32_t budget;      /* tokens kept per KV head: 1 .. eligible tokens */
+  uint32_t pool_window; /* odd width of the centred pooling window, 1..255; 0 = 1 (none) */
+  int pooling;          /* KVDEX_POOLING_MAX or KVDEX_POOLING_AVG */
+  uint32_t sinks;       /* tokens [0, sinks) are not candidates */
+  uint32_t window;      /* nor the last `window` tokens */
+  float scale;          /* logits = scale * q.k; 0 = 1/sqrt(head_dim) */
+  int materialize;      /* 1: the selection becomes the layer's retained set (replacing
+                           an older one; counted against the memory cap, freed with the
+                           sequence), used by index "retained" of search and attend */
+} kvdex_retain_options;
+
+/* Retain (SnapKV / InfiniRetri selection) for `layer` of a sequence: q_obs holds n_obs
+ * observation queries, f32 [n_obs][n_q_heads][head_dim] (e.g. the last prompt tokens'
+ * queries). Eligible tokens E = [sinks, n - window). Each token t of E scores
+ *   mass(t, g) = sum_obs sum_{h in KV group g} softmax_{t in E}(scale * q[obs][h] . k_t)
+ * pooled (max or mean) over [t - w/2, t + w/2] clipped to E; the `budget` best per
+ * KV head g (ties: lower id first) go to ids[g * budget ..] in ascending id order,
+ * their pooled scores to scores (may be NULL). ids: n_kv_heads * budget entries.
+ * Errors (nothing changed, ids/scores unspecified): KVDEX_EINVAL (layer out of range,
+ * n_obs 0 or > 4096, non-finite query, budget 0 or > |E|, even pool_window > 0 or
+ * > 255, unknown pooling, bad scale), KVDEX_ENOTFOUND, KVDEX_ENOMEM (materialize over
+ * the memory cap: the older set is kept). */
+int kvdex_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const float *q_obs,
+                 uint32_t n_obs, const kvdex_retain_options *opts, uint64_t *ids /* OUT */,
+                 float *scores /* OUT, or NULL */);
+
+/* Merges two partial attention results over disjoint token sets of one query head
+ * into the result over their union, the way an engine combines its own part (sinks
+ * and window, attended on the GPU) with kvdex_attend's:
+ *   o_out = (e^lse_a o_a + e^lse_b o_b) / (e^lse_a + e^lse_b),
+ *   lse_out = log(e^lse_a + e^lse_b),
+ * computed stably (relative to the larger lse, weights in double). A side with lse
+ * -INFINITY (no tokens) has weight 0 and its o is not read; both empty give o_out = 0,
+ * lse_out = -INFINITY. o_out may be o_a or o_b; otherwise no overlap. d floats each.
+ * For many heads, call it per head (o + h * head_dim, lse[h]). Never fails, never
+ * allocates, thread-safe, needs no handle. */
+void kvdex_merge_partials(const float *o_a, float lse_a, const float *o_b, float lse_b,
+                          uint32_t d, float *o_out /* OUT */, float *lse_out /* OUT */);
 
 #ifdef __cplusplus
 }

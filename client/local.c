@@ -2,8 +2,9 @@
  * kvdex_pool and an indexer (one build thread) in this process and calls kvstore/,
  * index/ and workers/indexer.h directly, with no serialisation. Appends are kvstore
  * transactions, reads kvdex_seq_read, searches and index builds go through the
- * indexer, as in the server. Its only lock guards a free list of index search
- * scratch objects; the modules it calls are thread-safe.
+ * indexer, as in the server; attend and retain run workers/attend_op.h on the
+ * handle's pool. Its only lock guards free lists of index search scratch objects and
+ * attend contexts; the modules it calls are thread-safe.
  */
 #include <pthread.h>
 #include <stdbool.h>
@@ -15,6 +16,7 @@
 #include "index/ann.h"
 #include "index/index.h"
 #include "kvstore/kvstore.h"
+#include "workers/attend_op.h"
 #include "workers/indexer.h"
 
 #define SCRATCH_KEEP 16 /* idle index search scratch objects kept for reuse */
@@ -24,9 +26,11 @@ typedef struct local_db {
   kvdex_store *store;
   kvdex_pool *pool;
   kvdex_indexer *indexer;
-  pthread_mutex_t scratch_mu; /* guards scratch[] */
+  pthread_mutex_t scratch_mu; /* guards scratch[] and actx[] */
   kvdex_index_scratch *scratch[SCRATCH_KEEP];
   unsigned n_scratch;
+  kvdex_attend_ctx *actx[SCRATCH_KEEP];
+  unsigned n_actx;
 } local_db;
 
 typedef struct local_appender {
@@ -40,6 +44,7 @@ static void local_close(kvdex_db *db) {
   local_db *l = as_local(db);
   kvdex_indexer_destroy(l->indexer); /* before the pool and store it uses */
   for (unsigned i = 0; i < l->n_scratch; i++) kvdex_index_scratch_destroy(l->scratch[i]);
+  for (unsigned i = 0; i < l->n_actx; i++) kvdex_attend_ctx_destroy(l->actx[i]);
   pthread_mutex_destroy(&l->scratch_mu);
   kvdex_pool_destroy(l->pool);
   kvdex_store_destroy(l->store);
@@ -66,6 +71,28 @@ static void scratch_give(local_db *l, kvdex_index_scratch *s) {
   }
   pthread_mutex_unlock(&l->scratch_mu);
   kvdex_index_scratch_destroy(s);
+}
+
+/* An attend context: a kept one (warm: no allocation), or a new one. */
+static int actx_take(local_db *l, kvdex_attend_ctx **out) {
+  kvdex_attend_ctx *c = NULL;
+  pthread_mutex_lock(&l->scratch_mu);
+  if (l->n_actx) c = l->actx[--l->n_actx];
+  pthread_mutex_unlock(&l->scratch_mu);
+  if (!c) return kvdex_attend_ctx_create(out);
+  *out = c;
+  return KVDEX_OK;
+}
+
+static void actx_give(local_db *l, kvdex_attend_ctx *c) {
+  if (!c) return;
+  pthread_mutex_lock(&l->scratch_mu);
+  if (l->n_actx < SCRATCH_KEEP) {
+    l->actx[l->n_actx++] = c;
+    c = NULL;
+  }
+  pthread_mutex_unlock(&l->scratch_mu);
+  kvdex_attend_ctx_destroy(c);
 }
 
 static int local_create(kvdex_db *db, const char *seq_id, const kvdex_shape *shape) {
@@ -272,9 +299,10 @@ static int local_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *re
                           .simd = KVDEX_SIMD_AUTO};
   kvdex_index_params params = {.ef = req->ef, .nprobe = req->nprobe, .blocks = req->blocks};
   kvdex_search_result res = {0};
-  int rc = kvdex_indexer_check_index(req->index);
+  bool retained = req->index && strcmp(req->index, "retained") == 0;
+  int rc = retained ? KVDEX_OK : kvdex_indexer_check_index(req->index);
   if (rc) return kvdex__preerr(rc, "index");
-  bool indexed = req->index && req->index[0] && strcmp(req->index, "exact");
+  bool indexed = req->index && req->index[0] && strcmp(req->index, "exact") && !retained;
   kvdex_index_scratch *scratch = indexed ? scratch_take(l) : NULL;
   size_t i;
   for (i = 0; i < n_seqs; i++) {
@@ -282,8 +310,13 @@ static int local_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *re
     const char *used = "exact";
     rc = kvdex_seq_open(l->store, db->ns, seq_ids[i], &seq);
     if (rc == KVDEX_OK) {
-      rc = kvdex_indexer_search(l->indexer, seq, layer, q[i], &so, req->index, &params, scratch,
-                                &res, &used);
+      if (retained) {
+        used = "retained";
+        rc = kvdex_retained_search(seq, layer, q[i], &so, &res);
+      } else {
+        rc = kvdex_indexer_search(l->indexer, seq, layer, q[i], &so, req->index, &params,
+                                  scratch, &res, &used);
+      }
       kvdex_seq_release(seq);
     }
     if (rc == KVDEX_OK) rc = convert_result(&res, used, &out[i]);
@@ -311,6 +344,78 @@ static int local_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, c
   return rc;
 }
 
+static int local_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts,
+                        size_t n_items, const kvdex_attend_item *items, float *const *o,
+                        float *const *lse, kvdex_attend_info *info) {
+  local_db *l = as_local(db);
+  const char *index = opts->index ? opts->index : "";
+  int rc = strcmp(index, "retained") ? kvdex_indexer_check_index(index) : KVDEX_OK;
+  if (rc) return kvdex__preerr(rc, "index");
+  kvdex_attend_ctx *c;
+  if ((rc = actx_take(l, &c))) return rc;
+  kvdex_index_params params = {.ef = opts->ef, .nprobe = opts->nprobe, .blocks = opts->blocks};
+  kvdex_attend_req ar = {.k = opts->k,
+                         .sinks = opts->sinks,
+                         .window = opts->window,
+                         .index = index,
+                         .params = &params,
+                         .scale = opts->scale,
+                         .dense = opts->dense ? 1 : 0,
+                         .streaming = opts->streaming};
+  size_t i;
+  for (i = 0; i < n_items; i++) {
+    kvdex_seq *seq;
+    rc = kvdex_seq_open(l->store, db->ns, items[i].seq_id, &seq);
+    if (rc) break;
+    ar.extra = items[i].extra;
+    ar.n_extra = items[i].n_extra;
+    kvdex_attend_stats st;
+    rc = kvdex_attend_layer(l->indexer, seq, layer, items[i].q, &ar, l->pool, c, o[i], lse[i],
+                            &st);
+    kvdex_seq_release(seq);
+    if (rc) break;
+    if (info) {
+      info[i].keys_touched = st.keys_touched;
+      info[i].tokens = st.tokens;
+      info[i].attended = st.attended;
+      snprintf(info[i].index, sizeof info[i].index, "%s", st.used);
+    }
+  }
+  actx_give(l, c);
+  if (rc) {
+    char where[KVDEX_MAX_SEQ_ID + 48];
+    snprintf(where, sizeof where, "item %zu (sequence \"%s\")", i, items[i].seq_id);
+    kvdex__preerr(rc, where);
+  }
+  return rc;
+}
+
+static int local_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const float *q_obs,
+                        uint32_t n_obs, const kvdex_retain_options *opts, uint64_t *ids,
+                        float *scores) {
+  local_db *l = as_local(db);
+  kvdex_seq *seq;
+  int rc = kvdex_seq_open(l->store, db->ns, seq_id, &seq);
+  if (rc) return rc;
+  kvdex_attend_ctx *c;
+  if ((rc = actx_take(l, &c))) {
+    kvdex_seq_release(seq);
+    return rc;
+  }
+  kvdex_retain_opts ro = {.sinks = opts->sinks,
+                          .window = opts->window,
+                          .budget = opts->budget,
+                          .pool_window = opts->pool_window ? opts->pool_window : 1,
+                          .pooling = opts->pooling,
+                          .scale = opts->scale,
+                          .simd = KVDEX_SIMD_AUTO};
+  rc = kvdex_retain_layer(seq, layer, q_obs, n_obs, &ro, opts->materialize ? 1 : 0, l->pool, c,
+                          ids, scores);
+  actx_give(l, c);
+  kvdex_seq_release(seq);
+  return rc;
+}
+
 static const kvdex__vt local_vt = {
     .name = "local",
     .close = local_close,
@@ -325,6 +430,8 @@ static const kvdex__vt local_vt = {
     .read = local_read,
     .search = local_search,
     .build_index = local_build_index,
+    .attend = local_attend,
+    .retain = local_retain,
 };
 
 int kvdex__local_open(const kvdex_open_opts *opts, kvdex_db **out) {

@@ -2,7 +2,9 @@
  * sequence, ingests it through the public client API (embedded or over gRPC) with
  * a progress bar, runs decode-step searches, checks them against a naive scalar
  * reference, and prints ingest GB/s, search p50/p99, GB/s of keys scanned and the
- * machine's measured memory read bandwidth beside it. Exit 1 on any mismatch. */
+ * machine's measured memory read bandwidth beside it. With --attend it also runs
+ * Attend (index auto) and dense Attend (the exact reference) on the checked steps and
+ * reports the relative L2 error of o and both latencies. Exit 1 on any mismatch. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -187,6 +189,11 @@ int kvdex_cmd_demo(int argc, char **argv) {
   double *lat = NULL;
   unsigned char *check_step = NULL;
   kvdex_pool *pool = NULL;
+  int do_attend = (int)kvdex_setting_num(&s, KVDEX_SET_ATTEND);
+  float *att_o = NULL, *att_lse = NULL, *den_o = NULL, *den_lse = NULL;
+  double *att_lat = NULL, *den_lat = NULL, att_err_sum = 0, att_err_max = 0;
+  uint32_t n_att = 0;
+  uint64_t att_heads = 0;
 
   if (d.sh.n_q_heads % d.sh.n_kv_heads) {
     fprintf(stderr, "kvdex demo: --q-heads %u is not a multiple of --kv-heads %u\n",
@@ -290,6 +297,15 @@ int kvdex_cmd_demo(int argc, char **argv) {
   uint32_t kk = req.k < eligible ? req.k : (uint32_t)eligible;
   heap = malloc((size_t)kk * sizeof(ref_hit));
   if (!check_step || !lat || !q || !row || !heap) goto oom;
+  if (do_attend) {
+    att_o = malloc(qn * sizeof(float));
+    den_o = malloc(qn * sizeof(float));
+    att_lse = malloc(d.sh.n_q_heads * sizeof(float));
+    den_lse = malloc(d.sh.n_q_heads * sizeof(float));
+    att_lat = calloc(steps, sizeof(double));
+    den_lat = calloc(steps, sizeof(double));
+    if (!att_o || !den_o || !att_lse || !den_lse || !att_lat || !den_lat) goto oom;
+  }
   for (uint32_t c = 0; c < n_check;) { /* a random sample of steps, without repeats */
     uint32_t st = n_check == steps ? c : (uint32_t)(splitmix(&rng) % steps);
     if (!check_step[st]) { check_step[st] = 1; c++; }
@@ -331,6 +347,34 @@ int kvdex_cmd_demo(int argc, char **argv) {
       }
     }
     kvdex_search_out_free(&res);
+    if (do_attend && check_step[st]) {
+      /* Attend through the index (auto) vs the dense exact reference over the same
+       * tokens [sinks, n - window): the error is what top-k attention loses. */
+      kvdex_attend_item item = {.seq_id = seq_id, .q = q};
+      kvdex_attend_options ao = {.k = req.k, .sinks = req.sinks, .window = req.window,
+                                 .index = "auto"};
+      float *o1[1] = {att_o}, *l1[1] = {att_lse}, *o2[1] = {den_o}, *l2[1] = {den_lse};
+      double t2 = kvdex_bench_now();
+      if (kvdex_attend(db, layer, &ao, 1, &item, o1, l1, NULL)) goto fail;
+      att_lat[n_att] = kvdex_bench_now() - t2;
+      ao.dense = 1;
+      t2 = kvdex_bench_now();
+      if (kvdex_attend(db, layer, &ao, 1, &item, o2, l2, NULL)) goto fail;
+      den_lat[n_att] = kvdex_bench_now() - t2;
+      n_att++;
+      for (uint32_t h = 0; h < d.sh.n_q_heads; h++) {
+        double num = 0, den = 0;
+        for (uint32_t i = 0; i < d.sh.head_dim; i++) {
+          double a = att_o[(size_t)h * d.sh.head_dim + i], b = den_o[(size_t)h * d.sh.head_dim + i];
+          num += (a - b) * (a - b);
+          den += b * b;
+        }
+        double e = den > 0 ? sqrt(num / den) : sqrt(num);
+        att_err_sum += e;
+        if (e > att_err_max) att_err_max = e;
+        att_heads++;
+      }
+    }
     if (!json && (st + 1) % 20 == 0) progress("search", "steps", st + 1, steps, scanned_bytes / search_s / 1e9, tty);
   }
   double p50 = kvdex_percentile(lat, steps, 50) * 1e3, p99 = kvdex_percentile(lat, steps, 99) * 1e3;
@@ -343,17 +387,31 @@ int kvdex_cmd_demo(int argc, char **argv) {
   double bw = kvdex_membw_read((size_t)key_bytes_layer, pool, 3);
   if (bw < 0) goto fail;
   double scan_gbps = scanned_bytes / search_s / 1e9, ingest_gbps = kv_bytes / ingest_s / 1e9;
+  double att_p50 = 0, att_p99 = 0, den_p50 = 0, den_p99 = 0;
+  double att_err_mean = att_heads ? att_err_sum / (double)att_heads : 0;
+  if (n_att) {
+    att_p50 = kvdex_percentile(att_lat, n_att, 50) * 1e3;
+    att_p99 = kvdex_percentile(att_lat, n_att, 99) * 1e3;
+    den_p50 = kvdex_percentile(den_lat, n_att, 50) * 1e3;
+    den_p99 = kvdex_percentile(den_lat, n_att, 99) * 1e3;
+  }
 
   if (json) {
     printf("{\"uri\":\"%s\",\"layers\":%u,\"kv_heads\":%u,\"q_heads\":%u,\"head_dim\":%u,"
            "\"dtype\":\"%s\",\"tokens\":%llu,\"kv_bytes\":%.0f,\"ingest_gbps\":%.3f,"
            "\"steps\":%u,\"k\":%u,\"search_p50_ms\":%.3f,\"search_p99_ms\":%.3f,"
            "\"scan_gbps\":%.3f,\"membw_gbps\":%.3f,\"membw_threads\":%u,\"scan_to_membw\":%.3f,"
-           "\"steps_checked\":%u,\"heads_checked\":%llu,\"mismatches\":%llu}\n",
+           "\"steps_checked\":%u,\"heads_checked\":%llu,\"mismatches\":%llu",
            uri, d.sh.n_layers, d.sh.n_kv_heads, d.sh.n_q_heads, d.sh.head_dim,
            kvdex_dtype_name(d.sh.dtype), (unsigned long long)d.tokens, kv_bytes, ingest_gbps,
            steps, req.k, p50, p99, scan_gbps, bw / 1e9, threads, scan_gbps / (bw / 1e9), n_check,
            (unsigned long long)heads_checked, (unsigned long long)mismatches);
+    if (do_attend)
+      printf(",\"attend_steps\":%u,\"attend_rel_l2_mean\":%.6g,\"attend_rel_l2_max\":%.6g,"
+             "\"attend_p50_ms\":%.3f,\"attend_p99_ms\":%.3f,\"dense_p50_ms\":%.3f,"
+             "\"dense_p99_ms\":%.3f",
+             n_att, att_err_mean, att_err_max, att_p50, att_p99, den_p50, den_p99);
+    printf("}\n");
   } else {
     printf("ingest:  %.1f MiB of K+V in %.3f s = %.2f GB/s\n", kv_bytes / 1048576, ingest_s, ingest_gbps);
     printf("search:  %u decode steps, top-%u for each of %u q heads: p50 %.2f ms, p99 %.2f ms\n",
@@ -364,6 +422,13 @@ int kvdex_cmd_demo(int argc, char **argv) {
     printf("check:   %u of %u steps (%llu q heads) against the naive scalar reference: %s\n",
            n_check, steps, (unsigned long long)heads_checked,
            mismatches ? "MISMATCHES (see above)" : "all top-k lists match");
+    if (do_attend) {
+      printf("attend:  %u steps, top-%u attention (index auto) vs dense over [sinks, n - window): "
+             "relative L2 error of o over %llu q heads: mean %.3g, max %.3g\n",
+             n_att, req.k, (unsigned long long)att_heads, att_err_mean, att_err_max);
+      printf("         latency: attend p50 %.2f ms, p99 %.2f ms; dense p50 %.2f ms, p99 %.2f ms\n",
+             att_p50, att_p99, den_p50, den_p99);
+    }
   }
   exit_code = mismatches ? 1 : 0;
   goto out;
@@ -393,6 +458,12 @@ out:
   free(heap);
   free(lat);
   free(check_step);
+  free(att_o);
+  free(att_lse);
+  free(den_o);
+  free(den_lse);
+  free(att_lat);
+  free(den_lat);
   kvdex_settings_free(&s);
   return exit_code;
 }

@@ -2,7 +2,8 @@
  * kvdex.v1.KVStore, kvdex.v1.Retrieval and grpc.health.v1.Health/Check over a
  * kvdex_store; every other method answers UNIMPLEMENTED. BuildIndex hands builds to
  * an indexer (workers/indexer.h) with build threads of its own; Search goes through
- * the same indexer (exact scan, or a ready index plus an exact scan of the tail).
+ * the same indexer (exact scan, or a ready index plus an exact scan of the tail);
+ * Attend and Retain run workers/attend_op.h on the server's pool.
  *
  * N worker threads, each with its own completion queue and one outstanding request
  * slot per method. A call is a small state machine (kvdex__call_state) driven only by
@@ -21,6 +22,7 @@
 #include <grpc/support/log.h>
 #include <grpc/support/time.h>
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -33,6 +35,7 @@
 #include "grpc/health/v1/health.pb-c.h"
 #include "kvdex/v1/kvdex.pb-c.h"
 #include "proto/wire.h"
+#include "workers/attend_op.h"
 #include "workers/indexer.h"
 
 #define KVDEX__DEFAULT_MAX_MESSAGE (64u << 20)
@@ -52,6 +55,8 @@ typedef enum kvdex__method {
   KVDEX__M_READ,
   KVDEX__M_SEARCH,
   KVDEX__M_BUILD,
+  KVDEX__M_ATTEND,
+  KVDEX__M_RETAIN,
   KVDEX__M_HEALTH,
   KVDEX__M_UNKNOWN, /* everything not registered: grpc_server_request_call */
   KVDEX__M_COUNT
@@ -70,6 +75,8 @@ static const struct {
     {"/kvdex.v1.KVStore/ReadKV", "ReadKV", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {"/kvdex.v1.Retrieval/Search", "Search", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {"/kvdex.v1.Retrieval/BuildIndex", "BuildIndex", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {"/kvdex.v1.Retrieval/Attend", "Attend", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {"/kvdex.v1.Retrieval/Retain", "Retain", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {"/grpc.health.v1.Health/Check", "Health/Check", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {NULL, "(unregistered)", GRPC_SRM_PAYLOAD_NONE},
 };
@@ -225,6 +232,7 @@ struct kvdex__worker {
   size_t qf_cap;
   kvdex_search_result res;
   kvdex_index_scratch *ixs; /* made on the first indexed search */
+  kvdex_attend_ctx *actx;   /* made on the first Attend / Retain, grows and is reused */
 };
 
 struct kvdex_server {
@@ -672,11 +680,16 @@ static int kvdex__search_one(kvdex__worker *w, const Kvdex__V1__SearchRequest *r
     w->qf_cap = n_q;
   }
   kvdex_to_f32(qd, q->q.data, w->qf, n_q);
-  bool indexed = index[0] && strcmp(index, "exact");
+  bool indexed = index[0] && strcmp(index, "exact") && strcmp(index, "retained");
   if (indexed && !w->ixs && (rc = kvdex_index_scratch_create(&w->ixs)) != KVDEX_OK) goto out;
   const char *used = "exact";
-  rc = kvdex_indexer_search(srv->indexer, seq, req->layer, w->qf, opts, index, params, w->ixs,
-                            &w->res, &used);
+  if (strcmp(index, "retained") == 0) {
+    used = "retained";
+    rc = kvdex_retained_search(seq, req->layer, w->qf, opts, &w->res);
+  } else {
+    rc = kvdex_indexer_search(srv->indexer, seq, req->layer, w->qf, opts, index, params, w->ixs,
+                              &w->res, &used);
+  }
   if (rc) {
     rc = kvdex__preerr(rc, field);
     goto out;
@@ -735,7 +748,7 @@ static int kvdex__do_search(kvdex__call *c) {
   if (!o || o->k < 1 || o->k > KVDEX_MAX_K) {
     rc = kvdex__seterr(KVDEX_EINVAL, "options.k must be in 1..%d (got %u)", KVDEX_MAX_K,
                        o ? o->k : 0);
-  } else if (kvdex_indexer_check_index(index)) {
+  } else if (strcmp(index, "retained") && kvdex_indexer_check_index(index)) {
     rc = kvdex__preerr(KVDEX_EINVAL, "options");
   }
   kvdex_index_params params = {.ef = o ? o->ef : 0,
@@ -798,6 +811,237 @@ static int kvdex__do_build(kvdex__call *c) {
     resp.layers = layers;
     rc = kvdex__pack(srv, &resp.base, &c->send_buf);
   }
+  kvdex_seq_release(seq);
+  protobuf_c_message_free_unpacked(&req->base, NULL);
+  return rc;
+}
+
+
+/* ---- Attend and Retain ----------------------------------------------------------- */
+
+/* Most items in one AttendRequest. */
+#define KVDEX__MAX_ATTEND_ITEMS 4096u
+
+static int kvdex__worker_actx(kvdex__worker *w) {
+  if (w->actx) return KVDEX_OK;
+  return kvdex_attend_ctx_create(&w->actx);
+}
+
+/* Copies n f32 of wire bytes into the worker's aligned query buffer. */
+static int kvdex__worker_qf(kvdex__worker *w, const uint8_t *bytes, size_t n) {
+  if (w->qf_cap < n) {
+    float *qf = realloc(w->qf, n * sizeof(float));
+    if (!qf) return kvdex__seterr(KVDEX_ENOMEM, "out of memory for %zu query floats", n);
+    w->qf = qf;
+    w->qf_cap = n;
+  }
+  if (n) memcpy(w->qf, bytes, n * sizeof(float));
+  return KVDEX_OK;
+}
+
+/* One AttendItem -> one AttendResult (o and lse in the arena). *budget as in search. */
+static int kvdex__attend_one(kvdex__worker *w, const Kvdex__V1__AttendRequest *req, size_t i,
+                             const kvdex_attend_req *base, uint64_t *budget,
+                             Kvdex__V1__AttendResult *out /* OUT */) {
+  kvdex_server *srv = w->srv;
+  kvdex__arena *a = &w->arena;
+  const Kvdex__V1__AttendItem *it = req->items[i];
+  kvdex_seq *seq = NULL;
+  char field[32];
+  snprintf(field, sizeof field, "items[%zu]", i);
+  int rc = kvdex__open(srv, it ? it->seq : NULL, field, &seq);
+  if (rc) return rc;
+  const kvdex_shape *sh = kvdex_seq_shape(seq);
+  const size_t n_q = sh->n_q_heads, nf = n_q * sh->head_dim;
+  kvdex_attend_req ar = *base;
+  uint8_t *streaming = NULL;
+  if (req->layer >= sh->n_layers) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (the sequence has %u layers)",
+                       req->layer, sh->n_layers);
+  } else if (it->q.len != nf * sizeof(float)) {
+    rc = kvdex__seterr(KVDEX_EINVAL,
+                       "%s.q has %zu bytes, expected n_q_heads (%u) x head_dim (%u) x 4 (f32) = "
+                       "%zu",
+                       field, it->q.len, sh->n_q_heads, sh->head_dim, nf * sizeof(float));
+  } else if (req->n_streaming_heads != 0 && req->n_streaming_heads != n_q) {
+    rc = kvdex__seterr(KVDEX_EINVAL,
+                       "streaming_heads has %zu entries, expected 0 or n_q_heads (%u) of %s's "
+                       "sequence",
+                       req->n_streaming_heads, sh->n_q_heads, field);
+  } else if (it->n_extra_tokens > KVDEX_ATTEND_MAX_EXTRA) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "%s.extra_tokens has %zu entries (at most %d)", field,
+                       it->n_extra_tokens, KVDEX_ATTEND_MAX_EXTRA);
+  }
+  if (rc) goto out;
+  /* Bound the response before doing the work. */
+  uint64_t est = (uint64_t)nf * 4 + n_q * 4 + 96;
+  if (est > *budget) {
+    rc = kvdex__seterr(KVDEX_ENOMEM,
+                       "the response would exceed the max message size (%llu bytes): split the "
+                       "batch",
+                       (unsigned long long)srv->max_message);
+    goto out;
+  }
+  *budget -= est;
+  if (req->n_streaming_heads) {
+    if (!(streaming = kvdex__arena_alloc(a, n_q))) goto oom;
+    for (size_t h = 0; h < n_q; h++) streaming[h] = req->streaming_heads[h] ? 1 : 0;
+  }
+  ar.streaming = streaming;
+  ar.extra = it->extra_tokens;
+  ar.n_extra = (uint32_t)it->n_extra_tokens;
+  if ((rc = kvdex__worker_qf(w, it->q.data, nf))) goto out;
+  float *o = kvdex__arena_alloc(a, nf * sizeof(float) + 1);
+  float *lse = kvdex__arena_alloc(a, n_q * sizeof(float));
+  if (!o || !lse) goto oom;
+  kvdex_attend_stats st;
+  rc = kvdex_attend_layer(srv->indexer, seq, req->layer, w->qf, &ar, srv->pool, w->actx, o, lse,
+                          &st);
+  if (rc) {
+    rc = kvdex__preerr(rc, field);
+    goto out;
+  }
+  kvdex__v1__attend_result__init(out);
+  out->o.data = (uint8_t *)o;
+  out->o.len = nf * sizeof(float);
+  out->lse.data = (uint8_t *)lse;
+  out->lse.len = n_q * sizeof(float);
+  out->keys_touched = st.keys_touched;
+  out->tokens = st.tokens;
+  out->attended = st.attended;
+  out->index_used = (char *)st.used; /* a static string */
+  goto out;
+oom:
+  rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory building the attend response");
+out:
+  kvdex_seq_release(seq);
+  return rc;
+}
+
+static int kvdex__do_attend(kvdex__call *c) {
+  kvdex__worker *w = c->w;
+  kvdex_server *srv = w->srv;
+  Kvdex__V1__AttendRequest *req =
+      kvdex__unpack(&kvdex__v1__attend_request__descriptor, "AttendRequest", c->payload);
+  if (!req) return KVDEX_EINVAL;
+  int rc = KVDEX_OK;
+  const char *index = req->index ? req->index : "";
+  if (req->n_items < 1 || req->n_items > KVDEX__MAX_ATTEND_ITEMS) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "items has %zu entries, expected 1..%u", req->n_items,
+                       KVDEX__MAX_ATTEND_ITEMS);
+  } else if (!req->dense && (req->k < 1 || req->k > KVDEX_MAX_K)) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "k must be in 1..%d unless dense is set (got %u)",
+                       KVDEX_MAX_K, req->k);
+  } else if (!(req->scale >= 0) || !isfinite(req->scale)) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "scale must be finite and >= 0 (0 = 1/sqrt(head_dim))");
+  } else if (strcmp(index, "retained") && kvdex_indexer_check_index(index)) {
+    rc = kvdex__preerr(KVDEX_EINVAL, "index");
+  } else {
+    rc = kvdex__worker_actx(w);
+  }
+  kvdex_index_params params = {.ef = req->ef, .nprobe = req->nprobe, .blocks = req->blocks};
+  kvdex_attend_req base = {.k = req->k,
+                           .sinks = req->sinks,
+                           .window = req->window,
+                           .index = index,
+                           .params = &params,
+                           .scale = req->scale,
+                           .dense = req->dense ? 1 : 0};
+  Kvdex__V1__AttendResponse resp = KVDEX__V1__ATTEND_RESPONSE__INIT;
+  if (!rc) {
+    resp.results = kvdex__arena_alloc(&w->arena, sizeof(*resp.results) * req->n_items);
+    if (!resp.results) rc = KVDEX_ENOMEM;
+  }
+  uint64_t budget = srv->max_message;
+  for (size_t i = 0; !rc && i < req->n_items; i++) {
+    if (kvdex__deadline_passed(kvdex__call_deadline(c))) {
+      rc = kvdex__seterr(KVDEX_ETIMEDOUT, "deadline passed after %zu of %zu items", i,
+                         req->n_items);
+      break;
+    }
+    Kvdex__V1__AttendResult *r = kvdex__arena_alloc(&w->arena, sizeof *r);
+    if (!r) {
+      rc = KVDEX_ENOMEM;
+      break;
+    }
+    rc = kvdex__attend_one(w, req, i, &base, &budget, r);
+    resp.results[i] = r;
+    resp.n_results = i + 1;
+  }
+  if (!rc) rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  protobuf_c_message_free_unpacked(&req->base, NULL);
+  return rc;
+}
+
+static int kvdex__do_retain(kvdex__call *c) {
+  kvdex__worker *w = c->w;
+  kvdex_server *srv = w->srv;
+  kvdex__arena *a = &w->arena;
+  Kvdex__V1__RetainRequest *req =
+      kvdex__unpack(&kvdex__v1__retain_request__descriptor, "RetainRequest", c->payload);
+  if (!req) return KVDEX_EINVAL;
+  kvdex_seq *seq = NULL;
+  int rc = kvdex__open(srv, req->seq, "seq", &seq);
+  if (rc) goto out;
+  const kvdex_shape *sh = kvdex_seq_shape(seq);
+  const uint64_t per_obs = (uint64_t)sh->n_q_heads * sh->head_dim;
+  uint64_t tokens = 0;
+  if (req->layer >= sh->n_layers) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (the sequence has %u layers)",
+                       req->layer, sh->n_layers);
+  } else if (req->n_obs < 1 || req->n_obs > KVDEX_ATTEND_MAX_OBS) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "n_obs must be in 1..%d (got %u)", KVDEX_ATTEND_MAX_OBS,
+                       req->n_obs);
+  } else if (req->q_obs.len != req->n_obs * per_obs * sizeof(float)) {
+    rc = kvdex__seterr(KVDEX_EINVAL,
+                       "q_obs has %zu bytes, expected n_obs (%u) x n_q_heads (%u) x head_dim (%u) "
+                       "x 4 (f32) = %llu",
+                       req->q_obs.len, req->n_obs, sh->n_q_heads, sh->head_dim,
+                       (unsigned long long)(req->n_obs * per_obs * sizeof(float)));
+  } else if (req->budget < 1 || req->budget > (tokens = kvdex_seq_tokens(seq, req->layer))) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "budget %u out of range (1..eligible tokens; the layer has "
+                       "%llu)",
+                       req->budget, (unsigned long long)tokens);
+  } else if ((uint64_t)sh->n_kv_heads * req->budget * 16 + 64 > srv->max_message) {
+    rc = kvdex__seterr(KVDEX_ENOMEM,
+                       "the response would exceed the max message size (%llu bytes): lower budget",
+                       (unsigned long long)srv->max_message);
+  } else {
+    rc = kvdex__worker_actx(w);
+  }
+  if (rc) goto out;
+  if ((rc = kvdex__worker_qf(w, req->q_obs.data, req->n_obs * per_obs))) goto out;
+  const size_t cnt = (size_t)sh->n_kv_heads * req->budget;
+  uint64_t *ids = kvdex__arena_alloc(a, cnt * sizeof *ids);
+  float *scores = kvdex__arena_alloc(a, cnt * sizeof *scores);
+  Kvdex__V1__RetainedHead **heads = kvdex__arena_alloc(a, sh->n_kv_heads * sizeof *heads);
+  Kvdex__V1__RetainedHead *hs = kvdex__arena_alloc(a, sh->n_kv_heads * sizeof *hs);
+  if (!ids || !scores || !heads || !hs) {
+    rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory for the retain response");
+    goto out;
+  }
+  kvdex_retain_opts ro = {.sinks = req->sinks,
+                          .window = req->window,
+                          .budget = req->budget,
+                          .pool_window = req->pool_window ? req->pool_window : 1,
+                          .pooling = (int)req->pooling,
+                          .scale = req->scale,
+                          .simd = KVDEX_SIMD_AUTO};
+  rc = kvdex_retain_layer(seq, req->layer, w->qf, req->n_obs, &ro, req->materialize ? 1 : 0,
+                          srv->pool, w->actx, ids, scores);
+  if (rc) goto out;
+  Kvdex__V1__RetainResponse resp = KVDEX__V1__RETAIN_RESPONSE__INIT;
+  resp.n_heads = sh->n_kv_heads;
+  resp.heads = heads;
+  for (uint32_t g = 0; g < sh->n_kv_heads; g++) {
+    kvdex__v1__retained_head__init(&hs[g]);
+    hs[g].n_ids = hs[g].n_scores = req->budget;
+    hs[g].ids = ids + (size_t)g * req->budget;
+    hs[g].scores = scores + (size_t)g * req->budget;
+    heads[g] = &hs[g];
+  }
+  rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+out:
   kvdex_seq_release(seq);
   protobuf_c_message_free_unpacked(&req->base, NULL);
   return rc;
@@ -1150,6 +1394,8 @@ static void kvdex__call_on_new(kvdex__call *c, bool success) {
     case KVDEX__M_LIST: rc = kvdex__do_list(c); break;
     case KVDEX__M_SEARCH: rc = kvdex__do_search(c); break;
     case KVDEX__M_BUILD: rc = kvdex__do_build(c); break;
+    case KVDEX__M_ATTEND: rc = kvdex__do_attend(c); break;
+    case KVDEX__M_RETAIN: rc = kvdex__do_retain(c); break;
     case KVDEX__M_HEALTH: rc = kvdex__do_health(c); break;
     case KVDEX__M_READ:
       rc = kvdex__read_setup(c);
@@ -1279,6 +1525,7 @@ static void kvdex__server_free(kvdex_server *srv) {
     free(srv->workers[i].qf);
     kvdex_search_result_free(&srv->workers[i].res);
     kvdex_index_scratch_destroy(srv->workers[i].ixs);
+    kvdex_attend_ctx_destroy(srv->workers[i].actx);
   }
   kvdex_indexer_destroy(srv->indexer); /* no call is left that could queue a build */
   free(srv->workers);

@@ -80,6 +80,8 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      KVDEX_CMD_DEMO, "exclude the last N tokens (the caller attends them)"},
     {KVDEX_SET_CHECK, "check", "KVDEX_CHECK", T_INT, "-1", -1, 1000000, "steps", KVDEX_CMD_DEMO,
      "steps checked against the scalar reference (-1 = all if quick, else a sample)"},
+    {KVDEX_SET_ATTEND, "attend", "KVDEX_ATTEND", T_BOOL, "0", 0, 1, "", KVDEX_CMD_DEMO,
+     "also run Attend (index auto) and dense Attend on a sample of steps: o error, latency"},
     {KVDEX_SET_SEED, "seed", "KVDEX_SEED", T_INT, "1", 0, INT64_MAX, "", KVDEX_CMD_DEMO | GEN | FID,
      "random seed of the synthetic data"},
     {KVDEX_SET_REPEAT, "repeat", "KVDEX_REPEAT", T_INT, "5", 1, 1000, "runs", KVDEX_CMD_BENCH_SCAN,

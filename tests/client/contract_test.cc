@@ -1215,6 +1215,455 @@ TEST_P(Contract, OneHandleServesManyThreads) {
   kvdex_search_out_free(&want);
 }
 
+// ---- attend and retain ---------------------------------------------------------------------
+
+// V element of the model, as f32.
+float ValElem(const Model &m, uint32_t layer, size_t head, size_t t, size_t d) {
+  float f;
+  kvdex_to_f32(m.shape.dtype, &m.v[layer][((head * m.cap + t) * m.shape.head_dim + d) * m.esize],
+               &f, 1);
+  return f;
+}
+
+// Attention of query head qh over the token ids (deduplicated here), in double.
+void RefAttend(const Model &m, uint32_t layer, const float *q, uint32_t qh,
+               std::vector<uint64_t> ids, double scale, std::vector<double> *o, double *lse) {
+  const uint32_t d = m.shape.head_dim, kv = qh / (m.shape.n_q_heads / m.shape.n_kv_heads);
+  if (scale == 0) scale = 1.0 / std::sqrt((double)d);
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  o->assign(d, 0.0);
+  if (ids.empty()) {
+    *lse = -std::numeric_limits<double>::infinity();
+    return;
+  }
+  std::vector<double> logit(ids.size());
+  double mx = -1e300;
+  for (size_t i = 0; i < ids.size(); i++) {
+    double s = 0;
+    for (uint32_t j = 0; j < d; j++) s += (double)q[(size_t)qh * d + j] * m.KeyElem(layer, kv, ids[i], j);
+    logit[i] = scale * s;
+    mx = std::max(mx, logit[i]);
+  }
+  double z = 0;
+  for (size_t i = 0; i < ids.size(); i++) {
+    double p = std::exp(logit[i] - mx);
+    z += p;
+    for (uint32_t j = 0; j < d; j++) (*o)[j] += p * ValElem(m, layer, kv, ids[i], j);
+  }
+  for (auto &x : *o) x /= z;
+  *lse = mx + std::log(z);
+}
+
+std::vector<uint64_t> Range(uint64_t lo, uint64_t hi) {
+  std::vector<uint64_t> r;
+  for (uint64_t t = lo; t < hi; t++) r.push_back(t);
+  return r;
+}
+
+// Checks o/lse of one query head against the reference over `ids`.
+void ExpectHead(const Model &m, uint32_t layer, const float *q, uint32_t qh,
+                const std::vector<uint64_t> &ids, double scale, const float *o, float lse,
+                const std::string &what) {
+  SCOPED_TRACE(what + " q head " + std::to_string(qh));
+  std::vector<double> ro;
+  double rlse;
+  RefAttend(m, layer, q, qh, ids, scale, &ro, &rlse);
+  if (std::isinf(rlse)) {
+    EXPECT_TRUE(std::isinf(lse) && lse < 0) << lse;
+    for (uint32_t j = 0; j < m.shape.head_dim; j++) EXPECT_EQ(o[j], 0.f);
+    return;
+  }
+  EXPECT_NEAR(lse, rlse, 1e-4 * (1 + std::fabs(rlse)));
+  for (uint32_t j = 0; j < m.shape.head_dim; j++)
+    EXPECT_NEAR(o[j], ro[j], 1e-4 * (1 + std::fabs(ro[j]))) << "dim " << j;
+}
+
+struct AttendOut {
+  std::vector<float> o, lse;
+  kvdex_attend_info info{};
+};
+
+int Attend1(kvdex_db *db, const char *id, const kvdex_shape &s, uint32_t layer,
+            const kvdex_attend_options &opts, const std::vector<float> &q, AttendOut *out,
+            const std::vector<uint64_t> &extra = {}) {
+  out->o.assign((size_t)s.n_q_heads * s.head_dim, 7.f);
+  out->lse.assign(s.n_q_heads, 7.f);
+  kvdex_attend_item it{id, q.data(), extra.empty() ? nullptr : extra.data(),
+                       (uint32_t)extra.size()};
+  float *o = out->o.data(), *lse = out->lse.data();
+  return kvdex_attend(db, layer, &opts, 1, &it, &o, &lse, &out->info);
+}
+
+TEST_P(Contract, AttendDenseEqualsDoublePrecisionAttention) {
+  for (int dtype : {KVDEX_DTYPE_F32, KVDEX_DTYPE_F16, KVDEX_DTYPE_BF16}) {
+    SCOPED_TRACE(kvdex_dtype_name(dtype));
+    std::string id = std::string("ad-") + kvdex_dtype_name(dtype);
+    kvdex_shape s = Shape(2, 2, 4, 32, dtype, 16);
+    Create(id.c_str(), s);
+    Model m(s, 300, 31 + dtype);
+    ASSERT_EQ(AppendPieces(db_, id.c_str(), m, {{0, 0, 300}, {1, 0, 100}}), 0) << kvdex_errmsg();
+    for (float scale : {0.f, 0.3f}) {
+      std::vector<float> q = RandomQuery(s, 7 + dtype);
+      kvdex_attend_options opts{};
+      opts.dense = 1;
+      opts.sinks = 4;
+      opts.window = 16;
+      opts.scale = scale;
+      AttendOut out;
+      ASSERT_EQ(Attend1(db_, id.c_str(), s, 0, opts, q, &out), 0) << kvdex_errmsg();
+      EXPECT_STREQ(out.info.index, "dense");
+      EXPECT_EQ(out.info.tokens, 300u);
+      EXPECT_EQ(out.info.attended, (uint64_t)s.n_q_heads * (300 - 4 - 16));
+      for (uint32_t h = 0; h < s.n_q_heads; h++)
+        ExpectHead(m, 0, q.data(), h, Range(4, 284), scale, &out.o[h * 32], out.lse[h],
+                   "dense");
+      // Layer 1 over everything.
+      opts.sinks = opts.window = 0;
+      ASSERT_EQ(Attend1(db_, id.c_str(), s, 1, opts, q, &out), 0) << kvdex_errmsg();
+      EXPECT_EQ(out.info.tokens, 100u);
+      for (uint32_t h = 0; h < s.n_q_heads; h++)
+        ExpectHead(m, 1, q.data(), h, Range(0, 100), scale, &out.o[h * 32], out.lse[h],
+                   "dense layer 1");
+    }
+  }
+}
+
+TEST_P(Contract, AttendTopKEqualsAttentionOverTheExactTopKAndExtras) {
+  kvdex_shape s = Shape(1, 2, 8, 32, KVDEX_DTYPE_F16, 16);  // GQA group of 4
+  Create("atk", s);
+  Model m(s, 400, 41);
+  ASSERT_EQ(AppendPieces(db_, "atk", m, {{0, 0, 400}}), 0) << kvdex_errmsg();
+  std::vector<float> q = RandomQuery(s, 42);
+  for (uint32_t k : {1u, 10u, 64u}) {
+    for (bool with_extra : {false, true}) {
+      SCOPED_TRACE("k " + std::to_string(k) + (with_extra ? " extra" : ""));
+      kvdex_attend_options opts{};
+      opts.k = k;
+      opts.sinks = 4;
+      opts.window = 8;
+      opts.index = "exact";
+      std::vector<uint64_t> extra;
+      if (with_extra) extra = {5, 200, 391, 200};
+      AttendOut out;
+      ASSERT_EQ(Attend1(db_, "atk", s, 0, opts, q, &out, extra), 0) << kvdex_errmsg();
+      EXPECT_STREQ(out.info.index, "exact");
+      EXPECT_EQ(out.info.tokens, 400u);
+      EXPECT_GE(out.info.keys_touched, 1u);
+      for (uint32_t h = 0; h < s.n_q_heads; h++) {
+        std::vector<uint64_t> ids = extra;
+        for (const Hit &x : BruteTopK(m, 0, 400, q.data(), h, k, 4, 8)) ids.push_back(x.id);
+        ExpectHead(m, 0, q.data(), h, ids, 0, &out.o[h * 32], out.lse[h], "top-k");
+      }
+    }
+  }
+}
+
+TEST_P(Contract, AttendMergedWithSinksAndWindowEqualsFullDenseAttention) {
+  kvdex_shape s = Shape(1, 2, 4, 16, KVDEX_DTYPE_BF16, 8);
+  Create("am", s);
+  Model m(s, 200, 51);
+  ASSERT_EQ(AppendPieces(db_, "am", m, {{0, 0, 200}}), 0) << kvdex_errmsg();
+  std::vector<float> q = RandomQuery(s, 52);
+  const uint32_t sinks = 4, window = 32, d = 16;
+  kvdex_attend_options opts{};
+  opts.dense = 1;
+  opts.sinks = sinks;
+  opts.window = window;
+  AttendOut part;
+  ASSERT_EQ(Attend1(db_, "am", s, 0, opts, q, &part), 0) << kvdex_errmsg();
+  std::vector<uint64_t> own = Range(0, sinks);  // what the engine attends on its GPU
+  for (uint64_t t = 200 - window; t < 200; t++) own.push_back(t);
+  for (uint32_t h = 0; h < s.n_q_heads; h++) {
+    std::vector<double> ro;
+    double rlse;
+    RefAttend(m, 0, q.data(), h, own, 0, &ro, &rlse);
+    std::vector<float> eo(ro.begin(), ro.end()), mo(d);
+    float mlse;
+    kvdex_merge_partials(&part.o[h * d], part.lse[h], eo.data(), (float)rlse, d, mo.data(),
+                         &mlse);
+    ExpectHead(m, 0, q.data(), h, Range(0, 200), 0, mo.data(), mlse, "merged");
+    // Merging with an empty side gives the other side unchanged.
+    std::vector<float> zo(d, 0.f), out(d);
+    float olse;
+    kvdex_merge_partials(&part.o[h * d], part.lse[h], zo.data(), -INFINITY, d, out.data(), &olse);
+    EXPECT_EQ(olse, part.lse[h]);
+    EXPECT_EQ(0, memcmp(out.data(), &part.o[h * d], d * sizeof(float)));
+  }
+}
+
+TEST_P(Contract, AttendStreamingHeadsGiveZeroAndMinusInfinity) {
+  kvdex_shape s = Shape(1, 2, 4, 16, KVDEX_DTYPE_F32, 8);
+  Create("as", s);
+  Model m(s, 120, 61);
+  ASSERT_EQ(AppendPieces(db_, "as", m, {{0, 0, 120}}), 0) << kvdex_errmsg();
+  std::vector<float> q = RandomQuery(s, 62);
+  const uint8_t streaming[4] = {1, 0, 0, 1};
+  for (int dense : {0, 1}) {
+    SCOPED_TRACE(dense ? "dense" : "top-k");
+    kvdex_attend_options opts{};
+    opts.k = 8;
+    opts.dense = dense;
+    opts.sinks = 2;
+    opts.window = 4;
+    AttendOut full, st;
+    ASSERT_EQ(Attend1(db_, "as", s, 0, opts, q, &full), 0) << kvdex_errmsg();
+    opts.streaming = streaming;
+    ASSERT_EQ(Attend1(db_, "as", s, 0, opts, q, &st), 0) << kvdex_errmsg();
+    for (uint32_t h = 0; h < 4; h++) {
+      if (streaming[h]) {
+        EXPECT_TRUE(std::isinf(st.lse[h]) && st.lse[h] < 0) << h;
+        for (uint32_t j = 0; j < 16; j++) EXPECT_EQ(st.o[h * 16 + j], 0.f);
+      } else {
+        EXPECT_EQ(st.lse[h], full.lse[h]) << h;
+        EXPECT_EQ(0, memcmp(&st.o[h * 16], &full.o[h * 16], 16 * sizeof(float))) << h;
+      }
+    }
+    EXPECT_EQ(st.info.attended * 2, full.info.attended);
+  }
+}
+
+TEST_P(Contract, BatchedAttendReturnsEachItemsOwnResultInOrder) {
+  kvdex_shape sa = Shape(1, 1, 2, 16, KVDEX_DTYPE_F32, 8), sb = Shape(1, 2, 4, 8, KVDEX_DTYPE_F16, 8);
+  Create("ba", sa);
+  Create("bb", sb);
+  Model ma(sa, 90, 71), mb(sb, 60, 72);
+  ASSERT_EQ(AppendPieces(db_, "ba", ma, {{0, 0, 90}}), 0) << kvdex_errmsg();
+  ASSERT_EQ(AppendPieces(db_, "bb", mb, {{0, 0, 60}}), 0) << kvdex_errmsg();
+  std::vector<float> qa = RandomQuery(sa, 73), qb = RandomQuery(sb, 74);
+  std::vector<uint64_t> extra_b = {30};
+  kvdex_attend_item items[3] = {{"bb", qb.data(), extra_b.data(), 1},
+                                {"ba", qa.data(), nullptr, 0},
+                                {"bb", qb.data(), nullptr, 0}};
+  std::vector<float> o0(4 * 8), o1(2 * 16), o2(4 * 8), l0(4), l1(2), l2(4);
+  float *o[] = {o0.data(), o1.data(), o2.data()}, *lse[] = {l0.data(), l1.data(), l2.data()};
+  kvdex_attend_info info[3];
+  kvdex_attend_options opts{};
+  opts.k = 5;
+  opts.window = 2;
+  ASSERT_EQ(kvdex_attend(db_, 0, &opts, 3, items, o, lse, info), 0) << kvdex_errmsg();
+  EXPECT_EQ(info[0].tokens, 60u);
+  EXPECT_EQ(info[1].tokens, 90u);
+  EXPECT_EQ(info[2].tokens, 60u);
+  for (uint32_t h = 0; h < 4; h++) {
+    std::vector<uint64_t> ids = extra_b;
+    for (const Hit &x : BruteTopK(mb, 0, 60, qb.data(), h, 5, 0, 2)) ids.push_back(x.id);
+    ExpectHead(mb, 0, qb.data(), h, ids, 0, &o0[h * 8], l0[h], "item 0");
+    ids.clear();
+    for (const Hit &x : BruteTopK(mb, 0, 60, qb.data(), h, 5, 0, 2)) ids.push_back(x.id);
+    ExpectHead(mb, 0, qb.data(), h, ids, 0, &o2[h * 8], l2[h], "item 2");
+  }
+  for (uint32_t h = 0; h < 2; h++) {
+    std::vector<uint64_t> ids;
+    for (const Hit &x : BruteTopK(ma, 0, 90, qa.data(), h, 5, 0, 2)) ids.push_back(x.id);
+    ExpectHead(ma, 0, qa.data(), h, ids, 0, &o1[h * 16], l1[h], "item 1");
+  }
+  // One bad item fails the whole call and names it.
+  items[2].seq_id = "nope";
+  EXPECT_EQ(kvdex_attend(db_, 0, &opts, 3, items, o, lse, info), KVDEX_ENOTFOUND);
+  EXPECT_NE(std::string(kvdex_errmsg()).find("nope"), std::string::npos) << kvdex_errmsg();
+  EXPECT_EQ(info[0].tokens, 0u);
+}
+
+// Brute-force Retain: per kv head the `budget` best of the pooled attention mass.
+std::vector<std::vector<std::pair<double, uint64_t>>> RefRetain(const Model &m, uint32_t layer,
+                                                                 uint64_t n,
+                                                                 const std::vector<float> &qobs,
+                                                                 uint32_t n_obs, uint32_t pw,
+                                                                 uint64_t sinks, uint64_t window) {
+  const uint32_t nq = m.shape.n_q_heads, d = m.shape.head_dim, group = nq / m.shape.n_kv_heads;
+  const uint64_t lo = sinks, hi = n - window;
+  const double scale = 1.0 / std::sqrt((double)d);
+  std::vector<std::vector<std::pair<double, uint64_t>>> out(m.shape.n_kv_heads);
+  for (uint32_t g = 0; g < m.shape.n_kv_heads; g++) {
+    std::vector<double> mass(hi - lo, 0.0);
+    for (uint32_t ob = 0; ob < n_obs; ob++) {
+      for (uint32_t h = g * group; h < (g + 1) * group; h++) {
+        const float *q = &qobs[((size_t)ob * nq + h) * d];
+        std::vector<double> lg(hi - lo);
+        double mx = -1e300, z = 0;
+        for (uint64_t t = lo; t < hi; t++) {
+          double s = 0;
+          for (uint32_t j = 0; j < d; j++) s += (double)q[j] * m.KeyElem(layer, g, t, j);
+          lg[t - lo] = scale * s;
+          mx = std::max(mx, lg[t - lo]);
+        }
+        for (auto &x : lg) z += std::exp(x - mx);
+        for (size_t i = 0; i < lg.size(); i++) mass[i] += std::exp(lg[i] - mx) / z;
+      }
+    }
+    for (uint64_t t = lo; t < hi; t++) {
+      double best = -1;
+      for (int64_t u = (int64_t)t - pw / 2; u <= (int64_t)t + pw / 2; u++)
+        if (u >= (int64_t)lo && u < (int64_t)hi) best = std::max(best, mass[u - lo]);
+      out[g].push_back({best, t});
+    }
+    std::sort(out[g].begin(), out[g].end(), [](const std::pair<double, uint64_t> &a,
+                                               const std::pair<double, uint64_t> &b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+  }
+  return out;
+}
+
+TEST_P(Contract, RetainEqualsBruteForceAndRetainedSearchAndAttendStayInside) {
+  kvdex_shape s = Shape(1, 2, 4, 16, KVDEX_DTYPE_F32, 8);
+  Create("rt", s);
+  Model m(s, 200, 81);
+  ASSERT_EQ(AppendPieces(db_, "rt", m, {{0, 0, 200}}), 0) << kvdex_errmsg();
+  const uint32_t n_obs = 3, budget = 20, nq = 4, d = 16;
+  std::vector<float> qobs((size_t)n_obs * nq * d);
+  std::mt19937 rng(82);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  for (auto &x : qobs) x = u(rng);
+  std::vector<float> q = RandomQuery(s, 83);
+  // No retained set yet.
+  kvdex_search_req sreq{};
+  sreq.k = 5;
+  sreq.index = "retained";
+  const char *ids1[] = {"rt"};
+  const float *qs[] = {q.data()};
+  kvdex_search_out sout;
+  EXPECT_EQ(kvdex_search(db_, 0, &sreq, 1, ids1, qs, &sout), KVDEX_ECONFLICT) << kvdex_errmsg();
+
+  kvdex_retain_options ro{};
+  ro.budget = budget;
+  ro.pool_window = 3;
+  ro.pooling = KVDEX_POOLING_MAX;
+  ro.sinks = 2;
+  ro.window = 10;
+  std::vector<uint64_t> got(2 * budget);
+  std::vector<float> scores(2 * budget);
+  ASSERT_EQ(kvdex_retain(db_, "rt", 0, qobs.data(), n_obs, &ro, got.data(), scores.data()), 0)
+      << kvdex_errmsg();
+  auto ref = RefRetain(m, 0, 200, qobs, n_obs, 3, 2, 10);
+  for (uint32_t g = 0; g < 2; g++) {
+    SCOPED_TRACE("kv head " + std::to_string(g));
+    std::vector<uint64_t> want;
+    for (uint32_t i = 0; i < budget; i++) want.push_back(ref[g][i].second);
+    std::sort(want.begin(), want.end());
+    double edge = ref[g][budget - 1].first - ref[g][budget].first;
+    std::vector<uint64_t> mine(got.begin() + g * budget, got.begin() + (g + 1) * budget);
+    EXPECT_TRUE(std::is_sorted(mine.begin(), mine.end()));
+    if (edge == 0 || edge > 1e-5) {  // no near-tie at the budget's edge
+      EXPECT_EQ(mine, want);
+    }
+    for (uint32_t i = 0; i < budget; i++) {
+      auto it = std::find_if(ref[g].begin(), ref[g].end(),
+                             [&](const std::pair<double, uint64_t> &x) { return x.second == mine[i]; });
+      ASSERT_NE(it, ref[g].end());
+      EXPECT_NEAR(scores[g * budget + i], it->first, 1e-4 * (1 + it->first));
+    }
+  }
+  // Not materialized: still no retained set.
+  EXPECT_EQ(kvdex_search(db_, 0, &sreq, 1, ids1, qs, &sout), KVDEX_ECONFLICT);
+  ro.materialize = 1;
+  ASSERT_EQ(kvdex_retain(db_, "rt", 0, qobs.data(), n_obs, &ro, got.data(), nullptr), 0)
+      << kvdex_errmsg();
+  // Search "retained": only retained ids of the head's kv head, the best of them.
+  ASSERT_EQ(kvdex_search(db_, 0, &sreq, 1, ids1, qs, &sout), 0) << kvdex_errmsg();
+  EXPECT_STREQ(sout.index, "retained");
+  for (uint32_t h = 0; h < nq; h++) {
+    uint32_t g = h / 2;
+    std::vector<uint64_t> kept(got.begin() + g * budget, got.begin() + (g + 1) * budget);
+    ASSERT_EQ(sout.heads[h].n, 5u);
+    for (uint32_t i = 0; i < sout.heads[h].n; i++)
+      EXPECT_TRUE(std::binary_search(kept.begin(), kept.end(), sout.heads[h].ids[i]))
+          << sout.heads[h].ids[i];
+    // Brute force over the kept ids.
+    std::vector<std::pair<double, uint64_t>> sc;
+    for (uint64_t t : kept) {
+      double v = 0;
+      for (uint32_t j = 0; j < d; j++) v += (double)q[h * d + j] * m.KeyElem(0, g, t, j);
+      sc.push_back({v, t});
+    }
+    std::sort(sc.begin(), sc.end(), [](auto &a, auto &b) { return a.first > b.first; });
+    for (uint32_t i = 0; i < 5; i++) EXPECT_EQ(sout.heads[h].ids[i], sc[i].second) << i;
+  }
+  // Attend "retained" = attention over exactly those hits.
+  kvdex_attend_options ao{};
+  ao.k = 5;
+  ao.index = "retained";
+  AttendOut out;
+  ASSERT_EQ(Attend1(db_, "rt", s, 0, ao, q, &out), 0) << kvdex_errmsg();
+  EXPECT_STREQ(out.info.index, "retained");
+  for (uint32_t h = 0; h < nq; h++) {
+    std::vector<uint64_t> ids(sout.heads[h].ids, sout.heads[h].ids + sout.heads[h].n);
+    ExpectHead(m, 0, q.data(), h, ids, 0, &out.o[h * d], out.lse[h], "retained");
+  }
+  kvdex_search_out_free(&sout);
+}
+
+TEST_P(Contract, BadAttendAndRetainAreRefusedAndChangeNothing) {
+  kvdex_shape s = Shape(1, 2, 4, 8, KVDEX_DTYPE_F32, 8);
+  Create("bad", s);
+  Model m(s, 40, 91);
+  ASSERT_EQ(AppendPieces(db_, "bad", m, {{0, 0, 40}}), 0) << kvdex_errmsg();
+  kvdex_seq_info before;
+  ASSERT_EQ(kvdex_stat(db_, "bad", &before), 0);
+  std::vector<float> q = RandomQuery(s, 92);
+  AttendOut out;
+  kvdex_attend_options ao{};
+  ao.k = 0;  // k = 0 without dense
+  EXPECT_EQ(Attend1(db_, "bad", s, 0, ao, q, &out), KVDEX_EINVAL);
+  EXPECT_STRNE(kvdex_errmsg(), "");
+  ao.k = 4;
+  EXPECT_EQ(Attend1(db_, "nope", s, 0, ao, q, &out), KVDEX_ENOTFOUND);
+  EXPECT_EQ(Attend1(db_, "bad", s, 3, ao, q, &out), KVDEX_EINVAL);  // layer
+  ao.index = "nonsense";
+  EXPECT_EQ(Attend1(db_, "bad", s, 0, ao, q, &out), KVDEX_EINVAL);
+  ao.index = "graph";  // no index built
+  EXPECT_EQ(Attend1(db_, "bad", s, 0, ao, q, &out), KVDEX_ECONFLICT);
+  ao.index = "retained";
+  EXPECT_EQ(Attend1(db_, "bad", s, 0, ao, q, &out), KVDEX_ECONFLICT);
+  ao.index = nullptr;
+  ao.window = 5;
+  EXPECT_EQ(Attend1(db_, "bad", s, 0, ao, q, &out, {38}), KVDEX_EINVAL);  // extra in window
+  EXPECT_EQ(Attend1(db_, "bad", s, 0, ao, q, &out, {40}), KVDEX_EINVAL);  // not stored
+  ao.scale = -1;
+  EXPECT_EQ(Attend1(db_, "bad", s, 0, ao, q, &out), KVDEX_EINVAL);
+  ao.scale = 0;
+  std::vector<float> nanq = q;
+  nanq[5] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(Attend1(db_, "bad", s, 0, ao, nanq, &out), KVDEX_EINVAL);
+  EXPECT_NE(std::string(kvdex_errmsg()).find("finite"), std::string::npos) << kvdex_errmsg();
+  ao.dense = 1;
+  EXPECT_EQ(Attend1(db_, "bad", s, 0, ao, nanq, &out), KVDEX_EINVAL);
+
+  std::vector<float> qobs(2 * 4 * 8, 0.5f);
+  std::vector<uint64_t> ids(2 * 64);
+  kvdex_retain_options ro{};
+  ro.budget = 41;  // more than the tokens
+  ro.materialize = 1;
+  EXPECT_EQ(kvdex_retain(db_, "bad", 0, qobs.data(), 2, &ro, ids.data(), nullptr), KVDEX_EINVAL);
+  ro.budget = 30;
+  ro.window = 20;  // 20 eligible tokens
+  EXPECT_EQ(kvdex_retain(db_, "bad", 0, qobs.data(), 2, &ro, ids.data(), nullptr), KVDEX_EINVAL);
+  ro.window = 0;
+  ro.budget = 0;
+  EXPECT_EQ(kvdex_retain(db_, "bad", 0, qobs.data(), 2, &ro, ids.data(), nullptr), KVDEX_EINVAL);
+  ro.budget = 4;
+  ro.pool_window = 2;  // even
+  EXPECT_EQ(kvdex_retain(db_, "bad", 0, qobs.data(), 2, &ro, ids.data(), nullptr), KVDEX_EINVAL);
+  ro.pool_window = 3;
+  EXPECT_EQ(kvdex_retain(db_, "bad", 0, qobs.data(), 0, &ro, ids.data(), nullptr), KVDEX_EINVAL);
+  EXPECT_EQ(kvdex_retain(db_, "nope", 0, qobs.data(), 2, &ro, ids.data(), nullptr),
+            KVDEX_ENOTFOUND);
+  qobs[3] = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(kvdex_retain(db_, "bad", 0, qobs.data(), 2, &ro, ids.data(), nullptr), KVDEX_EINVAL);
+
+  kvdex_seq_info after;
+  ASSERT_EQ(kvdex_stat(db_, "bad", &after), 0);
+  EXPECT_EQ(after.bytes, before.bytes);
+  kvdex_seq_info_free(&before);
+  kvdex_seq_info_free(&after);
+  // Still no retained set after the refused materialize calls.
+  ao = kvdex_attend_options{};
+  ao.k = 2;
+  ao.index = "retained";
+  EXPECT_EQ(Attend1(db_, "bad", s, 0, ao, q, &out), KVDEX_ECONFLICT);
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, Contract, ::testing::Values("local", "grpc"),
                          [](const ::testing::TestParamInfo<std::string> &i) { return i.param; });
 

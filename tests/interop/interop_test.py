@@ -874,6 +874,142 @@ class InteropTest(unittest.TestCase):
         self.assertEqual(s.delete().bytes_freed, held)
         self.assertEqual(bytes_used(self), base)
 
+    # ---- Attend and Retain ------------------------------------------------------
+
+    def _np_attend(self, seq, layer, q, ids_per_head, scale=0.0):
+        """numpy attention per query head over the given token ids: o, lse (float64)."""
+        d, group = seq.d, seq.n_q // seq.n_kv
+        scale = scale or 1.0 / np.sqrt(d)
+        o = np.zeros((seq.n_q, d))
+        lse = np.full(seq.n_q, -np.inf)
+        for h in range(seq.n_q):
+            ids = np.unique(np.asarray(ids_per_head[h], dtype=np.int64))
+            if len(ids) == 0:
+                continue
+            K = seq.K[layer][h // group][ids].astype(np.float64)
+            V = seq.V[layer][h // group][ids].astype(np.float64)
+            lg = scale * (K @ q[h].astype(np.float64))
+            mx = lg.max()
+            p = np.exp(lg - mx)
+            o[h] = p @ V / p.sum()
+            lse[h] = mx + np.log(p.sum())
+        return o, lse
+
+    def attend(self, seq, q, layer=0, extra=(), **opts):
+        req = kvdex_pb2.AttendRequest(layer=layer, items=[kvdex_pb2.AttendItem(
+            seq=seq.ref(), q=q.astype(np.float32).tobytes(), extra_tokens=list(extra))], **opts)
+        r = self.ret.Attend(req, timeout=TIMEOUT).results[0]
+        o = np.frombuffer(r.o, np.float32).reshape(seq.n_q, seq.d)
+        lse = np.frombuffer(r.lse, np.float32)
+        return o, lse, r
+
+    def test_attend_dense_and_topk(self):
+        s = Seq(self, "attend-1", n_layers=1, n_kv=2, n_q=4, d=32, dtype=F16)
+        s.append([(0, 300)])
+        q = _rng.standard_normal((4, 32)).astype(np.float32)
+        T, sinks, window = 300, 4, 16
+        o, lse, r = self.attend(s, q, dense=True, sinks=sinks, window=window)
+        self.assertEqual(r.index_used, "dense")
+        self.assertEqual(r.tokens, T)
+        ro, rl = self._np_attend(s, 0, q, [range(sinks, T - window)] * 4)
+        np.testing.assert_allclose(o, ro, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(lse, rl, rtol=1e-4, atol=1e-4)
+        # top-k exact: numpy top-k, then numpy attention over it
+        k = 16
+        o, lse, r = self.attend(s, q, k=k, sinks=sinks, window=window, index="exact",
+                                extra=[10, 150])
+        self.assertEqual(r.index_used, "exact")
+        group = s.n_q // s.n_kv
+        ids = []
+        for h in range(4):
+            sc = s.K[0][h // group][sinks:T - window].astype(np.float64) @ q[h].astype(np.float64)
+            top = sinks + np.argsort(-sc, kind="stable")[:k]
+            ids.append(list(top) + [10, 150])
+        ro, rl = self._np_attend(s, 0, q, ids)
+        np.testing.assert_allclose(o, ro, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(lse, rl, rtol=1e-4, atol=1e-4)
+        # streaming heads: o = 0, lse = -inf
+        o, lse, r = self.attend(s, q, k=k, streaming_heads=[True, False, False, False])
+        self.assertTrue(np.all(o[0] == 0) and np.isneginf(lse[0]))
+        self.assertTrue(np.all(np.isfinite(lse[1:])))
+        s.delete()
+
+    def test_retain_matches_numpy(self):
+        s = Seq(self, "retain-1", n_layers=1, n_kv=2, n_q=4, d=16, dtype=F32)
+        s.append([(0, 200)])
+        n_obs, budget, sinks, window, pw = 3, 12, 2, 10, 3
+        qobs = _rng.standard_normal((n_obs, 4, 16)).astype(np.float32)
+        r = self.ret.Retain(kvdex_pb2.RetainRequest(
+            seq=s.ref(), q_obs=qobs.tobytes(), n_obs=n_obs, budget=budget, pool_window=pw,
+            pooling=kvdex_pb2.POOLING_MAX, sinks=sinks, window=window), timeout=TIMEOUT)
+        self.assertEqual(len(r.heads), 2)
+        lo, hi, group = sinks, 200 - window, 2
+        for g in range(2):
+            K = s.K[0][g][lo:hi].astype(np.float64)
+            mass = np.zeros(hi - lo)
+            for o in range(n_obs):
+                for h in range(g * group, (g + 1) * group):
+                    lg = K @ qobs[o, h].astype(np.float64) / np.sqrt(16)
+                    p = np.exp(lg - lg.max())
+                    mass += p / p.sum()
+            pooled = np.array([mass[max(0, i - pw // 2):i + pw // 2 + 1].max()
+                               for i in range(hi - lo)])
+            order = np.lexsort((np.arange(hi - lo), -pooled))
+            want = sorted((lo + order[:budget]).tolist())
+            got = list(r.heads[g].ids)
+            self.assertEqual(got, sorted(got))
+            edge = pooled[order[budget - 1]] - pooled[order[budget]]
+            if edge == 0 or edge > 1e-5:
+                self.assertEqual(got, want)
+            np.testing.assert_allclose(np.array(r.heads[g].scores), pooled[np.array(got) - lo],
+                                       rtol=1e-4, atol=1e-6)
+        s.delete()
+
+    def test_attend_retain_errors(self):
+        s = Seq(self, "attend-bad", n_layers=1, n_kv=2, n_q=4, d=16, dtype=F16)
+        s.append([(0, 40)])
+        before = s.stat().bytes
+        q = _rng.standard_normal((4, 16)).astype(np.float32)
+
+        def areq(qb=q.tobytes(), **opts):
+            opts.setdefault("k", 4)
+            return kvdex_pb2.AttendRequest(items=[kvdex_pb2.AttendItem(seq=s.ref(), q=qb)],
+                                           **opts)
+        A = self.ret.Attend
+        d = self.assertCode(C.INVALID_ARGUMENT, A, areq(qb=q.tobytes()[:-4]), timeout=TIMEOUT)
+        self.assertIn("items[0].q", d)
+        self.assertCode(C.INVALID_ARGUMENT, A, areq(qb=q.astype(np.float16).tobytes()),
+                        timeout=TIMEOUT)
+        self.assertCode(C.INVALID_ARGUMENT, A, areq(k=0), timeout=TIMEOUT)
+        qn = q.copy()
+        qn[1, 3] = np.nan
+        d = self.assertCode(C.INVALID_ARGUMENT, A, areq(qb=qn.tobytes()), timeout=TIMEOUT)
+        self.assertIn("finite", d)
+        self.assertCode(C.INVALID_ARGUMENT, A, areq(qb=qn.tobytes(), dense=True), timeout=TIMEOUT)
+        self.assertCode(C.INVALID_ARGUMENT, A, areq(streaming_heads=[True]), timeout=TIMEOUT)
+        self.assertCode(C.INVALID_ARGUMENT, A, kvdex_pb2.AttendRequest(k=4), timeout=TIMEOUT)
+        self.assertCode(C.INVALID_ARGUMENT, A, areq(layer=1), timeout=TIMEOUT)
+        self.assertCode(C.FAILED_PRECONDITION, A, areq(index="retained"), timeout=TIMEOUT)
+        self.assertCode(C.NOT_FOUND, A, kvdex_pb2.AttendRequest(k=4, items=[
+            kvdex_pb2.AttendItem(seq=ref("missing-attend"), q=q.tobytes())]), timeout=TIMEOUT)
+        qobs = q.tobytes() * 2
+
+        def rreq(**opts):
+            opts.setdefault("budget", 4)
+            opts.setdefault("n_obs", 2)
+            opts.setdefault("q_obs", qobs)
+            return kvdex_pb2.RetainRequest(seq=s.ref(), materialize=True, **opts)
+        R = self.ret.Retain
+        self.assertCode(C.INVALID_ARGUMENT, R, rreq(budget=41), timeout=TIMEOUT)
+        self.assertCode(C.INVALID_ARGUMENT, R, rreq(budget=0), timeout=TIMEOUT)
+        self.assertCode(C.INVALID_ARGUMENT, R, rreq(n_obs=3), timeout=TIMEOUT)
+        self.assertCode(C.INVALID_ARGUMENT, R, rreq(pool_window=4), timeout=TIMEOUT)
+        self.assertCode(C.INVALID_ARGUMENT, R, rreq(q_obs=qn.tobytes() * 2), timeout=TIMEOUT)
+        self.assertCode(C.NOT_FOUND, R, kvdex_pb2.RetainRequest(
+            seq=ref("missing-retain"), n_obs=2, q_obs=qobs, budget=1), timeout=TIMEOUT)
+        self.assertEqual(s.stat().bytes, before)
+        s.delete()
+
     def test_zz_still_serving(self):
         """Runs last (alphabetical order): after everything above, a search works."""
         s = Seq(self, "final-1", n_layers=1, n_kv=2, n_q=4, d=64, dtype=F16)
