@@ -73,7 +73,7 @@ def main():
     ax.set_ylim(0, 1.02)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(a.title or "recall vs keys touched (kvdex bench recall --sweep)")
-    ax.legend(loc="upper left", fontsize=8, bbox_to_anchor=(0.0, 0.93))
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(a.png)
     print(f"plot_recall: wrote {a.png} ({len(lines)} lines, {len(rows)} points)")
