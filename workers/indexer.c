@@ -89,6 +89,11 @@ typedef struct ix_job {
 
 struct kvdex_indexer {
   kvdex_pool *pool;
+  /* Index scratches for the parallel searches (one per kv head task in flight),
+   * kept for reuse: taken and given back under smu. */
+  pthread_mutex_t smu;
+  kvdex_index_scratch **sfree; /* smu */
+  unsigned n_sfree, cap_sfree; /* smu */
   pthread_mutex_t mu;
   pthread_cond_t cv;
   ix_job *head, *tail; /* ixr->mu */
@@ -285,6 +290,7 @@ int kvdex_indexer_create(kvdex_pool *pool, unsigned n_threads, kvdex_indexer **o
   if (!ixr) return kvdex__seterr(KVDEX_ENOMEM, "indexer_create: out of memory");
   ixr->pool = pool;
   pthread_mutex_init(&ixr->mu, NULL);
+  pthread_mutex_init(&ixr->smu, NULL);
   pthread_cond_init(&ixr->cv, NULL);
   for (unsigned i = 0; i < n_threads; i++) {
     if (pthread_create(&ixr->threads[i], NULL, builder_main, ixr)) {
@@ -314,7 +320,38 @@ void kvdex_indexer_destroy(kvdex_indexer *ixr) {
   for (unsigned i = 0; i < ixr->n_threads; i++) pthread_join(ixr->threads[i], NULL);
   pthread_cond_destroy(&ixr->cv);
   pthread_mutex_destroy(&ixr->mu);
+  for (unsigned i = 0; i < ixr->n_sfree; i++) kvdex_index_scratch_destroy(ixr->sfree[i]);
+  free(ixr->sfree);
+  pthread_mutex_destroy(&ixr->smu);
   free(ixr);
+}
+
+/* A scratch for one search task: a kept one, else a new one (NULL: out of memory). */
+static kvdex_index_scratch *scratch_take(kvdex_indexer *ixr) {
+  kvdex_index_scratch *s = NULL;
+  pthread_mutex_lock(&ixr->smu);
+  if (ixr->n_sfree) s = ixr->sfree[--ixr->n_sfree];
+  pthread_mutex_unlock(&ixr->smu);
+  if (!s && kvdex_index_scratch_create(&s)) return NULL;
+  return s;
+}
+
+static void scratch_give(kvdex_indexer *ixr, kvdex_index_scratch *s) {
+  pthread_mutex_lock(&ixr->smu);
+  if (ixr->n_sfree == ixr->cap_sfree) {
+    unsigned cap = ixr->cap_sfree ? 2 * ixr->cap_sfree : 8;
+    kvdex_index_scratch **a = realloc(ixr->sfree, cap * sizeof *a);
+    if (a) {
+      ixr->sfree = a;
+      ixr->cap_sfree = cap;
+    }
+  }
+  if (ixr->n_sfree < ixr->cap_sfree) {
+    ixr->sfree[ixr->n_sfree++] = s;
+    s = NULL;
+  }
+  pthread_mutex_unlock(&ixr->smu);
+  kvdex_index_scratch_destroy(s); /* no room to keep it */
 }
 
 /* ---- build requests --------------------------------------------------------------- */
@@ -567,10 +604,95 @@ oom:
   return kvdex__seterr(KVDEX_ENOMEM, "search: out of memory for %u x %zu hits", n_q, kk);
 }
 
+/* One indexed search of a layer, shared by its per-kv-head tasks. */
+typedef struct search_job {
+  kvdex_indexer *ixr;
+  kvdex_seq *seq;
+  uint32_t layer;
+  const ix_set *set;
+  const float *q;
+  const kvdex_search_opts *opts;
+  const kvdex_index_params *params;
+  kvdex_search_result *res;
+  uint64_t n, lo, hi, kf, kf1, tail_lo, tail_hi;
+  size_t kk;
+  bool use_index, use_tail;
+  uint32_t group, d;
+  kvdex_hit *cand;   /* [n_kv][kf] */
+  float *sc;         /* [n_kv][group * TAIL_CHUNK] */
+  topk *heaps;       /* [n_kv][group] */
+  uint64_t *scanned; /* [n_kv] */
+  int *rcs;          /* [n_kv] */
+} search_job;
+
+/* The query heads of kv head `kv`: the index's candidates, then the tail. */
+static void search_task(void *ctx, size_t kvi, unsigned worker) {
+  (void)worker;
+  search_job *J = ctx;
+  const uint32_t kv = (uint32_t)kvi, group = J->group, d = J->d;
+  const kvdex_search_opts *opts = J->opts;
+  kvdex_hit *cand = J->cand ? J->cand + (size_t)kv * J->kf : NULL;
+  float *sc = J->sc ? J->sc + (size_t)kv * group * TAIL_CHUNK : NULL;
+  topk *heaps = J->heaps + (size_t)kv * group;
+  const uint64_t lo = J->lo, hi = J->hi;
+  uint64_t scanned = 0;
+  kvdex_kv_view view;
+  int rc = kvdex_seq_view(J->seq, J->layer, kv, &view);
+  kvdex_index_scratch *scratch = NULL;
+  if (!rc && J->use_index && !(scratch = scratch_take(J->ixr)))
+    rc = kvdex__seterr(KVDEX_ENOMEM, "search: out of memory for a scratch");
+  if (rc) goto out;
+  view.n_tokens = J->n; /* one length for every kv head */
+  for (uint32_t j = 0; j < group; j++)
+    heaps[j] = (topk){.h = J->res->heads[kv * group + j].hits, .n = 0, .k = (uint32_t)J->kk};
+  for (uint32_t j = 0; J->use_index && j < group && !rc; j++) {
+    uint32_t nh = 0;
+    uint64_t touched = 0;
+    const float *qh = J->q + (size_t)(kv * group + j) * d;
+    rc = kvdex_index_search(J->set->ix[kv], &view, qh, (uint32_t)J->kf1, J->params, scratch, cand,
+                            &nh, &touched);
+    if (rc) break;
+    scanned += touched;
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < nh; i++) kept += cand[i].id >= lo && cand[i].id < hi;
+    if (kept < J->kk && nh == J->kf1 && J->kf1 < J->kf) { /* too many excluded: the full count */
+      rc = kvdex_index_search(J->set->ix[kv], &view, qh, (uint32_t)J->kf, J->params, scratch,
+                              cand, &nh, &touched);
+      if (rc) break;
+      scanned += touched;
+    }
+    for (uint32_t i = 0; i < nh; i++)
+      if (cand[i].id >= lo && cand[i].id < hi) topk_push(&heaps[j], cand[i].id, cand[i].score);
+  }
+  if (rc) goto out;
+  /* The tail: eligible tokens the index does not cover, scored exactly for the
+   * whole group in one pass, in runs that stay inside one block. */
+  const size_t row = (size_t)d * kvdex_dtype_size(view.dtype);
+  for (uint64_t t = J->tail_lo; J->use_tail && t < J->tail_hi && !rc;) {
+    uint64_t off = t % view.block_tokens;
+    uint64_t run = view.block_tokens - off;
+    if (run > J->tail_hi - t) run = J->tail_hi - t;
+    if (run > TAIL_CHUNK) run = TAIL_CHUNK;
+    const char *keys = (const char *)view.k_blocks[t / view.block_tokens] + off * row;
+    rc = kvdex_score_keys(opts->simd, view.dtype, keys, run, d, J->q + (size_t)kv * group * d,
+                          group, sc);
+    for (uint32_t j = 0; !rc && j < group; j++)
+      for (uint64_t i = 0; i < run; i++) topk_push(&heaps[j], t + i, sc[j * run + i]);
+    t += run;
+  }
+  if (J->use_tail) scanned += J->tail_hi - J->tail_lo;
+  for (uint32_t j = 0; j < group; j++)
+    J->res->heads[kv * group + j].n_hits = topk_finish(&heaps[j]);
+out:
+  if (scratch) scratch_give(J->ixr, scratch);
+  J->scanned[kv] = scanned;
+  J->rcs[kv] = rc;
+}
+
 /* The indexed search of one layer with the ready set `set`. */
-static int search_set(kvdex_seq *seq, uint32_t layer, const ix_set *set, const float *q,
-                      const kvdex_search_opts *opts, const kvdex_index_params *params,
-                      kvdex_index_scratch *scratch, kvdex_search_result *res) {
+static int search_set(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const ix_set *set,
+                      const float *q, const kvdex_search_opts *opts,
+                      const kvdex_index_params *params, kvdex_search_result *res) {
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   const uint32_t n_q = sh->n_q_heads, group = n_q / sh->n_kv_heads, d = sh->head_dim;
   for (size_t i = 0; i < (size_t)n_q * d; i++)
@@ -598,65 +720,29 @@ static int search_set(kvdex_seq *seq, uint32_t layer, const ix_set *set, const f
 
   int rc = reserve_result(res, n_q, kk);
   if (rc) return rc;
-  kvdex_hit *cand = use_index ? malloc(kf * sizeof *cand) : NULL;
-  float *sc = use_tail ? malloc((size_t)group * TAIL_CHUNK * sizeof *sc) : NULL;
-  topk *heaps = malloc(group * sizeof *heaps);
-  if ((use_index && !cand) || (use_tail && !sc) || !heaps) {
-    free(cand);
-    free(sc);
-    free(heaps);
-    return kvdex__seterr(KVDEX_ENOMEM, "search: out of memory");
+  const uint32_t n_kv = sh->n_kv_heads;
+  search_job J = {ixr, seq, layer, set, q, opts, params, res, n, lo, hi, kf, kf1,
+                  tail_lo, tail_hi, kk, use_index, use_tail, group, d, NULL, NULL, NULL,
+                  NULL, NULL};
+  J.cand = use_index ? malloc((size_t)n_kv * kf * sizeof *J.cand) : NULL;
+  J.sc = use_tail ? malloc((size_t)n_kv * group * TAIL_CHUNK * sizeof *J.sc) : NULL;
+  J.heaps = malloc((size_t)n_kv * group * sizeof *J.heaps);
+  J.scanned = calloc(n_kv, sizeof *J.scanned);
+  J.rcs = calloc(n_kv, sizeof *J.rcs);
+  if ((use_index && !J.cand) || (use_tail && !J.sc) || !J.heaps || !J.scanned || !J.rcs) {
+    rc = kvdex__seterr(KVDEX_ENOMEM, "search: out of memory");
+  } else {
+    /* The kv heads are independent: in parallel on the pool. */
+    kvdex_pool_run(ixr->pool, n_kv, search_task, &J);
+    for (uint32_t kv = 0; kv < n_kv && !rc; kv++) rc = J.rcs[kv];
   }
   uint64_t scanned = 0;
-  for (uint32_t kv = 0; kv < sh->n_kv_heads && !rc; kv++) {
-    kvdex_kv_view view;
-    rc = kvdex_seq_view(seq, layer, kv, &view);
-    if (rc) break;
-    view.n_tokens = n; /* one length for every kv head */
-    for (uint32_t j = 0; j < group; j++)
-      heaps[j] = (topk){.h = res->heads[kv * group + j].hits, .n = 0, .k = (uint32_t)kk};
-    for (uint32_t j = 0; use_index && j < group && !rc; j++) {
-      uint32_t nh = 0;
-      uint64_t touched = 0;
-      const float *qh = q + (size_t)(kv * group + j) * d;
-      rc = kvdex_index_search(set->ix[kv], &view, qh, (uint32_t)kf1, params, scratch, cand, &nh,
-                              &touched);
-      if (rc) break;
-      scanned += touched;
-      uint32_t kept = 0;
-      for (uint32_t i = 0; i < nh; i++) kept += cand[i].id >= lo && cand[i].id < hi;
-      if (kept < kk && nh == kf1 && kf1 < kf) { /* too many excluded: the full count */
-        rc = kvdex_index_search(set->ix[kv], &view, qh, (uint32_t)kf, params, scratch, cand, &nh,
-                                &touched);
-        if (rc) break;
-        scanned += touched;
-      }
-      for (uint32_t i = 0; i < nh; i++)
-        if (cand[i].id >= lo && cand[i].id < hi) topk_push(&heaps[j], cand[i].id, cand[i].score);
-    }
-    if (rc) break;
-    /* The tail: eligible tokens the index does not cover, scored exactly for the
-     * whole group in one pass, in runs that stay inside one block. */
-    const size_t row = (size_t)d * kvdex_dtype_size(view.dtype);
-    for (uint64_t t = tail_lo; use_tail && t < tail_hi && !rc;) {
-      uint64_t off = t % view.block_tokens;
-      uint64_t run = view.block_tokens - off;
-      if (run > tail_hi - t) run = tail_hi - t;
-      if (run > TAIL_CHUNK) run = TAIL_CHUNK;
-      const char *keys = (const char *)view.k_blocks[t / view.block_tokens] + off * row;
-      rc = kvdex_score_keys(opts->simd, view.dtype, keys, run, d, q + (size_t)kv * group * d,
-                            group, sc);
-      for (uint32_t j = 0; !rc && j < group; j++)
-        for (uint64_t i = 0; i < run; i++) topk_push(&heaps[j], t + i, sc[j * run + i]);
-      t += run;
-    }
-    if (use_tail) scanned += tail_hi - tail_lo;
-    for (uint32_t j = 0; j < group; j++)
-      res->heads[kv * group + j].n_hits = topk_finish(&heaps[j]);
-  }
-  free(cand);
-  free(sc);
-  free(heaps);
+  for (uint32_t kv = 0; J.scanned && kv < n_kv; kv++) scanned += J.scanned[kv];
+  free(J.cand);
+  free(J.sc);
+  free(J.heaps);
+  free(J.scanned);
+  free(J.rcs);
   if (rc) {
     for (uint32_t h = 0; h < n_q; h++) res->heads[h].n_hits = 0;
     return kvdex__preerr(rc, "search");
@@ -727,18 +813,9 @@ int kvdex_indexer_search(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, con
     kvdex_attachment_release(xatt);
     return kvdex_exact_search(seq, layer, q, opts, ixr->pool, res);
   }
-  kvdex_index_scratch *own = NULL;
-  if (!scratch) {
-    rc = kvdex_index_scratch_create(&own);
-    if (rc) {
-      kvdex_attachment_release(xatt);
-      return rc;
-    }
-    scratch = own;
-  }
-  rc = search_set(seq, layer, set, q, opts, params, scratch, res);
+  (void)scratch; /* the per-kv-head tasks take theirs from the indexer's (kept for reuse) */
+  rc = search_set(ixr, seq, layer, set, q, opts, params, res);
   if (!rc && used) *used = kvdex_index_kind(set->ix[0]);
-  kvdex_index_scratch_destroy(own);
   kvdex_attachment_release(xatt);
   return rc;
 }

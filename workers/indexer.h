@@ -126,8 +126,9 @@ int kvdex_indexer_info_get(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer,
  * never missed. Hits are the best k of those candidates; fewer than k only when the
  * index returns fewer. res->keys_scanned counts the keys the index scored (summed
  * over query heads) plus the tail keys scanned (once per kv head). *used (may be
- * NULL) gets "exact" or the kind used (a static string). scratch: the calling
- * thread's own (may be NULL: one is made for the call). */
+ * NULL) gets "exact" or the kind used (a static string). The kv heads are searched
+ * in parallel on the indexer's pool, each task with an index scratch the indexer keeps
+ * for reuse; `scratch` is no longer used (may be NULL). */
 int kvdex_indexer_search(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const float *q,
                          const kvdex_search_opts *opts, const char *index,
                          const kvdex_index_params *params, kvdex_index_scratch *scratch,
