@@ -1,12 +1,16 @@
 /* serve: `kvdex serve` — a kvdex node. The gRPC server runs on its own threads;
- * the main thread runs a libuv loop that waits for SIGTERM/SIGINT, then drains
- * in-flight calls (up to --drain ms) and exits 0. */
+ * the main thread runs a libuv loop that serves /metrics (with --metrics-listen) and
+ * waits for SIGTERM/SIGINT, then stops the metrics endpoint, drains in-flight calls
+ * (up to --drain ms) and exits 0. */
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <uv.h>
 
 #include "workers/commands.h"
+#include "workers/metrics.h"
+#include "workers/metrics_http.h"
 #include "workers/server.h"
 #include "workers/settings.h"
 
@@ -14,6 +18,15 @@ static void on_signal(uv_signal_t *h, int signum) {
   KVDEX_LOG(KVDEX_LOG_INFO, "received %s: draining in-flight calls",
             signum == SIGTERM ? "SIGTERM" : "SIGINT");
   uv_stop(h->loop);
+}
+
+static void collect_metrics(void *ctx) { kvdex_server_collect(ctx); }
+
+/* "host:port" of a listen address as given, with the port as bound. */
+static void log_listen(const char *what, const char *addr, int port, const char *extra) {
+  const char *colon = strrchr(addr, ':');
+  int host_len = colon ? (int)(colon - addr) : (int)strlen(addr);
+  KVDEX_LOG(KVDEX_LOG_INFO, "%slistening on %.*s:%d%s", what, host_len, addr, port, extra);
 }
 
 int kvdex_cmd_serve(int argc, char **argv) {
@@ -34,6 +47,7 @@ int kvdex_cmd_serve(int argc, char **argv) {
   kvdex_store *store = NULL;
   kvdex_pool *pool = NULL;
   kvdex_server *srv = NULL;
+  kvdex_metrics *metrics = NULL;
   int exit_code = 1;
   uint64_t cap = (uint64_t)kvdex_setting_num(&s, KVDEX_SET_MEMORY);
   unsigned threads = (unsigned)kvdex_setting_num(&s, KVDEX_SET_THREADS);
@@ -41,34 +55,56 @@ int kvdex_cmd_serve(int argc, char **argv) {
     KVDEX_LOG(KVDEX_LOG_ERROR, "cannot start: %s", kvdex_errmsg());
     goto out;
   }
+  const char *metrics_listen = kvdex_setting_str(&s, KVDEX_SET_METRICS_LISTEN);
+  if (metrics_listen[0]) {
+    unsigned n_methods;
+    const char *const *names = kvdex_server_method_names(&n_methods);
+    if (kvdex_metrics_create(names, n_methods, &metrics)) {
+      KVDEX_LOG(KVDEX_LOG_ERROR, "cannot start: %s", kvdex_errmsg());
+      goto out;
+    }
+  }
   kvdex_server_opts so = {
       .listen = kvdex_setting_str(&s, KVDEX_SET_LISTEN),
       .threads = threads,
       .max_message_bytes = (uint64_t)kvdex_setting_num(&s, KVDEX_SET_MAX_MESSAGE),
+      .metrics = metrics,
   };
   if (kvdex_server_start(store, pool, &so, &srv)) {
     KVDEX_LOG(KVDEX_LOG_ERROR, "cannot serve on %s: %s", so.listen, kvdex_errmsg());
     goto out;
   }
   /* The host part as given, the port as bound (listen on :0 picks one). */
-  const char *colon = strrchr(so.listen, ':');
-  int host_len = colon ? (int)(colon - so.listen) : (int)strlen(so.listen);
-  KVDEX_LOG(KVDEX_LOG_INFO, "listening on %.*s:%d (memory cap %.1f MiB, %u threads)", host_len,
-            so.listen, kvdex_server_port(srv), (double)cap / 1048576.0,
-            threads ? threads : (unsigned)kvdex_pool_size(pool));
+  char extra[96];
+  snprintf(extra, sizeof extra, " (memory cap %.1f MiB, %u threads)", (double)cap / 1048576.0,
+           threads ? threads : (unsigned)kvdex_pool_size(pool));
+  log_listen("", so.listen, kvdex_server_port(srv), extra);
 
   uv_loop_t loop;
   uv_signal_t sigterm, sigint;
+  kvdex_metrics_http *http = NULL;
   uv_loop_init(&loop);
   uv_signal_init(&loop, &sigterm);
   uv_signal_init(&loop, &sigint);
   uv_signal_start(&sigterm, on_signal, SIGTERM);
   uv_signal_start(&sigint, on_signal, SIGINT);
-  uv_run(&loop, UV_RUN_DEFAULT);
+  bool serving = true;
+  if (metrics) {
+    if (kvdex_metrics_http_start(&loop, metrics_listen, metrics, collect_metrics, srv, &http)) {
+      KVDEX_LOG(KVDEX_LOG_ERROR, "cannot serve metrics on %s: %s", metrics_listen,
+                kvdex_errmsg());
+      serving = false;
+    } else {
+      log_listen("metrics ", metrics_listen, kvdex_metrics_http_port(http), " (GET /metrics)");
+    }
+  }
+  if (serving) uv_run(&loop, UV_RUN_DEFAULT);
+  kvdex_metrics_http_close(http); /* before the drain: scrapes end with the node */
   uv_close((uv_handle_t *)&sigterm, NULL);
   uv_close((uv_handle_t *)&sigint, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
+  if (!serving) goto out;
 
   kvdex_server_stop(srv, (uint32_t)kvdex_setting_num(&s, KVDEX_SET_DRAIN_MS));
   srv = NULL;
@@ -76,6 +112,7 @@ int kvdex_cmd_serve(int argc, char **argv) {
   exit_code = 0;
 out:
   kvdex_server_stop(srv, 0);
+  kvdex_metrics_destroy(metrics);
   kvdex_pool_destroy(pool);
   kvdex_store_destroy(store);
   kvdex_settings_free(&s);

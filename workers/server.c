@@ -11,6 +11,8 @@
  * need no locks. Requests are unpacked with protobuf-c and every size is checked
  * against the sequence's shape before the store or the index sees it.
  * It does not own the store or the pool, and it never prints (KVDEX_LOG only).
+ * With a metrics handle (opts->metrics, not owned) it records each call where its
+ * status is sent, Search/Attend keys touched, and index builds seen ended.
  */
 #include "workers/server.h"
 
@@ -80,6 +82,17 @@ static const struct {
     {"/grpc.health.v1.Health/Check", "Health/Check", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {NULL, "(unregistered)", GRPC_SRM_PAYLOAD_NONE},
 };
+
+/* The names above as the `method` label of the metrics (workers/metrics.h). */
+static const char *const kvdex__method_names[KVDEX__M_COUNT] = {
+    "CreateSequence", "DeleteSequence", "StatSequence", "ListSequences",
+    "AppendKV",       "ReadKV",         "Search",       "BuildIndex",
+    "Attend",         "Retain",         "Health/Check", "(unregistered)"};
+
+const char *const *kvdex_server_method_names(unsigned *n /* OUT */) {
+  if (n) *n = KVDEX__M_COUNT;
+  return kvdex__method_names;
+}
 
 /* ---- Per-worker arena: request-scoped memory of one event's handling ----------- */
 
@@ -198,6 +211,7 @@ struct kvdex__call {
   gpr_timespec deadline;      /* registered methods */
   grpc_call_details details;  /* unregistered methods (deadline, method name) */
   grpc_metadata_array md;
+  struct timespec t0;         /* when the call arrived (CLOCK_MONOTONIC), for metrics */
   grpc_byte_buffer *payload;  /* request of unary and server-streaming methods */
   grpc_byte_buffer *recv_buf; /* AppendKV: the message being received */
   grpc_byte_buffer *send_buf; /* the message being sent */
@@ -251,7 +265,85 @@ struct kvdex_server {
   pthread_mutex_t mu;
   pthread_cond_t cv;
   long live;
+  kvdex_metrics *metrics; /* not owned; may be NULL */
+  /* Index builds accepted and not yet seen ended (metrics only), under pend_mu. */
+  pthread_mutex_t pend_mu;
+  struct kvdex__pending *pending;
 };
+
+/* One layer's accepted build, until kvdex__pending_sweep sees it READY or FAILED. */
+typedef struct kvdex__pending {
+  struct kvdex__pending *next;
+  uint32_t layer;
+  char *ns, *id;
+} kvdex__pending;
+
+/* Counts the pending builds that ended into the metrics and forgets them (and those
+ * whose sequence is gone: a build of a deleted sequence is discarded). Runs with
+ * pend_mu held. A layer rebuilt twice between two sweeps counts once. */
+static void kvdex__do_pending_sweep(kvdex_server *srv) {
+  uint64_t ready = 0, failed = 0;
+  for (kvdex__pending **pp = &srv->pending; *pp;) {
+    kvdex__pending *p = *pp;
+    kvdex_seq *seq = NULL;
+    kvdex_indexer_info ii;
+    int state = KVDEX_INDEXER_NONE;
+    if (kvdex_seq_open(srv->store, p->ns, p->id, &seq) == KVDEX_OK &&
+        kvdex_indexer_info_get(srv->indexer, seq, p->layer, &ii) == KVDEX_OK)
+      state = ii.state;
+    kvdex_seq_release(seq);
+    if (state == KVDEX_INDEXER_BUILDING) {
+      pp = &p->next;
+      continue;
+    }
+    if (state == KVDEX_INDEXER_READY) ready++;
+    if (state == KVDEX_INDEXER_FAILED) failed++;
+    *pp = p->next;
+    free(p->ns);
+    free(p->id);
+    free(p);
+  }
+  if (ready || failed) kvdex_metrics_index_builds(srv->metrics, ready, failed);
+}
+
+/* Remembers the layers of an accepted build (metrics only; on out of memory the
+ * build is just not counted). Runs with pend_mu held. */
+static void kvdex__do_pending_add(kvdex_server *srv, kvdex_seq *seq, const uint32_t *layers,
+                                  uint32_t n) {
+  const char *ns = kvdex_seq_namespace(seq), *id = kvdex_seq_id(seq);
+  for (uint32_t i = 0; i < n; i++) {
+    bool dup = false;
+    for (kvdex__pending *p = srv->pending; p && !dup; p = p->next)
+      dup = p->layer == layers[i] && !strcmp(p->ns, ns) && !strcmp(p->id, id);
+    if (dup) continue;
+    kvdex__pending *p = calloc(1, sizeof *p);
+    if (p) {
+      p->ns = strdup(ns);
+      p->id = strdup(id);
+    }
+    if (!p || !p->ns || !p->id) {
+      if (p) {
+        free(p->ns);
+        free(p->id);
+        free(p);
+      }
+      return;
+    }
+    p->layer = layers[i];
+    p->next = srv->pending;
+    srv->pending = p;
+  }
+}
+
+void kvdex_server_collect(kvdex_server *srv) {
+  if (!srv || !srv->metrics) return;
+  kvdex_store_stats st;
+  kvdex_store_stats_get(srv->store, &st);
+  kvdex_metrics_set_store(srv->metrics, st.bytes_used, st.bytes_cap, st.n_sequences);
+  pthread_mutex_lock(&srv->pend_mu);
+  kvdex__do_pending_sweep(srv);
+  pthread_mutex_unlock(&srv->pend_mu);
+}
 
 static void kvdex__live_add(kvdex_server *srv, long d) {
   pthread_mutex_lock(&srv->mu);
@@ -447,6 +539,12 @@ static void kvdex__call_finish(kvdex__call *c, grpc_status_code code, const char
               "%s: status %d: %s", kvdex__methods[c->method].name, (int)code,
               details ? details : "");
   c->state = KVDEX__ST_FINISH;
+  if (c->w->srv->metrics) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double secs = (double)(now.tv_sec - c->t0.tv_sec) + (double)(now.tv_nsec - c->t0.tv_nsec) / 1e9;
+    kvdex_metrics_rpc(c->w->srv->metrics, (unsigned)c->method, (int)code, secs);
+  }
   kvdex__start_ops(c, ops, n);
   grpc_slice_unref(det); /* not retained past grpc_call_start_batch */
 }
@@ -780,6 +878,11 @@ static int kvdex__do_search(kvdex__call *c) {
     resp.n_results = i + 1;
   }
   if (!rc) rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  if (!rc && srv->metrics) {
+    uint64_t touched = 0;
+    for (size_t i = 0; i < resp.n_results; i++) touched += resp.results[i]->keys_scanned;
+    kvdex_metrics_search(srv->metrics, 0, resp.n_results, touched);
+  }
   protobuf_c_message_free_unpacked(&req->base, NULL);
   return rc;
 }
@@ -803,7 +906,16 @@ static int kvdex__do_build(kvdex__call *c) {
     layers = kvdex__arena_alloc(&w->arena, sizeof(uint32_t) * kvdex_seq_shape(seq)->n_layers);
     if (!layers) rc = KVDEX_ENOMEM;
   }
-  if (!rc) rc = kvdex_indexer_build(srv->indexer, seq, layer, req->spec ? req->spec : "", layers, &n);
+  if (!rc && srv->metrics) {
+    /* Count the builds that ended before this one can overwrite their state. */
+    pthread_mutex_lock(&srv->pend_mu);
+    kvdex__do_pending_sweep(srv);
+    rc = kvdex_indexer_build(srv->indexer, seq, layer, req->spec ? req->spec : "", layers, &n);
+    if (!rc) kvdex__do_pending_add(srv, seq, layers, n);
+    pthread_mutex_unlock(&srv->pend_mu);
+  } else if (!rc) {
+    rc = kvdex_indexer_build(srv->indexer, seq, layer, req->spec ? req->spec : "", layers, &n);
+  }
   if (!rc) {
     Kvdex__V1__BuildIndexResponse resp = KVDEX__V1__BUILD_INDEX_RESPONSE__INIT;
     resp.accepted = true;
@@ -969,6 +1081,11 @@ static int kvdex__do_attend(kvdex__call *c) {
     resp.n_results = i + 1;
   }
   if (!rc) rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  if (!rc && srv->metrics) {
+    uint64_t touched = 0;
+    for (size_t i = 0; i < resp.n_results; i++) touched += resp.results[i]->keys_touched;
+    kvdex_metrics_search(srv->metrics, 1, resp.n_results, touched);
+  }
   protobuf_c_message_free_unpacked(&req->base, NULL);
   return rc;
 }
@@ -1343,6 +1460,7 @@ static void kvdex__call_on_new(kvdex__call *c, bool success) {
     c->state = KVDEX__ST_DONE;
     return;
   }
+  clock_gettime(CLOCK_MONOTONIC, &c->t0);
   if (!atomic_load(&srv->stopping)) kvdex__request_slot(w, c->method);
 
   grpc_op op;
@@ -1529,6 +1647,14 @@ static void kvdex__server_free(kvdex_server *srv) {
   }
   kvdex_indexer_destroy(srv->indexer); /* no call is left that could queue a build */
   free(srv->workers);
+  while (srv->pending) {
+    kvdex__pending *p = srv->pending;
+    srv->pending = p->next;
+    free(p->ns);
+    free(p->id);
+    free(p);
+  }
+  pthread_mutex_destroy(&srv->pend_mu);
   pthread_cond_destroy(&srv->cv);
   pthread_mutex_destroy(&srv->mu);
   free(srv);
@@ -1547,6 +1673,8 @@ int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_
   grpc_init();
   pthread_mutex_init(&srv->mu, NULL);
   pthread_cond_init(&srv->cv, NULL);
+  pthread_mutex_init(&srv->pend_mu, NULL);
+  srv->metrics = opts->metrics;
   srv->store = store;
   srv->pool = pool;
   int irc = kvdex_indexer_create(pool, opts->build_threads, &srv->indexer);

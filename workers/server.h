@@ -13,6 +13,7 @@
 
 #include "index/index.h"
 #include "kvstore/kvstore.h"
+#include "workers/metrics.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -25,7 +26,14 @@ typedef struct kvdex_server_opts {
   unsigned threads;          /* completion-queue worker threads (0 = CPUs) */
   uint64_t max_message_bytes;/* per gRPC message, both directions (0 = 64 MiB) */
   unsigned build_threads;    /* BuildIndex threads (0 = 1); each build also uses the pool */
+  kvdex_metrics *metrics;    /* may be NULL; made with kvdex_server_method_names(), it must
+                                outlive the server; the server records every completed call,
+                                Search/Attend work and ended index builds into it */
 } kvdex_server_opts;
+
+/* The method names the server records metrics under, in the order its metrics
+ * indices use: pass them to kvdex_metrics_create. Static strings; *n gets the count. */
+const char *const *kvdex_server_method_names(unsigned *n /* OUT */);
 
 /* Binds and starts serving. KVDEX_EIO if the address cannot be bound (a second
  * server on a used port fails: SO_REUSEPORT is off). */
@@ -34,6 +42,13 @@ int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_
 
 /* The port actually bound (useful with port 0). */
 int kvdex_server_port(const kvdex_server *srv);
+
+/* Brings opts->metrics' scrape-time values up to date: the store gauges
+ * (kvdex_metrics_set_store) and the index builds that ended since the last look
+ * (kvdex_index_builds_total). Call it before kvdex_metrics_render. Thread-safe against
+ * calls and itself, not against kvdex_server_stop; a no-op without a metrics handle or
+ * with NULL. */
+void kvdex_server_collect(kvdex_server *srv);
 
 /* Stops accepting calls, lets in-flight calls finish for up to drain_ms, cancels the
  * rest, joins the workers, stops the index builds (queued ones are cancelled, a

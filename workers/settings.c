@@ -51,6 +51,10 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      "bytes", KVDEX_CMD_SERVE, "largest gRPC message accepted or sent"},
     {KVDEX_SET_DRAIN_MS, "drain", "KVDEX_DRAIN_MS", T_INT, "10000", 0, 3600000, "ms",
      KVDEX_CMD_SERVE, "on SIGTERM/SIGINT, time given to in-flight calls before cancelling"},
+    {KVDEX_SET_METRICS_LISTEN, "metrics-listen", "KVDEX_METRICS_LISTEN", T_STR, "", 0, 0,
+     "host:port", KVDEX_CMD_SERVE,
+     "address to serve Prometheus metrics on, GET /metrics over HTTP (empty = off; port 0 "
+     "picks a free one)"},
     {KVDEX_SET_TIMEOUT_MS, "timeout", "KVDEX_TIMEOUT_MS", T_INT, "30000", 1, 86400000, "ms",
      KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT, "deadline of each remote call"},
     {KVDEX_SET_NAMESPACE, "namespace", "KVDEX_NAMESPACE", T_STR, "default", 0, 0, "name",
