@@ -76,7 +76,8 @@ struct kvdex__vt {
 
 /* Transport constructors. `target` is the grpc "host:port" (already validated). */
 int kvdex__local_open(const kvdex_open_opts *opts, kvdex_db **out /* OUT */);
-int kvdex__grpc_open(const char *target, const kvdex_open_opts *opts, kvdex_db **out /* OUT */);
+int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts,
+                     kvdex_db **out /* OUT */);
 
 /* Allocates out->heads as one block: the n_q_heads head array, then total_hits ids,
  * then total_hits scores; *ids and *scores point at those two arrays, which the

@@ -76,6 +76,8 @@ typedef struct grpc_db {
   void *method[M_COUNT]; /* grpc_channel_register_call handles */
   char target[300];
   uint32_t timeout_ms;
+  grpc_metadata auth_md;    /* authorization: Bearer TOKEN, when has_auth */
+  int has_auth;
   pthread_mutex_t cache_mu; /* guards cache */
   shape_slot cache[SHAPE_CACHE_SLOTS];
 } grpc_db;
@@ -143,6 +145,13 @@ typedef struct rpc {
   int status_started; /* a separate RECV_STATUS_ON_CLIENT batch is pending or done */
   int status_done;
 } rpc;
+
+/* Adds the handle's bearer token to a SEND_INITIAL_METADATA op. */
+static void auth_op(const grpc_db *g, grpc_op *op) {
+  if (!g->has_auth) return;
+  op->data.send_initial_metadata.count = 1;
+  op->data.send_initial_metadata.metadata = (grpc_metadata *)&g->auth_md;
+}
 
 static int rpc_begin(grpc_db *g, int m, rpc *r) {
   memset(r, 0, sizeof *r);
@@ -313,6 +322,7 @@ static int unary(grpc_db *g, int m, const ProtobufCMessage *req,
     grpc_op ops[6];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    auth_op(g, &ops[0]);
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = send;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -526,6 +536,7 @@ static int grpc_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **
     grpc_op op;
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_SEND_INITIAL_METADATA;
+    auth_op(g, &op);
     rc = rpc_start(&ap->r, &op, 1, TAG_OPS);
     if (rc == KVDEX_OK && !rpc_wait_send(&ap->r)) rc = stream_failed(&ap->r);
   }
@@ -724,6 +735,7 @@ static int read_call(grpc_db *g, const char *seq_id, const kvdex_shape *s, uint3
   grpc_op ops[3];
   memset(ops, 0, sizeof ops);
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  auth_op(g, &ops[0]);
   ops[1].op = GRPC_OP_SEND_MESSAGE;
   ops[1].data.send_message.send_message = send;
   ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -1089,6 +1101,10 @@ static void grpc_close(kvdex_db *db) {
   grpc_db *g = as_grpc(db);
   for (size_t i = 0; i < SHAPE_CACHE_SLOTS; i++) free(g->cache[i].id);
   pthread_mutex_destroy(&g->cache_mu);
+  if (g->has_auth) {
+    grpc_slice_unref(g->auth_md.key);
+    grpc_slice_unref(g->auth_md.value);
+  }
   if (g->channel) grpc_channel_destroy(g->channel);
   free(g);
   grpc_shutdown();
@@ -1112,7 +1128,59 @@ static const kvdex__vt grpc_vt = {
     .retain = grpc_retain,
 };
 
-int kvdex__grpc_open(const char *target, const kvdex_open_opts *opts, kvdex_db **out) {
+/* Reads a PEM file into a NUL-terminated malloc'd string. */
+static int read_pem(const char *path, const char *what, char **out /* OUT */) {
+  *out = NULL;
+  FILE *f = fopen(path, "rb");
+  if (!f) return kvdex__seterr(KVDEX_EIO, "%s %.200s: cannot open", what, path);
+  size_t cap = 16384, n = 0;
+  char *buf = malloc(cap);
+  while (buf) {
+    if (n + 1 >= cap) {
+      char *b = cap < (16u << 20) ? realloc(buf, cap * 2) : NULL;
+      if (!b) break;
+      buf = b;
+      cap *= 2;
+    }
+    size_t got = fread(buf + n, 1, cap - 1 - n, f);
+    n += got;
+    if (got == 0) break;
+  }
+  int err = ferror(f);
+  fclose(f);
+  if (!buf || n + 1 >= cap || err) {
+    free(buf);
+    return kvdex__seterr(err ? KVDEX_EIO : KVDEX_ENOMEM, "%s %.200s: cannot read", what, path);
+  }
+  buf[n] = 0;
+  *out = buf;
+  return KVDEX_OK;
+}
+
+/* TLS channel credentials from the opts' PEM files. */
+static int tls_creds(const kvdex_open_opts *opts, grpc_channel_credentials **out /* OUT */) {
+  const char *ca = opts ? opts->tls_ca_file : NULL, *cert = opts ? opts->tls_cert_file : NULL,
+             *key = opts ? opts->tls_key_file : NULL;
+  if ((cert && cert[0]) != (key && key[0]))
+    return kvdex__seterr(KVDEX_EINVAL, "tls_cert_file and tls_key_file go together");
+  char *ca_pem = NULL, *cert_pem = NULL, *key_pem = NULL;
+  int rc = KVDEX_OK;
+  if (ca && ca[0]) rc = read_pem(ca, "tls_ca_file", &ca_pem);
+  if (!rc && cert && cert[0]) rc = read_pem(cert, "tls_cert_file", &cert_pem);
+  if (!rc && key && key[0]) rc = read_pem(key, "tls_key_file", &key_pem);
+  if (!rc) {
+    grpc_ssl_pem_key_cert_pair pair = {.private_key = key_pem, .cert_chain = cert_pem};
+    *out = grpc_ssl_credentials_create_ex(ca_pem, cert_pem ? &pair : NULL, NULL, NULL);
+    if (!*out) rc = kvdex__seterr(KVDEX_EINVAL, "cannot make TLS credentials");
+  }
+  if (key_pem) memset(key_pem, 0, strlen(key_pem));
+  free(ca_pem);
+  free(cert_pem);
+  free(key_pem);
+  return rc;
+}
+
+int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts, kvdex_db **out) {
   grpc_db *g = calloc(1, sizeof *g);
   if (!g) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   grpc_init();
@@ -1132,7 +1200,31 @@ int kvdex__grpc_open(const char *target, const kvdex_open_opts *opts, kvdex_db *
   args[2].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
   args[2].value.integer = 5000; /* a restarted server is found again within seconds */
   grpc_channel_args cargs = {.num_args = 3, .args = args};
-  grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+  if (opts && opts->auth_token && opts->auth_token[0]) {
+    size_t tl = strlen(opts->auth_token);
+    char *v = malloc(tl + 8);
+    if (!v) {
+      grpc_close(&g->base);
+      return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
+    }
+    memcpy(v, "Bearer ", 7);
+    memcpy(v + 7, opts->auth_token, tl + 1);
+    g->auth_md.key = grpc_slice_from_static_string("authorization");
+    g->auth_md.value = grpc_slice_from_copied_string(v);
+    memset(v, 0, tl + 7);
+    free(v);
+    g->has_auth = 1;
+  }
+  grpc_channel_credentials *creds = NULL;
+  if (tls) {
+    int rc = tls_creds(opts, &creds);
+    if (rc) {
+      grpc_close(&g->base);
+      return rc;
+    }
+  } else {
+    creds = grpc_insecure_credentials_create();
+  }
   g->channel = grpc_channel_create(target, creds, &cargs);
   grpc_channel_credentials_release(creds);
   if (!g->channel) {

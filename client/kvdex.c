@@ -19,7 +19,8 @@
 #define KVDEX__MAX_EXTRA 65536
 #define KVDEX__MAX_OBS 4096
 
-#define URI_FORMS "expected \"local:\" or \"grpc://host:port\" (IPv6: \"grpc://[addr]:port\")"
+#define URI_FORMS \
+  "expected \"local:\", \"grpc://host:port\" or \"grpcs://host:port\" (IPv6: \"grpc://[addr]:port\")"
 
 /* ---- URI parsing -------------------------------------------------------------- */
 
@@ -84,11 +85,12 @@ int kvdex_open(const char *uri, const kvdex_open_opts *opts, kvdex_db **out) {
   int rc;
   if (strcmp(uri, "local:") == 0) {
     rc = kvdex__local_open(opts, &db);
-  } else if (strncmp(uri, "grpc://", 7) == 0) {
-    const char *why = check_authority(uri + 7);
+  } else if (strncmp(uri, "grpc://", 7) == 0 || strncmp(uri, "grpcs://", 8) == 0) {
+    int tls = uri[4] == 's';
+    const char *why = check_authority(uri + 7 + tls);
     if (why) return kvdex__seterr(KVDEX_EINVAL, "kvdex_open: bad uri \"%.200s\": %s; " URI_FORMS,
                                   uri, why);
-    rc = kvdex__grpc_open(uri + 7, opts, &db);
+    rc = kvdex__grpc_open(uri + 7 + tls, tls, opts, &db);
   } else {
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_open: bad uri \"%.200s\": " URI_FORMS, uri);
   }

@@ -47,10 +47,19 @@ typedef struct kvdex_open_opts {
   uint32_t timeout_ms;      /* grpc: per-call deadline in ms (0 = 30000); an append
                                stream is one call, from begin to commit */
   const char *name_space;   /* namespace for every call (NULL = "default") */
+  /* grpcs: PEM files read at open: the CA that signed the server's certificate
+   * (NULL = the system roots), and a client certificate + key for mTLS (both or
+   * neither). Ignored for grpc:// and local:. */
+  const char *tls_ca_file, *tls_cert_file, *tls_key_file;
+  /* grpc, grpcs: bearer token sent as `authorization: Bearer TOKEN` on every call
+   * (NULL or "" = none). Copied at open. Over grpc:// it travels in plaintext. */
+  const char *auth_token;
 } kvdex_open_opts;
 
-/* Opens a store. uri: "local:" or "grpc://host:port" (IPv6: "grpc://[addr]:port");
- * anything else is KVDEX_EINVAL. opts may be NULL. A grpc handle connects lazily;
+/* Opens a store. uri: "local:", "grpc://host:port" (IPv6: "grpc://[addr]:port") or
+ * "grpcs://host:port" (TLS, see the tls_* options); anything else is KVDEX_EINVAL.
+ * Errors from a server with auth: KVDEX_EUNAUTH (no or unknown token), KVDEX_EPERM
+ * (the token may not use the handle's namespace). opts may be NULL. A grpc handle connects lazily;
  * the first call reports KVDEX_EUNAVAIL if the server cannot be reached.
  * kvdex_close(NULL) is a no-op; no call on the handle may be in flight. */
 int kvdex_open(const char *uri, const kvdex_open_opts *opts, kvdex_db **out /* OUT */);

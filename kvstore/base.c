@@ -42,6 +42,8 @@ const char *kvdex_errname(int rc) {
     case KVDEX_EINTERNAL: return "KVDEX_EINTERNAL";
     case KVDEX_EUNIMPL: return "KVDEX_EUNIMPL";
     case KVDEX_EIO: return "KVDEX_EIO";
+    case KVDEX_EUNAUTH: return "KVDEX_EUNAUTH";
+    case KVDEX_EPERM: return "KVDEX_EPERM";
     default: return "KVDEX_E?";
   }
 }

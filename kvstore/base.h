@@ -29,6 +29,8 @@ enum {
   KVDEX_EINTERNAL = -10,  /* bug or unexpected library failure -> INTERNAL */
   KVDEX_EUNIMPL = -11,    /* not supported by this build/transport -> UNIMPLEMENTED */
   KVDEX_EIO = -12,        /* file or socket error */
+  KVDEX_EUNAUTH = -13,    /* no or unknown credentials -> UNAUTHENTICATED */
+  KVDEX_EPERM = -14,      /* credentials not allowed this namespace -> PERMISSION_DENIED */
 };
 
 /* Storage element types. Values equal the wire enum kvdex.v1.DType. */

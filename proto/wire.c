@@ -14,6 +14,8 @@ grpc_status_code kvdex_wire_status(int rc) {
     case KVDEX_ETIMEDOUT: return GRPC_STATUS_DEADLINE_EXCEEDED;
     case KVDEX_EUNAVAIL: return GRPC_STATUS_UNAVAILABLE;
     case KVDEX_EUNIMPL: return GRPC_STATUS_UNIMPLEMENTED;
+    case KVDEX_EUNAUTH: return GRPC_STATUS_UNAUTHENTICATED;
+    case KVDEX_EPERM: return GRPC_STATUS_PERMISSION_DENIED;
     default: return GRPC_STATUS_INTERNAL;
   }
 }
@@ -32,6 +34,8 @@ int kvdex_wire_rc(grpc_status_code status) {
     case GRPC_STATUS_DEADLINE_EXCEEDED: return KVDEX_ETIMEDOUT;
     case GRPC_STATUS_UNAVAILABLE: return KVDEX_EUNAVAIL;
     case GRPC_STATUS_UNIMPLEMENTED: return KVDEX_EUNIMPL;
+    case GRPC_STATUS_UNAUTHENTICATED: return KVDEX_EUNAUTH;
+    case GRPC_STATUS_PERMISSION_DENIED: return KVDEX_EPERM;
     default: return KVDEX_EINTERNAL;
   }
 }

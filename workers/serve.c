@@ -8,6 +8,7 @@
 #include <string.h>
 #include <uv.h>
 
+#include "workers/auth.h"
 #include "workers/commands.h"
 #include "workers/metrics.h"
 #include "workers/metrics_http.h"
@@ -48,6 +49,7 @@ int kvdex_cmd_serve(int argc, char **argv) {
   kvdex_pool *pool = NULL;
   kvdex_server *srv = NULL;
   kvdex_metrics *metrics = NULL;
+  kvdex_auth *auth = NULL;
   int exit_code = 1;
   uint64_t cap = (uint64_t)kvdex_setting_num(&s, KVDEX_SET_MEMORY);
   unsigned threads = (unsigned)kvdex_setting_num(&s, KVDEX_SET_THREADS);
@@ -64,20 +66,31 @@ int kvdex_cmd_serve(int argc, char **argv) {
       goto out;
     }
   }
+  const char *auth_file = kvdex_setting_str(&s, KVDEX_SET_AUTH_FILE);
+  if (auth_file[0] && kvdex_auth_load(auth_file, &auth)) {
+    KVDEX_LOG(KVDEX_LOG_ERROR, "cannot start: --auth-file: %s", kvdex_errmsg());
+    goto out;
+  }
   kvdex_server_opts so = {
       .listen = kvdex_setting_str(&s, KVDEX_SET_LISTEN),
       .threads = threads,
       .max_message_bytes = (uint64_t)kvdex_setting_num(&s, KVDEX_SET_MAX_MESSAGE),
       .metrics = metrics,
+      .tls_cert_file = kvdex_setting_str(&s, KVDEX_SET_TLS_CERT),
+      .tls_key_file = kvdex_setting_str(&s, KVDEX_SET_TLS_KEY),
+      .tls_client_ca_file = kvdex_setting_str(&s, KVDEX_SET_TLS_CLIENT_CA),
+      .auth = auth,
   };
   if (kvdex_server_start(store, pool, &so, &srv)) {
     KVDEX_LOG(KVDEX_LOG_ERROR, "cannot serve on %s: %s", so.listen, kvdex_errmsg());
     goto out;
   }
   /* The host part as given, the port as bound (listen on :0 picks one). */
-  char extra[96];
-  snprintf(extra, sizeof extra, " (memory cap %.1f MiB, %u threads)", (double)cap / 1048576.0,
-           threads ? threads : (unsigned)kvdex_pool_size(pool));
+  char extra[160];
+  snprintf(extra, sizeof extra, " (memory cap %.1f MiB, %u threads, %s%s)",
+           (double)cap / 1048576.0, threads ? threads : (unsigned)kvdex_pool_size(pool),
+           so.tls_client_ca_file[0] ? "mTLS" : so.tls_cert_file[0] ? "TLS" : "plaintext",
+           auth ? ", token auth" : "");
   log_listen("", so.listen, kvdex_server_port(srv), extra);
 
   uv_loop_t loop;
@@ -113,6 +126,7 @@ int kvdex_cmd_serve(int argc, char **argv) {
 out:
   kvdex_server_stop(srv, 0);
   kvdex_metrics_destroy(metrics);
+  kvdex_auth_free(auth); /* after the server: calls look tokens up in it */
   kvdex_pool_destroy(pool);
   kvdex_store_destroy(store);
   kvdex_settings_free(&s);

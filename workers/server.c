@@ -21,8 +21,10 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/log.h>
 #include <grpc/support/time.h>
+#include <errno.h>
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
@@ -31,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -222,6 +225,7 @@ struct kvdex__call {
   int ops_pending;            /* batches on t_ops not yet completed (0 or 1) */
   kvdex__tag t_new, t_ops, t_close;
   kvdex_seq *seq; /* AppendKV, ReadKV: a reference held for the call */
+  const kvdex_auth_entry *who; /* the caller's token entry (NULL without auth) */
   /* AppendKV */
   kvdex_txn *txn;
   uint64_t n_msgs;
@@ -247,6 +251,9 @@ struct kvdex__worker {
   kvdex_search_result res;
   kvdex_index_scratch *ixs; /* made on the first indexed search */
   kvdex_attend_ctx *actx;   /* made on the first Attend / Retain, grows and is reused */
+  /* The token entry of the call being handled on this thread (set before each
+   * handler runs; NULL without auth): what kvdex__ref_check checks namespaces against. */
+  const kvdex_auth_entry *who;
 };
 
 struct kvdex_server {
@@ -266,6 +273,7 @@ struct kvdex_server {
   pthread_cond_t cv;
   long live;
   kvdex_metrics *metrics; /* not owned; may be NULL */
+  const kvdex_auth *auth; /* not owned; NULL = no token auth */
   /* Index builds accepted and not yet seen ended (metrics only), under pend_mu. */
   pthread_mutex_t pend_mu;
   struct kvdex__pending *pending;
@@ -418,24 +426,34 @@ static int kvdex__pack(const kvdex_server *srv, const ProtobufCMessage *m,
   return KVDEX_OK;
 }
 
-/* Checks a SequenceRef; *ns gets the namespace to use ("" -> "default"). */
-static int kvdex__ref_check(const Kvdex__V1__SequenceRef *ref, const char *field,
-                            const char **ns /* OUT */, const char **id /* OUT */) {
+/* KVDEX_EPERM unless the caller's token (w->who) may use namespace ns. Called
+ * before any lookup, and its message names only the namespace, so a refusal says
+ * nothing about whether a sequence exists. */
+static int kvdex__ns_allowed(const kvdex__worker *w, const char *ns) {
+  if (!w->srv->auth || kvdex_auth_allows(w->who, ns)) return KVDEX_OK;
+  return kvdex__seterr(KVDEX_EPERM, "the token is not allowed namespace \"%.80s\"", ns);
+}
+
+/* Checks a SequenceRef and that the caller may use its namespace; *ns gets the
+ * namespace to use ("" -> "default"). */
+static int kvdex__ref_check(const kvdex__worker *w, const Kvdex__V1__SequenceRef *ref,
+                            const char *field, const char **ns /* OUT */,
+                            const char **id /* OUT */) {
   if (!ref) return kvdex__seterr(KVDEX_EINVAL, "%s is required", field);
   const char *n = ref->namespace_ ? ref->namespace_ : "";
   const char *i = ref->sequence_id ? ref->sequence_id : "";
   if (kvdex_name_check(n, i)) return kvdex__preerr(KVDEX_EINVAL, field);
   *ns = kvdex_wire_namespace(n);
   *id = i;
-  return KVDEX_OK;
+  return kvdex__ns_allowed(w, *ns);
 }
 
-static int kvdex__open(kvdex_server *srv, const Kvdex__V1__SequenceRef *ref, const char *field,
-                       kvdex_seq **out /* OUT */) {
+static int kvdex__open(const kvdex__worker *w, const Kvdex__V1__SequenceRef *ref,
+                       const char *field, kvdex_seq **out /* OUT */) {
   const char *ns, *id;
-  int rc = kvdex__ref_check(ref, field, &ns, &id);
+  int rc = kvdex__ref_check(w, ref, field, &ns, &id);
   if (rc) return rc;
-  return kvdex_seq_open(srv->store, ns, id, out);
+  return kvdex_seq_open(w->srv->store, ns, id, out);
 }
 
 static int kvdex__fill_info(kvdex_server *srv, kvdex__arena *a, kvdex_seq *seq,
@@ -567,7 +585,7 @@ static int kvdex__do_create(kvdex__call *c) {
                     c->payload);
   if (!req) return KVDEX_EINVAL;
   const char *ns, *id;
-  int rc = kvdex__ref_check(req->seq, "seq", &ns, &id);
+  int rc = kvdex__ref_check(c->w, req->seq, "seq", &ns, &id);
   if (!rc && !req->shape) rc = kvdex__seterr(KVDEX_EINVAL, "shape is required");
   if (!rc) {
     kvdex_shape shape;
@@ -590,7 +608,7 @@ static int kvdex__do_delete(kvdex__call *c) {
   if (!req) return KVDEX_EINVAL;
   const char *ns, *id;
   uint64_t freed = 0;
-  int rc = kvdex__ref_check(req->seq, "seq", &ns, &id);
+  int rc = kvdex__ref_check(c->w, req->seq, "seq", &ns, &id);
   if (!rc) rc = kvdex_seq_delete(srv->store, ns, id, &freed);
   if (!rc) {
     Kvdex__V1__DeleteSequenceResponse resp = KVDEX__V1__DELETE_SEQUENCE_RESPONSE__INIT;
@@ -607,7 +625,7 @@ static int kvdex__do_stat(kvdex__call *c) {
       &kvdex__v1__stat_sequence_request__descriptor, "StatSequenceRequest", c->payload);
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
-  int rc = kvdex__open(srv, req->seq, "seq", &seq);
+  int rc = kvdex__open(c->w, req->seq, "seq", &seq);
   if (!rc) {
     Kvdex__V1__SequenceInfo info;
     Kvdex__V1__StatSequenceResponse resp = KVDEX__V1__STAT_SEQUENCE_RESPONSE__INIT;
@@ -626,11 +644,13 @@ typedef struct kvdex__list_ctx {
   Kvdex__V1__SequenceInfo **infos;
   size_t n, cap;
   int rc;
+  const kvdex_auth_entry *who; /* list only the namespaces it allows (NULL = all) */
 } kvdex__list_ctx;
 
 static void kvdex__list_visit(void *ctx, kvdex_seq *seq) {
   kvdex__list_ctx *l = ctx;
   if (l->rc) return;
+  if (l->who && !kvdex_auth_allows(l->who, kvdex_seq_namespace(seq))) return;
   if (l->n == l->cap) {
     size_t cap = l->cap ? 2 * l->cap : 64;
     Kvdex__V1__SequenceInfo **infos = kvdex__arena_alloc(l->arena, cap * sizeof *infos);
@@ -658,8 +678,11 @@ static int kvdex__do_list(kvdex__call *c) {
   int rc = KVDEX_OK;
   const char *ns = req->namespace_ && req->namespace_[0] ? req->namespace_ : NULL;
   if (ns && kvdex_name_check(ns, "x")) rc = KVDEX_EINVAL; /* names the namespace */
+  if (!rc && ns) rc = kvdex__ns_allowed(c->w, ns);
   if (!rc) {
-    kvdex__list_ctx l = {.srv = srv, .arena = &c->w->arena};
+    kvdex__list_ctx l = {.srv = srv, .arena = &c->w->arena,
+                         .who = srv->auth && !ns && !kvdex_auth_allows_all(c->w->who)
+                                    ? c->w->who : NULL};
     kvdex_store_list(srv->store, ns, kvdex__list_visit, &l);
     rc = l.rc;
     if (rc) rc = kvdex__seterr(rc, "out of memory listing sequences");
@@ -732,7 +755,7 @@ static int kvdex__search_one(kvdex__worker *w, const Kvdex__V1__SearchRequest *r
   char field[48];
   snprintf(field, sizeof field, "queries[%zu]", qi);
   kvdex_seq *seq = NULL;
-  int rc = kvdex__open(srv, q->seq, field, &seq);
+  int rc = kvdex__open(w, q->seq, field, &seq);
   if (rc) return rc;
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   int qd = q->query_dtype == KVDEX__V1__DTYPE__DTYPE_UNSPECIFIED ? KVDEX_DTYPE_F32
@@ -896,7 +919,7 @@ static int kvdex__do_build(kvdex__call *c) {
       kvdex__unpack(&kvdex__v1__build_index_request__descriptor, "BuildIndexRequest", c->payload);
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
-  int rc = kvdex__open(srv, req->seq, "seq", &seq);
+  int rc = kvdex__open(c->w, req->seq, "seq", &seq);
   uint32_t layer = req->all_layers ? KVDEX_INDEXER_ALL_LAYERS : req->layer;
   if (!rc && !req->all_layers && req->layer == KVDEX_INDEXER_ALL_LAYERS)
     rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (set all_layers for every layer)",
@@ -961,7 +984,7 @@ static int kvdex__attend_one(kvdex__worker *w, const Kvdex__V1__AttendRequest *r
   kvdex_seq *seq = NULL;
   char field[32];
   snprintf(field, sizeof field, "items[%zu]", i);
-  int rc = kvdex__open(srv, it ? it->seq : NULL, field, &seq);
+  int rc = kvdex__open(w, it ? it->seq : NULL, field, &seq);
   if (rc) return rc;
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   const size_t n_q = sh->n_q_heads, nf = n_q * sh->head_dim;
@@ -1098,7 +1121,7 @@ static int kvdex__do_retain(kvdex__call *c) {
       kvdex__unpack(&kvdex__v1__retain_request__descriptor, "RetainRequest", c->payload);
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
-  int rc = kvdex__open(srv, req->seq, "seq", &seq);
+  int rc = kvdex__open(c->w, req->seq, "seq", &seq);
   if (rc) goto out;
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   const uint64_t per_obs = (uint64_t)sh->n_q_heads * sh->head_dim;
@@ -1184,20 +1207,19 @@ static void kvdex__append_fail(kvdex__call *c, int rc) {
 
 /* Validates and stages one message. */
 static int kvdex__append_msg(kvdex__call *c, const Kvdex__V1__AppendKVRequest *m) {
-  kvdex_server *srv = c->w->srv;
   int rc;
   const Kvdex__V1__SequenceRef *ref = m->seq;
   bool named = ref && ((ref->sequence_id && ref->sequence_id[0]) ||
                        (ref->namespace_ && ref->namespace_[0]));
   if (!c->seq) {
     if (!named) return kvdex__seterr(KVDEX_EINVAL, "the first AppendKV message must set seq");
-    rc = kvdex__open(srv, ref, "seq", &c->seq);
+    rc = kvdex__open(c->w, ref, "seq", &c->seq);
     if (rc) return rc;
     rc = kvdex_txn_begin(c->seq, &c->txn);
     if (rc) return rc;
   } else if (named) {
     const char *ns, *id;
-    rc = kvdex__ref_check(ref, "seq", &ns, &id);
+    rc = kvdex__ref_check(c->w, ref, "seq", &ns, &id);
     if (rc) return rc;
     if (strcmp(ns, kvdex_seq_namespace(c->seq)) || strcmp(id, kvdex_seq_id(c->seq)))
       return kvdex__seterr(KVDEX_EINVAL, "seq names %s/%s, but the stream is for %s/%s", ns,
@@ -1329,7 +1351,7 @@ static int kvdex__read_setup(kvdex__call *c) {
       kvdex__unpack(&kvdex__v1__read_kvrequest__descriptor, "ReadKVRequest", c->payload);
   if (!req) return KVDEX_EINVAL;
   c->rd_req = req;
-  int rc = kvdex__open(srv, req->seq, "seq", &c->seq);
+  int rc = kvdex__open(c->w, req->seq, "seq", &c->seq);
   if (rc) return rc;
   const kvdex_shape *sh = kvdex_seq_shape(c->seq);
   if (req->layer >= sh->n_layers)
@@ -1452,6 +1474,29 @@ static void kvdex__call_free(kvdex__call *c) {
   kvdex__live_add(srv, -1);
 }
 
+/* The token entry named by the call's `authorization: Bearer TOKEN` metadata, or NULL
+ * (none, another scheme, or an unknown token). */
+static const kvdex_auth_entry *kvdex__authenticate(const kvdex_server *srv,
+                                                   const grpc_metadata_array *md) {
+  static const char key[] = "authorization", scheme[] = "bearer ";
+  const kvdex_auth_entry *who = NULL;
+  for (size_t i = 0; i < md->count; i++) {
+    const grpc_metadata *m = &md->metadata[i];
+    if (GRPC_SLICE_LENGTH(m->key) != sizeof key - 1 ||
+        strncasecmp((const char *)GRPC_SLICE_START_PTR(m->key), key, sizeof key - 1))
+      continue;
+    size_t len = GRPC_SLICE_LENGTH(m->value);
+    const char *v = (const char *)GRPC_SLICE_START_PTR(m->value);
+    if (len <= sizeof scheme - 1 || strncasecmp(v, scheme, sizeof scheme - 1)) return NULL;
+    v += sizeof scheme - 1;
+    len -= sizeof scheme - 1;
+    while (len && *v == ' ') v++, len--;
+    who = kvdex_auth_find(srv->auth, v, len);
+    break; /* only the first authorization entry counts */
+  }
+  return who;
+}
+
 /* A request slot got a call (or failed: the server is shutting down). */
 static void kvdex__call_on_new(kvdex__call *c, bool success) {
   kvdex__worker *w = c->w;
@@ -1481,6 +1526,15 @@ static void kvdex__call_on_new(kvdex__call *c, bool success) {
     kvdex__call_finish(c, GRPC_STATUS_DEADLINE_EXCEEDED,
                        "the deadline passed before the call was served");
     return;
+  }
+  if (srv->auth && c->method != KVDEX__M_HEALTH) {
+    c->who = w->who = kvdex__authenticate(srv, &c->md);
+    if (!c->who) {
+      kvdex__call_finish(c, GRPC_STATUS_UNAUTHENTICATED,
+                         "missing or unknown bearer token (send metadata "
+                         "\"authorization: Bearer TOKEN\")");
+      return;
+    }
   }
   if (c->method == KVDEX__M_UNKNOWN) {
     char msg[320];
@@ -1597,6 +1651,7 @@ static void *kvdex__worker_main(void *arg) {
     if (ev.type != GRPC_OP_COMPLETE) continue;
     kvdex__tag *t = ev.tag;
     kvdex__call *c = t->call;
+    w->who = c->who; /* the namespaces this call's handlers may use */
     switch (t->kind) {
       case KVDEX__TAG_NEW: kvdex__call_on_new(c, ev.success != 0); break;
       case KVDEX__TAG_OPS: kvdex__call_on_ops(c, ev.success != 0); break;
@@ -1661,6 +1716,72 @@ static void kvdex__server_free(kvdex_server *srv) {
   grpc_shutdown();
 }
 
+/* Reads a whole PEM file into a NUL-terminated gpr_malloc'd string. */
+static int kvdex__read_pem(const char *path, const char *what, char **out /* OUT */) {
+  *out = NULL;
+  FILE *f = fopen(path, "rb");
+  if (!f) return kvdex__seterr(KVDEX_EIO, "%s %.200s: %s", what, path, strerror(errno));
+  size_t cap = 16384, n = 0;
+  char *buf = gpr_malloc(cap);
+  for (;;) {
+    if (n + 1 >= cap) {
+      if (cap >= (16u << 20)) {
+        fclose(f);
+        gpr_free(buf);
+        return kvdex__seterr(KVDEX_EINVAL, "%s %.200s: larger than 16 MiB", what, path);
+      }
+      cap *= 2;
+      buf = gpr_realloc(buf, cap);
+    }
+    size_t got = fread(buf + n, 1, cap - 1 - n, f);
+    n += got;
+    if (got == 0) break;
+  }
+  int err = ferror(f);
+  fclose(f);
+  buf[n] = 0;
+  if (err || !strstr(buf, "-----BEGIN ")) {
+    gpr_free(buf);
+    return kvdex__seterr(err ? KVDEX_EIO : KVDEX_EINVAL, "%s %.200s: %s", what, path,
+                         err ? "read error" : "not a PEM file");
+  }
+  *out = buf;
+  return KVDEX_OK;
+}
+
+/* Insecure credentials, or TLS (and mTLS) ones from the opts' PEM files. */
+static int kvdex__server_creds(const kvdex_server_opts *opts,
+                               grpc_server_credentials **out /* OUT */) {
+  const char *cert = opts->tls_cert_file, *key = opts->tls_key_file,
+             *ca = opts->tls_client_ca_file;
+  bool has_cert = cert && cert[0], has_key = key && key[0], has_ca = ca && ca[0];
+  if (!has_cert && !has_key && !has_ca) {
+    *out = grpc_insecure_server_credentials_create();
+    return KVDEX_OK;
+  }
+  if (!has_cert || !has_key)
+    return kvdex__seterr(KVDEX_EINVAL, "TLS needs both a certificate and a key%s",
+                         has_ca ? " (a client CA alone is not enough)" : "");
+  char *cert_pem = NULL, *key_pem = NULL, *ca_pem = NULL;
+  int rc = kvdex__read_pem(cert, "TLS certificate", &cert_pem);
+  if (!rc) rc = kvdex__read_pem(key, "TLS key", &key_pem);
+  if (!rc && has_ca) rc = kvdex__read_pem(ca, "TLS client CA", &ca_pem);
+  if (!rc) {
+    grpc_ssl_pem_key_cert_pair pair = {.private_key = key_pem, .cert_chain = cert_pem};
+    *out = grpc_ssl_server_credentials_create_ex(
+        ca_pem, &pair, 1,
+        has_ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+               : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+        NULL);
+    if (!*out) rc = kvdex__seterr(KVDEX_EINVAL, "cannot make TLS credentials from %.200s", cert);
+  }
+  if (key_pem) memset(key_pem, 0, strlen(key_pem));
+  gpr_free(cert_pem);
+  gpr_free(key_pem);
+  gpr_free(ca_pem);
+  return rc;
+}
+
 int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_opts *opts,
                        kvdex_server **out) {
   if (!out) return kvdex__seterr(KVDEX_EINVAL, "server: out is NULL");
@@ -1675,6 +1796,7 @@ int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_
   pthread_cond_init(&srv->cv, NULL);
   pthread_mutex_init(&srv->pend_mu, NULL);
   srv->metrics = opts->metrics;
+  srv->auth = opts->auth;
   srv->store = store;
   srv->pool = pool;
   int irc = kvdex_indexer_create(pool, opts->build_threads, &srv->indexer);
@@ -1727,13 +1849,20 @@ int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_
       return kvdex__seterr(KVDEX_EINTERNAL, "server: cannot register %s", kvdex__methods[m].path);
     }
   }
-  grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+  grpc_server_credentials *creds = NULL;
+  int crc = kvdex__server_creds(opts, &creds);
+  if (crc) {
+    kvdex__server_free(srv);
+    return kvdex__preerr(crc, "server");
+  }
   srv->port = grpc_server_add_http2_port(srv->server, opts->listen, creds);
   grpc_server_credentials_release(creds);
   if (srv->port <= 0) {
     kvdex__server_free(srv);
-    return kvdex__seterr(KVDEX_EIO, "cannot bind %.200s (address in use, or not host:port)",
-                         opts->listen);
+    return kvdex__seterr(KVDEX_EIO, "cannot bind %.200s (address in use, or not host:port%s)",
+                         opts->listen, opts->tls_cert_file && opts->tls_cert_file[0]
+                                           ? "; or the TLS certificate and key do not match"
+                                           : "");
   }
   grpc_server_start(srv->server);
 

@@ -13,6 +13,7 @@
 
 #include "index/index.h"
 #include "kvstore/kvstore.h"
+#include "workers/auth.h"
 #include "workers/metrics.h"
 
 #ifdef __cplusplus
@@ -29,6 +30,17 @@ typedef struct kvdex_server_opts {
   kvdex_metrics *metrics;    /* may be NULL; made with kvdex_server_method_names(), it must
                                 outlive the server; the server records every completed call,
                                 Search/Attend work and ended index builds into it */
+  /* TLS: PEM files of the server's certificate chain and private key (both or neither;
+   * neither = plaintext). With tls_client_ca_file too, every client must present a
+   * certificate signed by that CA (mTLS); it needs the other two. Read at start. */
+  const char *tls_cert_file, *tls_key_file, *tls_client_ca_file;
+  /* Bearer tokens (may be NULL = no auth); must outlive the server. When set, every
+   * call but grpc.health.v1.Health/Check needs `authorization: Bearer TOKEN`:
+   * none or an unknown one -> UNAUTHENTICATED; a sequence or ListSequences namespace
+   * the token is not allowed -> PERMISSION_DENIED, decided before any lookup (the
+   * message does not tell whether the sequence exists). ListSequences of every
+   * namespace lists only the token's namespaces. */
+  const kvdex_auth *auth;
 } kvdex_server_opts;
 
 /* The method names the server records metrics under, in the order its metrics
@@ -36,7 +48,8 @@ typedef struct kvdex_server_opts {
 const char *const *kvdex_server_method_names(unsigned *n /* OUT */);
 
 /* Binds and starts serving. KVDEX_EIO if the address cannot be bound (a second
- * server on a used port fails: SO_REUSEPORT is off). */
+ * server on a used port fails: SO_REUSEPORT is off) or a TLS file cannot be read;
+ * KVDEX_EINVAL for half a TLS setting or a file that is not PEM. */
 int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_opts *opts,
                        kvdex_server **out /* OUT */);
 

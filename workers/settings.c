@@ -55,6 +55,17 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      "host:port", KVDEX_CMD_SERVE,
      "address to serve Prometheus metrics on, GET /metrics over HTTP (empty = off; port 0 "
      "picks a free one)"},
+    {KVDEX_SET_TLS_CERT, "tls-cert", "KVDEX_TLS_CERT", T_STR, "", 0, 0, "file", KVDEX_CMD_SERVE,
+     "PEM certificate chain to serve gRPC over TLS (with --tls-key; empty = plaintext)"},
+    {KVDEX_SET_TLS_KEY, "tls-key", "KVDEX_TLS_KEY", T_STR, "", 0, 0, "file", KVDEX_CMD_SERVE,
+     "PEM private key of --tls-cert"},
+    {KVDEX_SET_TLS_CLIENT_CA, "tls-client-ca", "KVDEX_TLS_CLIENT_CA", T_STR, "", 0, 0, "file",
+     KVDEX_CMD_SERVE,
+     "PEM CA bundle: require and verify client certificates signed by it (mTLS; needs TLS)"},
+    {KVDEX_SET_AUTH_FILE, "auth-file", "KVDEX_AUTH_FILE", T_STR, "", 0, 0, "file",
+     KVDEX_CMD_SERVE,
+     "bearer tokens, lines `TOKEN ns1,ns2` (`*` = all namespaces, `#` comments); every call "
+     "but Health/Check then needs `authorization: Bearer TOKEN` (empty = no auth)"},
     {KVDEX_SET_TIMEOUT_MS, "timeout", "KVDEX_TIMEOUT_MS", T_INT, "30000", 1, 86400000, "ms",
      KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT, "deadline of each remote call"},
     {KVDEX_SET_NAMESPACE, "namespace", "KVDEX_NAMESPACE", T_STR, "default", 0, 0, "name",
