@@ -79,6 +79,53 @@ int kvdex__local_open(const kvdex_open_opts *opts, kvdex_db **out /* OUT */);
 int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts,
                      kvdex_db **out /* OUT */);
 
+/* ---- grpc.c internals for the cluster transport (cluster.c) ---------------------------
+ * These take the namespace explicitly: they serve every namespace, whatever the
+ * handle's. */
+
+/* The calling thread's overall deadline for the grpc calls it makes from now on
+ * (CLOCK_MONOTONIC ms; 0 = none): each call's timeout is the handle's, cut to it. */
+void kvdex__grpc_set_deadline(int64_t monotonic_ms);
+
+/* One sequence as seen in a node's ListSequences. */
+typedef struct kvdex__node_seq {
+  char ns[KVDEX_MAX_NAMESPACE + 1];
+  char id[KVDEX_MAX_SEQ_ID + 1];
+  kvdex_shape shape;
+  uint32_t n_layers;
+  uint64_t *layer_tokens;   /* n_layers entries */
+  uint64_t total_tokens;    /* sum over layers */
+  uint64_t bytes;
+  int importing;            /* hidden: a copy being imported */
+} kvdex__node_seq;
+typedef struct kvdex__node_list {
+  kvdex__node_seq *seqs;
+  size_t n;
+  uint64_t bytes_used, bytes_cap;
+} kvdex__node_list;
+/* ListSequences of a grpc handle's node: ns "" = every namespace. */
+int kvdex__grpc_list_node(kvdex_db *db, const char *ns, kvdex__node_list *out /* OUT */);
+void kvdex__node_list_free(kvdex__node_list *l);
+/* Deletes ns/seq_id on the handle's node (hidden or not); KVDEX_ENOTFOUND if absent. */
+int kvdex__grpc_delete_ns(kvdex_db *db, const char *ns, const char *seq_id,
+                          uint64_t *bytes_freed /* OUT, or NULL */);
+/* Copies ns/seq_id from the node of `src` to the node of `dst` (both grpc handles).
+ * On dst it is created hidden (importing) unless it exists there: a hidden copy is
+ * resumed, a visible one with the same shape is brought up to date (repair), another
+ * shape is KVDEX_ECONFLICT. Per layer, one AppendKV stream (committed per layer, so a
+ * rerun resumes) gets the K/V dst lacks, streamed from a ReadKV of src, then the
+ * layer's prefill queries and landmark keys, each re-sent with an identical replay of
+ * its token so that dst keeps the same query sample and landmark blocks. Then every
+ * BuildIndex spec of src is queued on dst (not waited for) and a hidden copy is
+ * published. progress (may be NULL) gets the tokens copied so far and the total after
+ * each message; *bytes_copied (may be NULL) the K/V bytes sent. */
+typedef void (*kvdex__copy_progress_fn)(void *ctx, uint64_t done_tokens, uint64_t total_tokens);
+int kvdex__grpc_copy_seq(kvdex_db *src, kvdex_db *dst, const char *ns, const char *seq_id,
+                         kvdex__copy_progress_fn progress, void *ctx, uint64_t *bytes_copied);
+/* A 64-bit checksum of the visible ns/seq_id: its shape, per-layer token counts and
+ * every K and V byte in token order (read with ReadKV). Equal copies, equal sums. */
+int kvdex__grpc_checksum(kvdex_db *db, const char *ns, const char *seq_id, uint64_t *sum /* OUT */);
+
 /* Allocates out->heads as one block: the n_q_heads head array, then total_hits ids,
  * then total_hits scores; *ids and *scores point at those two arrays, which the
  * caller hands out to the heads in order. out->n_q_heads is set, the heads are

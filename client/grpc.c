@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
@@ -49,6 +50,7 @@ enum {
   M_BUILD,
   M_ATTEND,
   M_RETAIN,
+  M_PUBLISH,
   M_COUNT
 };
 
@@ -58,11 +60,12 @@ static const char *const method_path[M_COUNT] = {
     "/kvdex.v1.KVStore/AppendKV",       "/kvdex.v1.KVStore/ReadKV",
     "/kvdex.v1.Retrieval/Search",       "/kvdex.v1.Retrieval/BuildIndex",
     "/kvdex.v1.Retrieval/Attend",       "/kvdex.v1.Retrieval/Retain",
+    "/kvdex.v1.KVStore/PublishSequence",
 };
 static const char *const method_name[M_COUNT] = {
     "CreateSequence", "DeleteSequence", "StatSequence", "ListSequences",
     "AppendKV",       "ReadKV",         "Search",       "BuildIndex",
-    "Attend",         "Retain",
+    "Attend",         "Retain",         "PublishSequence",
 };
 
 typedef struct shape_slot {
@@ -153,6 +156,22 @@ static void auth_op(const grpc_db *g, grpc_op *op) {
   op->data.send_initial_metadata.metadata = (grpc_metadata *)&g->auth_md;
 }
 
+/* The calling thread's overall deadline (CLOCK_MONOTONIC ms, 0 = none): a cluster
+ * handle sets it so that failover across nodes stays within the caller's timeout. */
+static _Thread_local int64_t tl_deadline_ms;
+
+void kvdex__grpc_set_deadline(int64_t monotonic_ms) { tl_deadline_ms = monotonic_ms; }
+
+/* The timeout of a call starting now: the handle's, cut to the thread's deadline. */
+static uint32_t call_timeout_ms(const grpc_db *g) {
+  if (!tl_deadline_ms) return g->timeout_ms;
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  int64_t left = tl_deadline_ms - ((int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
+  if (left < 1) left = 1;
+  return left < (int64_t)g->timeout_ms ? (uint32_t)left : g->timeout_ms;
+}
+
 static int rpc_begin(grpc_db *g, int m, rpc *r) {
   memset(r, 0, sizeof *r);
   r->g = g;
@@ -165,7 +184,7 @@ static int rpc_begin(grpc_db *g, int m, rpc *r) {
   if (!r->cq) return kvdex__seterr(KVDEX_EINTERNAL, "%s: cannot create a completion queue",
                                    method_name[m]);
   gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                       gpr_time_from_millis(g->timeout_ms, GPR_TIMESPAN));
+                                       gpr_time_from_millis(call_timeout_ms(g), GPR_TIMESPAN));
   r->call = grpc_channel_create_registered_call(g->channel, NULL, GRPC_PROPAGATE_DEFAULTS, r->cq,
                                                 g->method[m], deadline, NULL);
   if (!r->call) return kvdex__seterr(KVDEX_EINTERNAL, "%s: cannot create the call", method_name[m]);
@@ -349,10 +368,14 @@ static int unary(grpc_db *g, int m, const ProtobufCMessage *req,
   return rc;
 }
 
-static void seq_ref(Kvdex__V1__SequenceRef *ref, const kvdex_db *db, const char *seq_id) {
+static void seq_ref_ns(Kvdex__V1__SequenceRef *ref, const char *ns, const char *seq_id) {
   kvdex__v1__sequence_ref__init(ref);
-  ref->namespace_ = (char *)db->ns;
+  ref->namespace_ = (char *)ns;
   ref->sequence_id = (char *)seq_id;
+}
+
+static void seq_ref(Kvdex__V1__SequenceRef *ref, const kvdex_db *db, const char *seq_id) {
+  seq_ref_ns(ref, db->ns, seq_id);
 }
 
 /* ---- sequences ------------------------------------------------------------------- */
@@ -389,18 +412,17 @@ static int grpc_del(kvdex_db *db, const char *seq_id, uint64_t *bytes_freed) {
   return KVDEX_OK;
 }
 
-/* StatSequence; fills *shape and, when info is not NULL, *info. Refreshes the cache. */
-static int stat_call(grpc_db *g, const char *seq_id, kvdex_shape *shape, kvdex_seq_info *info) {
+/* StatSequence of ns/seq_id; fills *shape, and *info, *importing when not NULL. */
+static int stat_core(grpc_db *g, const char *ns, const char *seq_id, int include_importing,
+                     kvdex_shape *shape, kvdex_seq_info *info, int *importing) {
   Kvdex__V1__SequenceRef ref;
   Kvdex__V1__StatSequenceRequest req = KVDEX__V1__STAT_SEQUENCE_REQUEST__INIT;
-  seq_ref(&ref, &g->base, seq_id);
+  seq_ref_ns(&ref, ns, seq_id);
   req.seq = &ref;
+  req.include_importing = include_importing != 0;
   ProtobufCMessage *msg;
   int rc = unary(g, M_STAT, &req.base, &kvdex__v1__stat_sequence_response__descriptor, &msg);
-  if (rc) {
-    if (rc == KVDEX_ENOTFOUND) cache_drop(g, seq_id);
-    return rc;
-  }
+  if (rc) return rc;
   Kvdex__V1__StatSequenceResponse *resp = (Kvdex__V1__StatSequenceResponse *)msg;
   if (!resp->info || !resp->info->shape) {
     rc = kvdex__seterr(KVDEX_EINTERNAL, "StatSequence: the server sent no sequence info");
@@ -450,7 +472,15 @@ static int stat_call(grpc_db *g, const char *seq_id, kvdex_shape *shape, kvdex_s
       info->indexes = ix;
     }
   }
+  if (rc == KVDEX_OK && importing) *importing = resp->info->importing;
   protobuf_c_message_free_unpacked(msg, NULL);
+  return rc;
+}
+
+/* StatSequence in the handle's namespace. Refreshes the cache. */
+static int stat_call(grpc_db *g, const char *seq_id, kvdex_shape *shape, kvdex_seq_info *info) {
+  int rc = stat_core(g, g->base.ns, seq_id, 0, shape, info, NULL);
+  if (rc == KVDEX_ENOTFOUND) cache_drop(g, seq_id);
   if (rc == KVDEX_OK) cache_put(g, seq_id, shape);
   return rc;
 }
@@ -501,6 +531,7 @@ static int grpc_list(kvdex_db *db, char ***ids, size_t *n) {
 typedef struct grpc_appender {
   kvdex_appender base;
   rpc r;
+  char ns[KVDEX_MAX_NAMESPACE + 1];
   char seq_id[KVDEX_MAX_SEQ_ID + 1];
   int sent; /* messages sent so far */
 } grpc_appender;
@@ -520,17 +551,16 @@ static void grpc_appender_free(grpc_appender *ap) {
   free(ap);
 }
 
-static int grpc_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **out) {
-  grpc_db *g = as_grpc(db);
-  kvdex_shape shape;
-  int rc = shape_get(g, seq_id, &shape);
-  if (rc) return rc;
+/* Opens an AppendKV stream for ns/seq_id whose shape the caller knows. */
+static int append_begin_ns(grpc_db *g, const char *ns, const char *seq_id,
+                           const kvdex_shape *shape, kvdex_appender **out) {
   grpc_appender *ap = calloc(1, sizeof *ap);
   if (!ap) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
-  ap->base.db = db;
-  ap->base.shape = shape;
+  ap->base.db = &g->base;
+  ap->base.shape = *shape;
+  snprintf(ap->ns, sizeof ap->ns, "%s", ns);
   snprintf(ap->seq_id, sizeof ap->seq_id, "%s", seq_id);
-  rc = rpc_begin(g, M_APPEND, &ap->r);
+  int rc = rpc_begin(g, M_APPEND, &ap->r);
   if (rc == KVDEX_OK) rc = rpc_start_status(&ap->r);
   if (rc == KVDEX_OK) {
     grpc_op op;
@@ -548,6 +578,14 @@ static int grpc_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **
   return KVDEX_OK;
 }
 
+static int grpc_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **out) {
+  grpc_db *g = as_grpc(db);
+  kvdex_shape shape;
+  int rc = shape_get(g, seq_id, &shape);
+  if (rc) return rc;
+  return append_begin_ns(g, db->ns, seq_id, &shape, out);
+}
+
 /* Sends one AppendKVRequest and waits until gRPC has taken it. q (may be NULL) has
  * bytes * n_q_heads / n_kv_heads bytes; landmarks (may be NULL) lm_bytes. */
 static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
@@ -557,7 +595,7 @@ static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, 
   Kvdex__V1__SequenceRef ref;
   Kvdex__V1__AppendKVRequest req = KVDEX__V1__APPEND_KVREQUEST__INIT;
   if (ap->sent == 0) { /* the first message names the sequence */
-    seq_ref(&ref, ap->base.db, ap->seq_id);
+    seq_ref_ns(&ref, ap->ns, ap->seq_id);
     req.seq = &ref;
   }
   req.layer = layer;
@@ -1189,7 +1227,7 @@ int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts, k
   snprintf(g->target, sizeof g->target, "%s", target);
   pthread_mutex_init(&g->cache_mu, NULL);
 
-  grpc_arg args[3];
+  grpc_arg args[5];
   args[0].type = GRPC_ARG_INTEGER;
   args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
   args[0].value.integer = -1; /* responses are checked against the shape instead */
@@ -1198,8 +1236,14 @@ int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts, k
   args[1].value.integer = -1; /* we keep our own messages small (MSG_PAYLOAD_BYTES) */
   args[2].type = GRPC_ARG_INTEGER;
   args[2].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
-  args[2].value.integer = 5000; /* a restarted server is found again within seconds */
-  grpc_channel_args cargs = {.num_args = 3, .args = args};
+  args[2].value.integer = 1000; /* a restarted server is found again within a second */
+  args[3].type = GRPC_ARG_INTEGER;
+  args[3].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
+  args[3].value.integer = 100;
+  args[4].type = GRPC_ARG_INTEGER;
+  args[4].key = (char *)GRPC_ARG_MIN_RECONNECT_BACKOFF_MS;
+  args[4].value.integer = 100;
+  grpc_channel_args cargs = {.num_args = 5, .args = args};
   if (opts && opts->auth_token && opts->auth_token[0]) {
     size_t tl = strlen(opts->auth_token);
     char *v = malloc(tl + 8);
@@ -1235,4 +1279,507 @@ int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts, k
     g->method[m] = grpc_channel_register_call(g->channel, method_path[m], NULL, NULL);
   *out = &g->base;
   return KVDEX_OK;
+}
+
+/* ---- cluster support (client_int.h): explicit namespaces, listing, copies, checksums ---- */
+
+void kvdex__node_list_free(kvdex__node_list *l) {
+  if (!l) return;
+  for (size_t i = 0; i < l->n; i++) free(l->seqs[i].layer_tokens);
+  free(l->seqs);
+  memset(l, 0, sizeof *l);
+}
+
+int kvdex__grpc_list_node(kvdex_db *db, const char *ns, kvdex__node_list *out) {
+  memset(out, 0, sizeof *out);
+  grpc_db *g = as_grpc(db);
+  Kvdex__V1__ListSequencesRequest req = KVDEX__V1__LIST_SEQUENCES_REQUEST__INIT;
+  req.namespace_ = (char *)(ns ? ns : "");
+  ProtobufCMessage *msg;
+  int rc = unary(g, M_LIST, &req.base, &kvdex__v1__list_sequences_response__descriptor, &msg);
+  if (rc) return rc;
+  Kvdex__V1__ListSequencesResponse *resp = (Kvdex__V1__ListSequencesResponse *)msg;
+  out->seqs = calloc(resp->n_sequences ? resp->n_sequences : 1, sizeof *out->seqs);
+  if (!out->seqs) rc = kvdex__seterr(KVDEX_ENOMEM, "ListSequences: out of memory");
+  for (size_t i = 0; rc == KVDEX_OK && i < resp->n_sequences; i++) {
+    const Kvdex__V1__SequenceInfo *si = resp->sequences[i];
+    if (!si || !si->seq || !si->seq->sequence_id || !si->shape) continue;
+    const char *sns = si->seq->namespace_ && si->seq->namespace_[0] ? si->seq->namespace_
+                                                                     : KVDEX_DEFAULT_NAMESPACE;
+    kvdex__node_seq *q = &out->seqs[out->n];
+    kvdex_wire_shape_from_pb(si->shape, &q->shape);
+    if (strlen(sns) > KVDEX_MAX_NAMESPACE || strlen(si->seq->sequence_id) > KVDEX_MAX_SEQ_ID ||
+        kvdex_shape_check(&q->shape) || si->n_layer_tokens != q->shape.n_layers) {
+      rc = kvdex__seterr(KVDEX_EINTERNAL, "ListSequences: the server sent a malformed entry");
+      break;
+    }
+    snprintf(q->ns, sizeof q->ns, "%s", sns);
+    snprintf(q->id, sizeof q->id, "%s", si->seq->sequence_id);
+    q->n_layers = q->shape.n_layers;
+    q->layer_tokens = malloc(q->n_layers * sizeof *q->layer_tokens);
+    if (!q->layer_tokens) {
+      rc = kvdex__seterr(KVDEX_ENOMEM, "ListSequences: out of memory");
+      break;
+    }
+    for (uint32_t l = 0; l < q->n_layers; l++) {
+      q->layer_tokens[l] = si->layer_tokens[l];
+      q->total_tokens += si->layer_tokens[l];
+    }
+    q->bytes = si->bytes;
+    q->importing = si->importing;
+    out->n++;
+  }
+  out->bytes_used = resp->node_bytes_used;
+  out->bytes_cap = resp->node_bytes_cap;
+  protobuf_c_message_free_unpacked(msg, NULL);
+  if (rc) kvdex__node_list_free(out);
+  return rc;
+}
+
+int kvdex__grpc_delete_ns(kvdex_db *db, const char *ns, const char *seq_id, uint64_t *bytes_freed) {
+  grpc_db *g = as_grpc(db);
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__DeleteSequenceRequest req = KVDEX__V1__DELETE_SEQUENCE_REQUEST__INIT;
+  seq_ref_ns(&ref, ns, seq_id);
+  req.seq = &ref;
+  if (!strcmp(ns, db->ns)) cache_drop(g, seq_id);
+  ProtobufCMessage *resp;
+  int rc = unary(g, M_DELETE, &req.base, &kvdex__v1__delete_sequence_response__descriptor, &resp);
+  if (rc) return rc;
+  if (bytes_freed) *bytes_freed = ((Kvdex__V1__DeleteSequenceResponse *)resp)->bytes_freed;
+  protobuf_c_message_free_unpacked(resp, NULL);
+  return KVDEX_OK;
+}
+
+static int create_ns(grpc_db *g, const char *ns, const char *seq_id, const kvdex_shape *shape,
+                     int importing) {
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__Shape pb_shape = KVDEX__V1__SHAPE__INIT;
+  Kvdex__V1__CreateSequenceRequest req = KVDEX__V1__CREATE_SEQUENCE_REQUEST__INIT;
+  seq_ref_ns(&ref, ns, seq_id);
+  kvdex_wire_shape_to_pb(shape, &pb_shape);
+  req.seq = &ref;
+  req.shape = &pb_shape;
+  req.importing = importing != 0;
+  ProtobufCMessage *resp;
+  int rc = unary(g, M_CREATE, &req.base, &kvdex__v1__create_sequence_response__descriptor, &resp);
+  if (rc == KVDEX_OK) protobuf_c_message_free_unpacked(resp, NULL);
+  return rc;
+}
+
+static int publish_ns(grpc_db *g, const char *ns, const char *seq_id) {
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__PublishSequenceRequest req = KVDEX__V1__PUBLISH_SEQUENCE_REQUEST__INIT;
+  seq_ref_ns(&ref, ns, seq_id);
+  req.seq = &ref;
+  ProtobufCMessage *resp;
+  int rc =
+      unary(g, M_PUBLISH, &req.base, &kvdex__v1__publish_sequence_response__descriptor, &resp);
+  if (rc == KVDEX_OK) protobuf_c_message_free_unpacked(resp, NULL);
+  return rc;
+}
+
+static int build_ns(grpc_db *g, const char *ns, const char *seq_id, uint32_t layer,
+                    const char *spec) {
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__BuildIndexRequest req = KVDEX__V1__BUILD_INDEX_REQUEST__INIT;
+  seq_ref_ns(&ref, ns, seq_id);
+  req.seq = &ref;
+  req.layer = layer;
+  req.spec = (char *)spec;
+  ProtobufCMessage *resp;
+  int rc = unary(g, M_BUILD, &req.base, &kvdex__v1__build_index_response__descriptor, &resp);
+  if (rc == KVDEX_OK) protobuf_c_message_free_unpacked(resp, NULL);
+  return rc;
+}
+
+/* One ReadKV stream of ns/seq_id: the range [start, end) (if end > start) then ids;
+ * with_q / with_lm add the layer's prefill queries and landmarks after the K/V.
+ * fn is called for every message; a non-zero return stops the stream with it. */
+typedef int (*read_msg_fn)(void *ctx, const Kvdex__V1__ReadKVResponse *m);
+
+static int read_stream(grpc_db *g, const char *ns, const char *seq_id, uint32_t layer,
+                       uint64_t start, uint64_t end, const uint64_t *ids, size_t n_ids, int with_q,
+                       int with_lm, uint32_t per_msg, read_msg_fn fn, void *ctx) {
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__ReadKVRequest req = KVDEX__V1__READ_KVREQUEST__INIT;
+  Kvdex__V1__TokenRange range = KVDEX__V1__TOKEN_RANGE__INIT, *ranges[1] = {&range};
+  seq_ref_ns(&ref, ns, seq_id);
+  req.seq = &ref;
+  req.layer = layer;
+  req.max_tokens_per_message = per_msg;
+  req.with_queries = with_q != 0;
+  req.with_landmarks = with_lm != 0;
+  if (end > start) {
+    range.start = start;
+    range.end = end;
+    req.n_ranges = 1;
+    req.ranges = ranges;
+  }
+  req.n_token_ids = n_ids;
+  req.token_ids = (uint64_t *)ids;
+  rpc r;
+  int rc = rpc_begin(g, M_READ, &r);
+  if (rc == KVDEX_OK) rc = rpc_start_status(&r);
+  if (rc) {
+    rpc_end(&r);
+    return rc;
+  }
+  grpc_byte_buffer *send = pack(&req.base);
+  grpc_op ops[3];
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  auth_op(g, &ops[0]);
+  ops[1].op = GRPC_OP_SEND_MESSAGE;
+  ops[1].data.send_message.send_message = send;
+  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+  rc = rpc_start(&r, ops, 3, TAG_OPS);
+  if (rc == KVDEX_OK) rpc_wait(&r, TAG_OPS);
+  grpc_byte_buffer_destroy(send);
+  int stopped = 0;
+  while (rc == KVDEX_OK) {
+    grpc_byte_buffer *recv = NULL;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &recv;
+    rc = rpc_start(&r, &op, 1, TAG_OPS);
+    if (rc) break;
+    if (!rpc_wait(&r, TAG_OPS) || !recv) break;
+    ProtobufCMessage *msg;
+    rc = unpack(&r, recv, &kvdex__v1__read_kvresponse__descriptor, &msg);
+    grpc_byte_buffer_destroy(recv);
+    if (rc) break;
+    rc = fn(ctx, (const Kvdex__V1__ReadKVResponse *)msg);
+    protobuf_c_message_free_unpacked(msg, NULL);
+    stopped = rc != KVDEX_OK;
+  }
+  if (rc == KVDEX_OK || !stopped) {
+    int st = KVDEX_OK;
+    rpc_wait(&r, TAG_STATUS);
+    st = rpc_status_rc(&r);
+    if (rc == KVDEX_OK) rc = st;
+  }
+  rpc_end(&r);
+  return rc;
+}
+
+static size_t kv_per_msg(const kvdex_shape *s) {
+  size_t row = (size_t)s->head_dim * kvdex_dtype_size(s->dtype);
+  size_t per = MSG_PAYLOAD_BYTES / (2 * (size_t)s->n_kv_heads * row);
+  if (per == 0) per = 1;
+  return per > READ_MAX_TOKENS_PER_MSG ? READ_MAX_TOKENS_PER_MSG : per;
+}
+
+/* f32 rows into the sequence dtype (exact for values that came from that dtype). */
+static void to_dtype(const float *src, size_t n, int dtype, void *dst) {
+  if (dtype == KVDEX_DTYPE_F32) {
+    memcpy(dst, src, n * sizeof(float));
+  } else if (dtype == KVDEX_DTYPE_F16) {
+    for (size_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = kvdex_f32_to_f16(src[i]);
+  } else {
+    for (size_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = kvdex_f32_to_bf16(src[i]);
+  }
+}
+
+typedef struct copy_ctx {
+  kvdex_appender *ap;
+  const kvdex_shape *sh;
+  size_t row;             /* bytes of one token of one head */
+  uint32_t layer;
+  uint64_t next, end;     /* K/V tokens expected next, end of the range */
+  /* prefill queries and landmarks of the source layer, token-major f32 */
+  uint64_t *qids;
+  float *q;               /* [qn][n_q_heads][head_dim] */
+  size_t qn, qcap;
+  float *lm;              /* [lmn][n_kv_heads][head_dim], blocks [0, lmn) */
+  size_t lmn, lmcap;
+  /* replay reads */
+  char *kbuf, *vbuf;      /* [n_kv_heads][n][row] */
+  size_t got, want;
+  /* progress */
+  kvdex__copy_progress_fn progress;
+  void *pctx;
+  uint64_t done, total, bytes;
+} copy_ctx;
+
+static int grow(void **p, size_t *cap, size_t need, size_t elem) {
+  if (need <= *cap) return KVDEX_OK;
+  size_t c = *cap ? *cap : 64;
+  while (c < need) c *= 2;
+  void *g = realloc(*p, c * elem);
+  if (!g) return kvdex__seterr(KVDEX_ENOMEM, "copy: out of memory");
+  *p = g;
+  *cap = c;
+  return KVDEX_OK;
+}
+
+/* Collects the prefill queries / landmarks of a message into the context. */
+static int copy_extras(copy_ctx *cc, const Kvdex__V1__ReadKVResponse *m) {
+  const kvdex_shape *s = cc->sh;
+  size_t d = s->head_dim;
+  if (m->n_query_token_ids) {
+    size_t t = m->n_query_token_ids;
+    if (m->q.len != (size_t)s->n_q_heads * t * d * sizeof(float))
+      return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: %zu query bytes for %zu tokens", m->q.len, t);
+    int rc = grow((void **)&cc->qids, &cc->qcap, cc->qn + t, sizeof *cc->qids);
+    size_t cap2 = cc->qcap;
+    if (!rc) {
+      float *g2 = realloc(cc->q, cap2 * s->n_q_heads * d * sizeof(float));
+      if (!g2) return kvdex__seterr(KVDEX_ENOMEM, "copy: out of memory");
+      cc->q = g2;
+    }
+    if (rc) return rc;
+    const float *src = (const float *)m->q.data;
+    for (size_t j = 0; j < t; j++) {
+      cc->qids[cc->qn + j] = m->query_token_ids[j];
+      for (uint32_t h = 0; h < s->n_q_heads; h++)
+        memcpy(cc->q + ((cc->qn + j) * s->n_q_heads + h) * d, src + ((size_t)h * t + j) * d,
+               d * sizeof(float));
+    }
+    cc->qn += t;
+  }
+  if (m->landmark_blocks) {
+    size_t b = m->landmark_blocks;
+    if (m->landmark_block_start != cc->lmn ||
+        m->landmarks.len != (size_t)s->n_kv_heads * b * d * sizeof(float))
+      return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: landmark blocks out of order or mis-sized");
+    int rc = grow((void **)&cc->lm, &cc->lmcap, (cc->lmn + b) * s->n_kv_heads * d, sizeof(float));
+    if (rc) return rc;
+    const float *src = (const float *)m->landmarks.data;
+    for (size_t j = 0; j < b; j++)
+      for (uint32_t h = 0; h < s->n_kv_heads; h++)
+        memcpy(cc->lm + ((cc->lmn + j) * s->n_kv_heads + h) * d, src + ((size_t)h * b + j) * d,
+               d * sizeof(float));
+    cc->lmn += b;
+  }
+  return KVDEX_OK;
+}
+
+/* K/V of the copied range: straight into the target's stream. */
+static int copy_msg(void *ctx, const Kvdex__V1__ReadKVResponse *m) {
+  copy_ctx *cc = ctx;
+  size_t t = m->n_token_ids, heads = cc->sh->n_kv_heads;
+  if (t == 0) return copy_extras(cc, m);
+  if (t > cc->end - cc->next || m->k.len != t * heads * cc->row || m->v.len != m->k.len)
+    return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: a chunk of %zu tokens with %zu bytes of K", t,
+                         m->k.len);
+  for (size_t j = 0; j < t; j++)
+    if (m->token_ids[j] != cc->next + j)
+      return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: token %llu out of order",
+                           (unsigned long long)m->token_ids[j]);
+  int rc = grpc_append_kv(cc->ap, cc->layer, cc->next, (uint32_t)t, m->k.data, m->v.data, NULL,
+                          NULL);
+  if (rc) return rc;
+  cc->next += t;
+  cc->done += t;
+  cc->bytes += 2 * m->k.len;
+  if (cc->progress) cc->progress(cc->pctx, cc->done, cc->total);
+  return KVDEX_OK;
+}
+
+/* K/V of replayed tokens: into kbuf/vbuf in request order. */
+static int replay_msg(void *ctx, const Kvdex__V1__ReadKVResponse *m) {
+  copy_ctx *cc = ctx;
+  size_t t = m->n_token_ids, heads = cc->sh->n_kv_heads, row = cc->row;
+  if (t == 0) return KVDEX_OK;
+  if (t > cc->want - cc->got || m->k.len != t * heads * row || m->v.len != m->k.len)
+    return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: a replay chunk of %zu tokens", t);
+  for (size_t h = 0; h < heads; h++) {
+    memcpy(cc->kbuf + (h * cc->want + cc->got) * row, m->k.data + h * t * row, t * row);
+    memcpy(cc->vbuf + (h * cc->want + cc->got) * row, m->v.data + h * t * row, t * row);
+  }
+  cc->got += t;
+  return KVDEX_OK;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Re-sends the queries (with identical K/V replays of their tokens) and the landmarks
+ * of blocks [lm_from, cc->lmn) (with replays of each block's last token). */
+static int copy_replays(grpc_db *src, const char *ns, const char *seq_id, copy_ctx *cc,
+                        uint64_t lm_from) {
+  const kvdex_shape *s = cc->sh;
+  size_t n_lm = cc->lmn > lm_from ? (size_t)(cc->lmn - lm_from) : 0;
+  size_t n = cc->qn + n_lm;
+  if (n == 0) return KVDEX_OK;
+  uint64_t *ids = malloc(n * sizeof *ids);
+  if (!ids) return kvdex__seterr(KVDEX_ENOMEM, "copy: out of memory");
+  memcpy(ids, cc->qids, cc->qn * sizeof *ids);
+  for (size_t b = 0; b < n_lm; b++) ids[cc->qn + b] = (lm_from + b + 1) * s->block_tokens - 1;
+  qsort(ids, n, sizeof *ids, cmp_u64);
+  size_t u = 0;
+  for (size_t i = 0; i < n; i++)
+    if (u == 0 || ids[u - 1] != ids[i]) ids[u++] = ids[i];
+  size_t heads = s->n_kv_heads, d = s->head_dim, row = cc->row;
+  size_t dsz = kvdex_dtype_size(s->dtype);
+  cc->kbuf = malloc(u * heads * row);
+  cc->vbuf = malloc(u * heads * row);
+  char *k1 = malloc(heads * row), *v1 = malloc(heads * row);
+  char *q1 = malloc((size_t)s->n_q_heads * d * dsz), *lm1 = malloc(heads * d * dsz);
+  int rc = KVDEX_OK;
+  if (!cc->kbuf || !cc->vbuf || !k1 || !v1 || !q1 || !lm1)
+    rc = kvdex__seterr(KVDEX_ENOMEM, "copy: out of memory for %zu replayed tokens", u);
+  cc->got = 0;
+  cc->want = u;
+  if (!rc)
+    rc = read_stream(src, ns, seq_id, cc->layer, 0, 0, ids, u, 0, 0, (uint32_t)kv_per_msg(s),
+                     replay_msg, cc);
+  if (!rc && cc->got != u)
+    rc = kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: %zu of %zu replayed tokens", cc->got, u);
+  /* Token t's rows: its column of kbuf/vbuf. */
+#define ROWS_OF(j)                                                                  \
+  do {                                                                              \
+    for (size_t h_ = 0; h_ < heads; h_++) {                                         \
+      memcpy(k1 + h_ * row, cc->kbuf + (h_ * u + (j)) * row, row);                  \
+      memcpy(v1 + h_ * row, cc->vbuf + (h_ * u + (j)) * row, row);                  \
+    }                                                                               \
+  } while (0)
+  for (size_t i = 0; !rc && i < cc->qn; i++) {
+    uint64_t *at = bsearch(&cc->qids[i], ids, u, sizeof *ids, cmp_u64);
+    ROWS_OF((size_t)(at - ids));
+    to_dtype(cc->q + i * s->n_q_heads * d, (size_t)s->n_q_heads * d, s->dtype, q1);
+    rc = grpc_append_kv(cc->ap, cc->layer, cc->qids[i], 1, k1, v1, q1, NULL);
+  }
+  for (size_t b = 0; !rc && b < n_lm; b++) {
+    uint64_t t = (lm_from + b + 1) * s->block_tokens - 1;
+    uint64_t *at = bsearch(&t, ids, u, sizeof *ids, cmp_u64);
+    ROWS_OF((size_t)(at - ids));
+    to_dtype(cc->lm + (lm_from + b) * heads * d, heads * d, s->dtype, lm1);
+    rc = grpc_append_kv(cc->ap, cc->layer, t, 1, k1, v1, NULL, lm1);
+  }
+#undef ROWS_OF
+  free(ids);
+  free(cc->kbuf);
+  free(cc->vbuf);
+  cc->kbuf = cc->vbuf = NULL;
+  free(k1);
+  free(v1);
+  free(q1);
+  free(lm1);
+  return rc;
+}
+
+int kvdex__grpc_copy_seq(kvdex_db *src_db, kvdex_db *dst_db, const char *ns, const char *seq_id,
+                         kvdex__copy_progress_fn progress, void *ctx, uint64_t *bytes_copied) {
+  grpc_db *src = as_grpc(src_db), *dst = as_grpc(dst_db);
+  if (bytes_copied) *bytes_copied = 0;
+  kvdex_shape shape, dshape;
+  kvdex_seq_info si = {0}, di = {0};
+  int importing = 0, rc = stat_core(src, ns, seq_id, 0, &shape, &si, NULL);
+  if (rc) return kvdex__preerr(rc, "copy: source");
+  rc = stat_core(dst, ns, seq_id, 1, &dshape, &di, &importing);
+  if (rc == KVDEX_ENOTFOUND) {
+    rc = create_ns(dst, ns, seq_id, &shape, 1);
+    importing = 1;
+    memset(&di, 0, sizeof di);
+  } else if (rc == KVDEX_OK && memcmp(&dshape, &shape, sizeof shape) != 0) {
+    rc = kvdex__seterr(KVDEX_ECONFLICT, "copy: %s/%s exists on %s with another shape", ns, seq_id,
+                       dst->target);
+  }
+  copy_ctx cc = {.sh = &shape, .progress = progress, .pctx = ctx};
+  cc.row = (size_t)shape.head_dim * kvdex_dtype_size(shape.dtype);
+  for (uint32_t l = 0; !rc && l < shape.n_layers; l++) {
+    uint64_t have = di.layer_tokens ? di.layer_tokens[l] : 0;
+    if (si.layer_tokens[l] > have) cc.total += si.layer_tokens[l] - have;
+  }
+  for (uint32_t l = 0; !rc && l < shape.n_layers; l++) {
+    uint64_t have = di.layer_tokens ? di.layer_tokens[l] : 0;
+    uint64_t dq = di.layer_query_tokens ? di.layer_query_tokens[l] : 0;
+    uint64_t dlm = di.layer_landmark_blocks ? di.layer_landmark_blocks[l] : 0;
+    int need_q = si.layer_query_tokens[l] > dq || (si.layer_query_tokens[l] && have < si.layer_tokens[l]);
+    int need_lm = si.layer_landmark_blocks[l] > dlm;
+    if (si.layer_tokens[l] <= have && !need_q && !need_lm) continue;
+    cc.layer = l;
+    cc.next = have;
+    cc.end = si.layer_tokens[l] > have ? si.layer_tokens[l] : have;
+    cc.qn = cc.lmn = 0;
+    rc = append_begin_ns(dst, ns, seq_id, &shape, &cc.ap);
+    if (rc) break;
+    rc = read_stream(src, ns, seq_id, l, have, cc.end, NULL, 0, need_q, need_lm,
+                     (uint32_t)kv_per_msg(&shape), copy_msg, &cc);
+    if (!rc && cc.next != cc.end)
+      rc = kvdex__seterr(KVDEX_EINTERNAL, "copy: layer %u: %llu of %llu tokens arrived", l,
+                         (unsigned long long)(cc.next - have),
+                         (unsigned long long)(cc.end - have));
+    if (!rc) rc = copy_replays(src, ns, seq_id, &cc, dlm);
+    if (rc) {
+      char why[512];
+      snprintf(why, sizeof why, "%s", kvdex_errmsg());
+      grpc_append_abort(cc.ap);
+      rc = kvdex__seterr(rc, "%s", why);
+      break;
+    }
+    rc = grpc_append_commit(cc.ap, NULL);
+  }
+  /* The source's indexes, queued on the copy (a build that is refused does not undo it). */
+  for (uint32_t i = 0; !rc && i < si.n_indexes; i++) {
+    const kvdex_layer_index *li = &si.indexes[i];
+    if (!li->spec[0] || li->state == KVDEX_INDEX_FAILED) continue;
+    int b = build_ns(dst, ns, seq_id, li->layer, li->spec);
+    if (b && b != KVDEX_EBUSY)
+      KVDEX_LOG(KVDEX_LOG_WARN, "copy of %s/%s to %s: BuildIndex of layer %u (%s): %s", ns, seq_id,
+                dst->target, li->layer, li->spec, kvdex_errmsg());
+  }
+  if (!rc && importing) rc = publish_ns(dst, ns, seq_id);
+  if (bytes_copied) *bytes_copied = cc.bytes;
+  free(cc.qids);
+  free(cc.q);
+  free(cc.lm);
+  kvdex_seq_info_free(&si);
+  kvdex_seq_info_free(&di);
+  return rc;
+}
+
+typedef struct sum_ctx {
+  uint64_t h;
+  uint64_t next;
+} sum_ctx;
+
+static uint64_t sum_bytes(uint64_t h, const uint8_t *p, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    memcpy(&w, p + i, 8);
+    h = (h ^ w) * 0x100000001b3ull;
+    h ^= h >> 29;
+  }
+  for (; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+
+static int sum_msg(void *ctx, const Kvdex__V1__ReadKVResponse *m) {
+  sum_ctx *sc = ctx;
+  for (size_t j = 0; j < m->n_token_ids; j++)
+    if (m->token_ids[j] != sc->next++)
+      return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: token out of order");
+  sc->h = sum_bytes(sc->h, m->k.data, m->k.len);
+  sc->h = sum_bytes(sc->h, m->v.data, m->v.len);
+  return KVDEX_OK;
+}
+
+int kvdex__grpc_checksum(kvdex_db *db, const char *ns, const char *seq_id, uint64_t *sum) {
+  grpc_db *g = as_grpc(db);
+  kvdex_shape shape;
+  kvdex_seq_info info = {0};
+  int rc = stat_core(g, ns, seq_id, 0, &shape, &info, NULL);
+  if (rc) return rc;
+  sum_ctx sc = {.h = 1469598103934665603ull};
+  sc.h = sum_bytes(sc.h, (const uint8_t *)&shape, sizeof shape);
+  for (uint32_t l = 0; !rc && l < shape.n_layers; l++) {
+    sc.h = sum_bytes(sc.h, (const uint8_t *)&info.layer_tokens[l], sizeof(uint64_t));
+    sc.next = 0;
+    if (info.layer_tokens[l])
+      rc = read_stream(g, ns, seq_id, l, 0, info.layer_tokens[l], NULL, 0, 0, 0,
+                       (uint32_t)kv_per_msg(&shape), sum_msg, &sc);
+    if (!rc && sc.next != info.layer_tokens[l])
+      rc = kvdex__seterr(KVDEX_EINTERNAL, "checksum: layer %u: %llu of %llu tokens", l,
+                         (unsigned long long)sc.next, (unsigned long long)info.layer_tokens[l]);
+  }
+  kvdex_seq_info_free(&info);
+  if (!rc) *sum = sc.h ^ (sc.h >> 31);
+  return rc;
 }

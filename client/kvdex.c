@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "client/client_int.h"
+#include "client/cluster_int.h"
 #include "index/attend.h"
 #include "index/index.h"
 
@@ -19,8 +20,10 @@
 #define KVDEX__MAX_EXTRA 65536
 #define KVDEX__MAX_OBS 4096
 
-#define URI_FORMS \
-  "expected \"local:\", \"grpc://host:port\" or \"grpcs://host:port\" (IPv6: \"grpc://[addr]:port\")"
+#define URI_FORMS                                                                        \
+  "expected \"local:\", \"grpc://host:port\" or \"grpcs://host:port\" (IPv6: "             \
+  "\"grpc://[addr]:port\"), or a cluster: \"grpc://h1:port,h2:port?replicas=2\" or "       \
+  "\"dns:///name:port\""
 
 /* ---- URI parsing -------------------------------------------------------------- */
 
@@ -35,10 +38,9 @@ static int is_ip6_char(char c) {
 }
 
 /* Checks "host:port" or "[addr]:port"; returns 0 or a static reason. */
-static const char *check_authority(const char *a) {
+const char *kvdex__check_authority(const char *a) {
   const char *port;
   if (a[0] == '\0') return "missing host:port";
-  if (strchr(a, ',')) return "several hosts are not supported by this client version";
   if (a[0] == '[') {
     const char *close = strchr(a, ']');
     if (!close) return "missing ']' after an IPv6 address";
@@ -85,9 +87,11 @@ int kvdex_open(const char *uri, const kvdex_open_opts *opts, kvdex_db **out) {
   int rc;
   if (strcmp(uri, "local:") == 0) {
     rc = kvdex__local_open(opts, &db);
+  } else if (kvdex__is_cluster_uri(uri)) {
+    rc = kvdex__cluster_open(uri, opts, &db);
   } else if (strncmp(uri, "grpc://", 7) == 0 || strncmp(uri, "grpcs://", 8) == 0) {
     int tls = uri[4] == 's';
-    const char *why = check_authority(uri + 7 + tls);
+    const char *why = kvdex__check_authority(uri + 7 + tls);
     if (why) return kvdex__seterr(KVDEX_EINVAL, "kvdex_open: bad uri \"%.200s\": %s; " URI_FORMS,
                                   uri, why);
     rc = kvdex__grpc_open(uri + 7 + tls, tls, opts, &db);

@@ -57,13 +57,118 @@ typedef struct kvdex_open_opts {
 } kvdex_open_opts;
 
 /* Opens a store. uri: "local:", "grpc://host:port" (IPv6: "grpc://[addr]:port") or
- * "grpcs://host:port" (TLS, see the tls_* options); anything else is KVDEX_EINVAL.
+ * "grpcs://host:port" (TLS, see the tls_* options), or a cluster (below); anything
+ * else is KVDEX_EINVAL.
+ *
+ * Clusters: "grpc://h1:p1,h2:p2,h3:p3?replicas=2" (grpcs too) or
+ * "dns:///name:port?replicas=2&resolve_ms=30000" (every address the name resolves to
+ * is a node; re-resolved every resolve_ms, default 30000; &tls=1 for TLS). A
+ * sequence's owners are the top `replicas` nodes (default 2, at most the node count)
+ * by rendezvous hashing of (namespace, sequence id), so adding or removing a node
+ * moves only the sequences it gains or loses. Writes (create, append, build_index,
+ * delete, retain with materialize) go to every owner and succeed when every owner
+ * that answers accepts; an owner that is unreachable (or lacks the sequence, or lags
+ * behind it) is skipped, logged at WARN with its address, and counted as
+ * under-replicated until `kvdex cluster repair` (kvdex_cluster_repair) copies the
+ * sequence to it again. Reads (stat, read, search, attend, retain) go to the first
+ * healthy owner and fail over to the next on UNAVAILABLE / DEADLINE_EXCEEDED, then to
+ * the other nodes on NOT_FOUND (a sequence being moved by a rebalance is still on
+ * its previous owners), all within the handle's timeout_ms. Batched search and attend
+ * fan out to the owning nodes in parallel and are reassembled in request order. One
+ * channel per node is reused; a node that fails 3 calls in a row is skipped for a
+ * back-off (0.2 s doubling to 10 s) before one call tries it again (circuit breaker).
  * Errors from a server with auth: KVDEX_EUNAUTH (no or unknown token), KVDEX_EPERM
  * (the token may not use the handle's namespace). opts may be NULL. A grpc handle connects lazily;
  * the first call reports KVDEX_EUNAVAIL if the server cannot be reached.
  * kvdex_close(NULL) is a no-op; no call on the handle may be in flight. */
 int kvdex_open(const char *uri, const kvdex_open_opts *opts, kvdex_db **out /* OUT */);
 void kvdex_close(kvdex_db *db);
+
+/* ---- clusters --------------------------------------------------------------------- */
+
+/* One node of a cluster handle as the last kvdex_cluster_status saw it. */
+typedef struct kvdex_cluster_node {
+  char addr[300];        /* "host:port": the node's identity for hashing */
+  int up;                /* 1: it answered ListSequences */
+  int breaker_open;      /* 1: the client skips it for now (recent failures) */
+  char error[256];       /* why it is down ("" when up) */
+  uint64_t sequences;    /* visible sequences it holds (every namespace) */
+  uint64_t importing;    /* hidden copies being imported (a repair/rebalance in progress) */
+  uint64_t bytes_used, bytes_cap;
+} kvdex_cluster_node;
+
+/* One sequence of the cluster (any namespace). */
+typedef struct kvdex_cluster_seq {
+  char ns[65];           /* namespace: at most 64 bytes */
+  char id[257];          /* sequence id: at most 256 bytes */
+  uint64_t tokens;       /* the most tokens (summed over layers) any copy holds */
+  uint32_t n_owners;     /* owners wanted: min(replicas, nodes) */
+  uint32_t owners_ok;    /* owners that are up and hold a complete visible copy */
+  uint32_t misplaced;    /* copies on nodes that are not owners (a rebalance moves them) */
+  int diverged;          /* verify: two complete copies have different checksums */
+  char owners[256];      /* owner addresses, comma-separated, in rank order */
+  char holders[256];     /* nodes holding a visible copy, with tokens: "a:1 (4096),..." */
+} kvdex_cluster_seq;
+
+typedef struct kvdex_cluster_report {
+  size_t n_nodes;
+  kvdex_cluster_node *nodes;
+  size_t n_seqs;
+  kvdex_cluster_seq *seqs;         /* sorted by (ns, id) */
+  uint64_t under_replicated;       /* sequences with owners_ok < n_owners */
+  uint64_t misplaced;              /* sequences with a copy on a non-owner */
+  uint64_t lost;                   /* sequences no node that is up holds (they were seen
+                                      only in the client's hints) */
+  /* repair / rebalance: what they did */
+  uint64_t copied, deleted, failed;
+  uint64_t bytes_copied;
+} kvdex_cluster_report;
+void kvdex_cluster_report_free(kvdex_cluster_report *r); /* arrays, not the struct */
+
+/* What a repair or rebalance is doing; passed to the progress callback. */
+typedef struct kvdex_cluster_progress {
+  const char *action;    /* "copy", "delete", "skip" */
+  const char *ns, *id;   /* the sequence */
+  const char *from, *to; /* node addresses (from: NULL for delete) */
+  size_t seq_index, n_seqs;
+  uint64_t done_tokens, total_tokens; /* of this copy */
+} kvdex_cluster_progress;
+typedef void (*kvdex_cluster_progress_fn)(void *ctx, const kvdex_cluster_progress *p);
+
+/* Status of a cluster handle: every node's state and every sequence's placement over
+ * every namespace (ListSequences on each node). verify = 1 also reads every complete
+ * copy and compares checksums (reads all K/V: slow). KVDEX_EINVAL for a handle that
+ * is not a cluster. A down node is reported, not an error. */
+int kvdex_cluster_status(kvdex_db *db, int verify, kvdex_cluster_report *out /* OUT */);
+
+/* Repair: every owner that is up and lacks a sequence, or holds fewer tokens than the
+ * most complete copy, gets it copied from that copy (hidden until complete, so
+ * readers never see a partial copy; resumable: a rerun continues a hidden copy).
+ * Copies on non-owners are left alone. Then the client's under-replication hints are
+ * cleared. out (may be NULL) gets the status after the repair plus what was done.
+ * Returns KVDEX_OK when every sequence has all its owners complete, else the first
+ * error (and the others are still attempted). */
+int kvdex_cluster_repair(kvdex_db *db, kvdex_cluster_progress_fn progress, void *ctx,
+                         kvdex_cluster_report *out /* OUT, or NULL */);
+
+/* Rebalance after nodes were added or removed: a repair (which copies every sequence
+ * to its new owners), then every copy on a node that is no longer an owner is deleted
+ * once all of the sequence's owners hold complete copies (never before: a node that
+ * is down keeps the old copy in place). Resumable; progress as repair. */
+int kvdex_cluster_rebalance(kvdex_db *db, kvdex_cluster_progress_fn progress, void *ctx,
+                            kvdex_cluster_report *out /* OUT, or NULL */);
+
+/* The owners of seq_id (in the handle's namespace) in rank order, as a
+ * comma-separated list of addresses, into buf (size bytes). KVDEX_EINVAL for a
+ * handle that is not a cluster. */
+int kvdex_cluster_owners(kvdex_db *db, const char *seq_id, char *buf, size_t size);
+
+/* A checksum of the copy of seq_id (handle's namespace) held by the node `addr`: its
+ * shape, per-layer token counts and every K and V byte. Equal copies have equal sums.
+ * KVDEX_ENOTFOUND when that node holds no visible copy; KVDEX_EINVAL for an address
+ * that is not one of the handle's nodes. Works on plain grpc handles too (addr NULL). */
+int kvdex_cluster_checksum(kvdex_db *db, const char *addr, const char *seq_id,
+                           uint64_t *sum /* OUT */);
 
 /* kvdex_shape (n_layers, n_kv_heads, n_q_heads, head_dim, block_tokens, dtype)
  * is defined in <kvdex/base.h>. block_tokens 0 = default (64). */

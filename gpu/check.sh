@@ -5,11 +5,14 @@
 #   2. runs tests/gpu/gpu_test (gtest) if GoogleTest is installed, and always the driver's
 #      own kernel-vs-twin comparisons (the same ones, without gtest);
 #   3. measures sparse-decode HBM bandwidth vs the device's peak, and S2 prefill vs
-#      PyTorch's dense SDPA at 32K and 128K tokens (gpu/sdpa_peer.py, same run).
+#      PyTorch's dense SDPA at 32K and 128K tokens (gpu/sdpa_peer.py, same run);
+#   4. runs the decode loop kvdex_gpu_worker briefly (--index dense --check, embedded
+#      store), where Bazel can build it or KVDEX_GPU_WORKER names a built one.
 # Prints PASS/FAIL lines and the figures. Meant to finish in well under 5 minutes.
 # Exit: 0 all PASS, 1 a FAIL, 2 build failure, 3 no usable GPU (nothing measured).
 # Usage: gpu/check.sh [--build-only]
-#   env: NVCC, CUDA_HOME, KVDEX_GPU_ARCH (e.g. 90), PYTHON, KVDEX_GPU_CHECK_DIR (build dir)
+#   env: NVCC, CUDA_HOME, KVDEX_GPU_ARCH (e.g. 90), PYTHON, KVDEX_GPU_CHECK_DIR (build dir),
+#        KVDEX_GPU_WORKER (a built kvdex_gpu_worker; else Bazel builds it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
@@ -139,6 +142,35 @@ else
       echo "INFO  s2 prefill vs dense SDPA at $seq tokens: $ours ms vs $peer ms = ${ratio}x"
     fi
   done
+fi
+# ---- 4. the decode loop on the GPU: kvdex_gpu_worker (//gpu:kvdex_gpu_worker) ----
+# It links the whole client (gRPC, FAISS), so it is built with Bazel, or given prebuilt
+# as KVDEX_GPU_WORKER=path. Embedded store ("local:"), --index dense --check: the merged
+# output must equal dense attention within 1e-3; prints tokens/s and the time split.
+echo "== kvdex_gpu_worker (decode loop on the GPU, embedded store)"
+GW=${KVDEX_GPU_WORKER:-}
+if [ -z "$GW" ] && command -v bazel >/dev/null 2>&1; then
+  if timeout 600 bazel build //gpu:kvdex_gpu_worker >"$OUT/gpu_worker_build.log" 2>&1; then
+    GW=$(bazel cquery --output=files //gpu:kvdex_gpu_worker 2>/dev/null | head -1)
+  else
+    tail -20 "$OUT/gpu_worker_build.log"
+    echo "FAIL  build: //gpu:kvdex_gpu_worker"
+    rc=1
+  fi
+fi
+if [ -n "$GW" ] && [ -x "$GW" ]; then
+  if timeout 120 "$GW" gpu-worker --uri local: --index dense --check --layers 2 --kv-heads 8 \
+       --q-heads 32 --head-dim 128 --context 16384 --steps 16 --progress 0 \
+       >"$OUT/gpu_worker.log" 2>&1; then
+    echo "PASS  gpu-worker dense check: $(grep -m1 '^check:' "$OUT/gpu_worker.log")"
+  else
+    tail -20 "$OUT/gpu_worker.log"
+    echo "FAIL  gpu-worker (see $OUT/gpu_worker.log)"
+    rc=1
+  fi
+  sed -n 's/^decode: */INFO  gpu-worker decode: /p; s/^  \(.*ms .*%\)$/INFO    \1/p' "$OUT/gpu_worker.log"
+else
+  [ -z "$GW" ] && echo "INFO  gpu-worker skipped: no bazel here (set KVDEX_GPU_WORKER=path to a built kvdex_gpu_worker)"
 fi
 echo "== gpu/check.sh: $([ $rc = 0 ] && echo PASS || echo FAIL) in $((SECONDS - T0)) s"
 exit $rc

@@ -109,6 +109,7 @@ struct kvdex_seq {
   uint64_t hash;
   _Atomic uint64_t refs; /* the map holds one while the seq is in it */
   _Atomic bool deleted;
+  _Atomic bool importing; /* hidden from reads until kvdex_seq_publish */
   _Atomic bool txn_active;
   _Atomic uint64_t bytes; /* accounted bytes: metadata + arrays + blocks */
   size_t meta_bytes;      /* size of this allocation */
@@ -360,6 +361,11 @@ static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 int kvdex_seq_create(kvdex_store *st, const char *ns, const char *seq_id,
                      const kvdex_shape *shape) {
+  return kvdex_seq_create_ex(st, ns, seq_id, shape, 0);
+}
+
+int kvdex_seq_create_ex(kvdex_store *st, const char *ns, const char *seq_id,
+                        const kvdex_shape *shape, int importing) {
   if (!st) return kvdex__seterr(KVDEX_EINVAL, "seq_create: store is NULL");
   int rc = kvdex_name_check(ns, seq_id);
   if (rc) return kvdex__preerr(rc, "seq_create");
@@ -395,6 +401,7 @@ int kvdex_seq_create(kvdex_store *st, const char *ns, const char *seq_id,
   seq->hash = hash;
   atomic_init(&seq->refs, 1);
   atomic_init(&seq->deleted, false);
+  atomic_init(&seq->importing, importing != 0); /* before the map publishes it */
   atomic_init(&seq->txn_active, false);
   atomic_init(&seq->bytes, meta);
   seq->meta_bytes = meta;
@@ -504,6 +511,14 @@ void kvdex_seq_retain(kvdex_seq *seq) {
 
 int kvdex_seq_deleted(const kvdex_seq *seq) {
   return seq && atomic_load_explicit(&seq->deleted, memory_order_acquire);
+}
+
+int kvdex_seq_importing(const kvdex_seq *seq) {
+  return seq && atomic_load_explicit(&seq->importing, memory_order_acquire);
+}
+
+void kvdex_seq_publish(kvdex_seq *seq) {
+  if (seq) atomic_store_explicit(&seq->importing, false, memory_order_release);
 }
 
 int kvdex_seq_delete(kvdex_store *st, const char *ns, const char *seq_id, uint64_t *bytes_freed) {

@@ -74,6 +74,16 @@ void kvdex_store_stats_get(kvdex_store *store, kvdex_store_stats *out /* OUT */)
  * shape or name, KVDEX_ENOMEM if its metadata would exceed the cap. */
 int kvdex_seq_create(kvdex_store *store, const char *ns, const char *seq_id,
                      const kvdex_shape *shape);
+/* kvdex_seq_create, and with importing != 0 the sequence starts hidden: a copy being
+ * imported from another node (repair, rebalance). The store itself treats it like any
+ * other sequence; the server answers reads of it as if it did not exist, so that a
+ * client fails over to a complete copy, until kvdex_seq_publish. */
+int kvdex_seq_create_ex(kvdex_store *store, const char *ns, const char *seq_id,
+                        const kvdex_shape *shape, int importing);
+/* 1 while a sequence created importing has not been published, else 0. */
+int kvdex_seq_importing(const kvdex_seq *seq);
+/* Makes an importing sequence visible (a no-op for a visible one); never fails. */
+void kvdex_seq_publish(kvdex_seq *seq);
 
 /* Removes a sequence from the store at once (the name can be created again right
  * away) and returns its memory once the last reference is released. *bytes_freed (may

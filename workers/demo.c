@@ -206,10 +206,10 @@ int kvdex_cmd_demo(int argc, char **argv) {
     exit_code = 2;
     goto out;
   }
-  kvdex_open_opts oo = {.memory_cap = (uint64_t)kvdex_setting_num(&s, KVDEX_SET_MEMORY),
-                        .threads = (unsigned)kvdex_setting_num(&s, KVDEX_SET_THREADS),
-                        .timeout_ms = (uint32_t)kvdex_setting_num(&s, KVDEX_SET_TIMEOUT_MS),
-                        .name_space = kvdex_setting_str(&s, KVDEX_SET_NAMESPACE)};
+  kvdex_open_opts oo;
+  kvdex_cmd_client_opts(&s, &oo);
+  oo.memory_cap = (uint64_t)kvdex_setting_num(&s, KVDEX_SET_MEMORY);
+  oo.threads = (unsigned)kvdex_setting_num(&s, KVDEX_SET_THREADS);
   if (kvdex_open(uri, &oo, &db)) {
     fprintf(stderr, "kvdex demo: cannot open %s: %s\n", uri, kvdex_errmsg());
     goto out;

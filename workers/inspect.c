@@ -20,8 +20,8 @@ int kvdex_cmd_inspect(int argc, char **argv) {
     return 2;
   }
   kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
-  kvdex_open_opts oo = {.timeout_ms = (uint32_t)kvdex_setting_num(&s, KVDEX_SET_TIMEOUT_MS),
-                        .name_space = kvdex_setting_str(&s, KVDEX_SET_NAMESPACE)};
+  kvdex_open_opts oo;
+  kvdex_cmd_client_opts(&s, &oo);
   kvdex_db *db = NULL;
   char **ids = NULL;
   size_t n = 0;

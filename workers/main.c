@@ -1,4 +1,4 @@
-/* kvdex: one binary, subcommands serve, demo, bench, inspect, gen, settings. */
+/* kvdex: one binary, subcommands serve, demo, bench, inspect, cluster, gen, settings. */
 #include <stdio.h>
 #include <string.h>
 
@@ -13,6 +13,8 @@ static void usage(FILE *out) {
           "  demo      ingest a synthetic long-context sequence and run decode-step searches\n"
           "  bench     benchmarks: `kvdex bench scan`, `kvdex bench recall`\n"
           "  inspect   list the sequences of a store with their shape, tokens and bytes\n"
+          "  cluster   status, repair and rebalance of a multi-node cluster\n"
+          "  gpu-worker  decode loop: local attention + the store's Attend, merged (--cpu here)\n"
           "  gen       write synthetic out-of-distribution keys/queries/needles as .npy\n"
           "  settings  print every option of every command as a Markdown table\n\n"
           "`kvdex <command> --help` lists the options of a command; every option can also\n"
@@ -30,6 +32,8 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "demo")) return kvdex_cmd_demo(argc - 1, argv + 1);
   if (!strcmp(cmd, "bench")) return kvdex_cmd_bench(argc - 1, argv + 1);
   if (!strcmp(cmd, "inspect")) return kvdex_cmd_inspect(argc - 1, argv + 1);
+  if (!strcmp(cmd, "cluster")) return kvdex_cmd_cluster(argc - 1, argv + 1);
+  if (!strcmp(cmd, "gpu-worker")) return kvdex_cmd_gpu_worker(argc - 1, argv + 1);
   if (!strcmp(cmd, "gen")) return kvdex_cmd_gen(argc - 1, argv + 1);
   if (!strcmp(cmd, "settings")) {
     kvdex_settings_print_table(stdout);

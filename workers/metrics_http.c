@@ -169,6 +169,14 @@ static void kvdex__conn_handle(kvdex__conn *c) {
     return;
   }
   size_t path_len = strcspn(target, "?#");
+  /* Probes for kubelet (httpGet), which cannot speak gRPC over TLS: the endpoint runs
+   * exactly while the node serves (serve stops it before draining), so "answers" is
+   * both alive and ready. */
+  if ((path_len == 8 && !strncmp(target, "/healthz", 8)) ||
+      (path_len == 7 && !strncmp(target, "/readyz", 7))) {
+    kvdex__conn_respond(c, 200, "OK", "text/plain; charset=utf-8", "ok\n", 3, head, NULL);
+    return;
+  }
   if (path_len != strlen("/metrics") || strncmp(target, "/metrics", path_len)) {
     kvdex__conn_error(c, 404, "Not Found");
     return;

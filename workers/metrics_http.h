@@ -1,7 +1,8 @@
 /* metrics_http: a tiny HTTP/1.1 server on a libuv loop that answers `GET /metrics`
- * (and HEAD) with a kvdex_metrics handle rendered as Prometheus text, 404 for any
- * other path, and closes each connection after its one response. Requests are read
- * into a bounded buffer (8 KiB; larger -> 431), a connection lives at most
+ * (and HEAD) with a kvdex_metrics handle rendered as Prometheus text, `GET /healthz`
+ * and `GET /readyz` with 200 "ok" (probes for kubelet), 404 for any other path, and
+ * closes each connection after its one response. Requests are read into a bounded
+ * buffer (8 KiB; larger -> 431), a connection lives at most
  * KVDEX_METRICS_HTTP_TIMEOUT_MS, and at most KVDEX_METRICS_HTTP_MAX_CONNS are open at
  * once (more are closed at accept): garbage or slow clients cost a little memory
  * and nothing else. No keep-alive, TLS, chunked bodies or request bodies.

@@ -62,6 +62,7 @@ typedef enum kvdex__method {
   KVDEX__M_BUILD,
   KVDEX__M_ATTEND,
   KVDEX__M_RETAIN,
+  KVDEX__M_PUBLISH,
   KVDEX__M_HEALTH,
   KVDEX__M_UNKNOWN, /* everything not registered: grpc_server_request_call */
   KVDEX__M_COUNT
@@ -82,6 +83,8 @@ static const struct {
     {"/kvdex.v1.Retrieval/BuildIndex", "BuildIndex", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {"/kvdex.v1.Retrieval/Attend", "Attend", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {"/kvdex.v1.Retrieval/Retain", "Retain", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
+    {"/kvdex.v1.KVStore/PublishSequence", "PublishSequence",
+     GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {"/grpc.health.v1.Health/Check", "Health/Check", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
     {NULL, "(unregistered)", GRPC_SRM_PAYLOAD_NONE},
 };
@@ -90,7 +93,7 @@ static const struct {
 static const char *const kvdex__method_names[KVDEX__M_COUNT] = {
     "CreateSequence", "DeleteSequence", "StatSequence", "ListSequences",
     "AppendKV",       "ReadKV",         "Search",       "BuildIndex",
-    "Attend",         "Retain",         "Health/Check", "(unregistered)"};
+    "Attend",         "Retain",         "PublishSequence", "Health/Check", "(unregistered)"};
 
 const char *const *kvdex_server_method_names(unsigned *n /* OUT */) {
   if (n) *n = KVDEX__M_COUNT;
@@ -236,6 +239,14 @@ struct kvdex__call {
   uint64_t *rd_ids;
   void *rd_k, *rd_v;
   size_t rd_row; /* bytes of one token of one kv head */
+  /* ReadKV with_queries / with_landmarks: the whole layer's, sent after the K/V */
+  float *rd_q;         /* [n_q_heads][rd_qn][head_dim] */
+  uint64_t *rd_qids;   /* rd_qn token ids */
+  uint64_t rd_qn, rd_qpos;
+  float *rd_lm;        /* [n_kv_heads][rd_lmn][head_dim] */
+  uint64_t rd_lmn, rd_lmpos;
+  float *rd_tmp;       /* one message's rows, re-laid out */
+  size_t rd_xchunk;    /* query tokens / landmark blocks per message */
 };
 
 struct kvdex__worker {
@@ -448,12 +459,20 @@ static int kvdex__ref_check(const kvdex__worker *w, const Kvdex__V1__SequenceRef
   return kvdex__ns_allowed(w, *ns);
 }
 
+/* Opens the sequence of a request. A hidden (importing) sequence is NOT_FOUND unless
+ * hidden_ok: reads must fail over to a complete copy on another node. */
 static int kvdex__open(const kvdex__worker *w, const Kvdex__V1__SequenceRef *ref,
-                       const char *field, kvdex_seq **out /* OUT */) {
+                       const char *field, int hidden_ok, kvdex_seq **out /* OUT */) {
   const char *ns, *id;
   int rc = kvdex__ref_check(w, ref, field, &ns, &id);
   if (rc) return rc;
-  return kvdex_seq_open(w->srv->store, ns, id, out);
+  rc = kvdex_seq_open(w->srv->store, ns, id, out);
+  if (rc || hidden_ok || !kvdex_seq_importing(*out)) return rc;
+  kvdex_seq_release(*out);
+  *out = NULL;
+  return kvdex__seterr(KVDEX_ENOTFOUND,
+                       "sequence %s/%s is not here yet (a copy is being imported; hidden "
+                       "until PublishSequence)", ns, id);
 }
 
 static int kvdex__fill_info(kvdex_server *srv, kvdex__arena *a, kvdex_seq *seq,
@@ -510,6 +529,7 @@ static int kvdex__fill_info(kvdex_server *srv, kvdex__arena *a, kvdex_seq *seq,
     info->indexes[info->n_indexes++] = li;
   }
   info->bytes = kvdex_seq_bytes(seq);
+  info->importing = kvdex_seq_importing(seq) != 0;
   return KVDEX_OK;
 }
 
@@ -591,7 +611,7 @@ static int kvdex__do_create(kvdex__call *c) {
     kvdex_shape shape;
     kvdex_wire_shape_from_pb(req->shape, &shape);
     rc = kvdex_shape_check(&shape);
-    if (!rc) rc = kvdex_seq_create(srv->store, ns, id, &shape);
+    if (!rc) rc = kvdex_seq_create_ex(srv->store, ns, id, &shape, req->importing);
   }
   if (!rc) {
     Kvdex__V1__CreateSequenceResponse resp = KVDEX__V1__CREATE_SEQUENCE_RESPONSE__INIT;
@@ -625,13 +645,30 @@ static int kvdex__do_stat(kvdex__call *c) {
       &kvdex__v1__stat_sequence_request__descriptor, "StatSequenceRequest", c->payload);
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
-  int rc = kvdex__open(c->w, req->seq, "seq", &seq);
+  int rc = kvdex__open(c->w, req->seq, "seq", req->include_importing, &seq);
   if (!rc) {
     Kvdex__V1__SequenceInfo info;
     Kvdex__V1__StatSequenceResponse resp = KVDEX__V1__STAT_SEQUENCE_RESPONSE__INIT;
     rc = kvdex__fill_info(srv, &c->w->arena, seq, &info);
     resp.info = &info;
     if (!rc) rc = kvdex__pack(srv, &resp.base, &c->send_buf);
+  }
+  kvdex_seq_release(seq);
+  protobuf_c_message_free_unpacked(&req->base, NULL);
+  return rc;
+}
+
+static int kvdex__do_publish(kvdex__call *c) {
+  kvdex_server *srv = c->w->srv;
+  Kvdex__V1__PublishSequenceRequest *req = kvdex__unpack(
+      &kvdex__v1__publish_sequence_request__descriptor, "PublishSequenceRequest", c->payload);
+  if (!req) return KVDEX_EINVAL;
+  kvdex_seq *seq = NULL;
+  int rc = kvdex__open(c->w, req->seq, "seq", 1, &seq);
+  if (!rc) {
+    kvdex_seq_publish(seq);
+    Kvdex__V1__PublishSequenceResponse resp = KVDEX__V1__PUBLISH_SEQUENCE_RESPONSE__INIT;
+    rc = kvdex__pack(srv, &resp.base, &c->send_buf);
   }
   kvdex_seq_release(seq);
   protobuf_c_message_free_unpacked(&req->base, NULL);
@@ -755,7 +792,7 @@ static int kvdex__search_one(kvdex__worker *w, const Kvdex__V1__SearchRequest *r
   char field[48];
   snprintf(field, sizeof field, "queries[%zu]", qi);
   kvdex_seq *seq = NULL;
-  int rc = kvdex__open(w, q->seq, field, &seq);
+  int rc = kvdex__open(w, q->seq, field, 0, &seq);
   if (rc) return rc;
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   int qd = q->query_dtype == KVDEX__V1__DTYPE__DTYPE_UNSPECIFIED ? KVDEX_DTYPE_F32
@@ -919,7 +956,7 @@ static int kvdex__do_build(kvdex__call *c) {
       kvdex__unpack(&kvdex__v1__build_index_request__descriptor, "BuildIndexRequest", c->payload);
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
-  int rc = kvdex__open(c->w, req->seq, "seq", &seq);
+  int rc = kvdex__open(c->w, req->seq, "seq", 1, &seq);
   uint32_t layer = req->all_layers ? KVDEX_INDEXER_ALL_LAYERS : req->layer;
   if (!rc && !req->all_layers && req->layer == KVDEX_INDEXER_ALL_LAYERS)
     rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (set all_layers for every layer)",
@@ -984,7 +1021,7 @@ static int kvdex__attend_one(kvdex__worker *w, const Kvdex__V1__AttendRequest *r
   kvdex_seq *seq = NULL;
   char field[32];
   snprintf(field, sizeof field, "items[%zu]", i);
-  int rc = kvdex__open(w, it ? it->seq : NULL, field, &seq);
+  int rc = kvdex__open(w, it ? it->seq : NULL, field, 0, &seq);
   if (rc) return rc;
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   const size_t n_q = sh->n_q_heads, nf = n_q * sh->head_dim;
@@ -1121,7 +1158,7 @@ static int kvdex__do_retain(kvdex__call *c) {
       kvdex__unpack(&kvdex__v1__retain_request__descriptor, "RetainRequest", c->payload);
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
-  int rc = kvdex__open(c->w, req->seq, "seq", &seq);
+  int rc = kvdex__open(c->w, req->seq, "seq", 0, &seq);
   if (rc) goto out;
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   const uint64_t per_obs = (uint64_t)sh->n_q_heads * sh->head_dim;
@@ -1213,7 +1250,7 @@ static int kvdex__append_msg(kvdex__call *c, const Kvdex__V1__AppendKVRequest *m
                        (ref->namespace_ && ref->namespace_[0]));
   if (!c->seq) {
     if (!named) return kvdex__seterr(KVDEX_EINVAL, "the first AppendKV message must set seq");
-    rc = kvdex__open(c->w, ref, "seq", &c->seq);
+    rc = kvdex__open(c->w, ref, "seq", 1, &c->seq);
     if (rc) return rc;
     rc = kvdex_txn_begin(c->seq, &c->txn);
     if (rc) return rc;
@@ -1351,7 +1388,7 @@ static int kvdex__read_setup(kvdex__call *c) {
       kvdex__unpack(&kvdex__v1__read_kvrequest__descriptor, "ReadKVRequest", c->payload);
   if (!req) return KVDEX_EINVAL;
   c->rd_req = req;
-  int rc = kvdex__open(c->w, req->seq, "seq", &c->seq);
+  int rc = kvdex__open(c->w, req->seq, "seq", 0, &c->seq);
   if (rc) return rc;
   const kvdex_shape *sh = kvdex_seq_shape(c->seq);
   if (req->layer >= sh->n_layers)
@@ -1397,7 +1434,73 @@ static int kvdex__read_setup(kvdex__call *c) {
   c->rd_rng = 0;
   c->rd_id = 0;
   c->rd_pos = req->n_ranges ? req->ranges[0]->start : 0;
+  if (req->with_queries || req->with_landmarks) {
+    /* Whole-layer snapshots; rows per message so that one fits the max message. */
+    uint32_t heads = sh->n_q_heads > sh->n_kv_heads ? sh->n_q_heads : sh->n_kv_heads;
+    uint64_t per_row = (uint64_t)heads * sh->head_dim * sizeof(float) + 10;
+    uint64_t xfit = (srv->max_message - KVDEX__MSG_OVERHEAD) / per_row;
+    if (xfit == 0)
+      return kvdex__seterr(KVDEX_ENOMEM, "one query row (%llu bytes) does not fit the max "
+                           "message size", (unsigned long long)per_row);
+    c->rd_xchunk = xfit < KVDEX__DEFAULT_READ_CHUNK ? (size_t)xfit : KVDEX__DEFAULT_READ_CHUNK;
+    c->rd_tmp = malloc(c->rd_xchunk * heads * sh->head_dim * sizeof(float));
+    if (!c->rd_tmp) return kvdex__seterr(KVDEX_ENOMEM, "out of memory for query chunks");
+  }
+  if (req->with_queries) {
+    rc = kvdex_seq_queries(c->seq, req->layer, 0, sh->n_q_heads, &c->rd_q, &c->rd_qn,
+                           &c->rd_qids);
+    if (rc) return rc;
+  }
+  if (req->with_landmarks) {
+    uint64_t nb = kvdex_seq_landmark_blocks(c->seq, req->layer);
+    if (nb) {
+      size_t per_head = (size_t)nb * sh->head_dim;
+      c->rd_lm = malloc(per_head * sh->n_kv_heads * sizeof(float));
+      if (!c->rd_lm) return kvdex__seterr(KVDEX_ENOMEM, "out of memory for %llu landmark blocks",
+                                          (unsigned long long)nb);
+      for (uint32_t h = 0; h < sh->n_kv_heads; h++) {
+        uint64_t got = 0;
+        rc = kvdex_seq_landmarks(c->seq, req->layer, h, nb, c->rd_lm + h * per_head, &got);
+        if (rc) return rc;
+        if (got != nb) return kvdex__seterr(KVDEX_EINTERNAL, "landmarks: %llu of %llu blocks",
+                                            (unsigned long long)got, (unsigned long long)nb);
+      }
+      c->rd_lmn = nb;
+    }
+  }
   return KVDEX_OK;
+}
+
+/* The next message of prefill queries or landmarks after the K/V, in *resp (rows in
+ * c->rd_tmp); 0 = nothing left. */
+static size_t kvdex__read_extra(kvdex__call *c, Kvdex__V1__ReadKVResponse *resp) {
+  const kvdex_shape *sh = kvdex_seq_shape(c->seq);
+  size_t d = sh->head_dim;
+  if (c->rd_qpos < c->rd_qn) {
+    size_t m = c->rd_qn - c->rd_qpos < c->rd_xchunk ? (size_t)(c->rd_qn - c->rd_qpos) : c->rd_xchunk;
+    for (uint32_t h = 0; h < sh->n_q_heads; h++)
+      memcpy(c->rd_tmp + (size_t)h * m * d, c->rd_q + ((size_t)h * c->rd_qn + c->rd_qpos) * d,
+             m * d * sizeof(float));
+    resp->n_query_token_ids = m;
+    resp->query_token_ids = c->rd_qids + c->rd_qpos;
+    resp->q.len = (size_t)sh->n_q_heads * m * d * sizeof(float);
+    resp->q.data = (uint8_t *)c->rd_tmp;
+    c->rd_qpos += m;
+    return m;
+  }
+  if (c->rd_lmpos < c->rd_lmn) {
+    size_t m = c->rd_lmn - c->rd_lmpos < c->rd_xchunk ? (size_t)(c->rd_lmn - c->rd_lmpos) : c->rd_xchunk;
+    for (uint32_t h = 0; h < sh->n_kv_heads; h++)
+      memcpy(c->rd_tmp + (size_t)h * m * d, c->rd_lm + ((size_t)h * c->rd_lmn + c->rd_lmpos) * d,
+             m * d * sizeof(float));
+    resp->landmark_block_start = c->rd_lmpos;
+    resp->landmark_blocks = (uint32_t)m;
+    resp->landmarks.len = (size_t)sh->n_kv_heads * m * d * sizeof(float);
+    resp->landmarks.data = (uint8_t *)c->rd_tmp;
+    c->rd_lmpos += m;
+    return m;
+  }
+  return 0;
 }
 
 /* Sends the next chunk, or finishes with OK after the last. */
@@ -1420,12 +1523,18 @@ static void kvdex__read_next(kvdex__call *c) {
   }
   kvdex__bb_destroy(c->send_buf);
   c->send_buf = NULL;
+  int rc = KVDEX_OK;
   if (n == 0) {
-    kvdex__call_finish(c, GRPC_STATUS_OK, NULL);
-    return;
+    Kvdex__V1__ReadKVResponse resp = KVDEX__V1__READ_KVRESPONSE__INIT;
+    if (kvdex__read_extra(c, &resp) == 0) {
+      kvdex__call_finish(c, GRPC_STATUS_OK, NULL);
+      return;
+    }
+    rc = kvdex__pack(c->w->srv, &resp.base, &c->send_buf);
+  } else {
+    rc = kvdex_seq_read(c->seq, r->layer, c->rd_ids, n, c->rd_k, c->rd_v);
   }
-  int rc = kvdex_seq_read(c->seq, r->layer, c->rd_ids, n, c->rd_k, c->rd_v);
-  if (!rc) {
+  if (!rc && n > 0) {
     Kvdex__V1__ReadKVResponse resp = KVDEX__V1__READ_KVRESPONSE__INIT;
     resp.n_token_ids = n;
     resp.token_ids = c->rd_ids;
@@ -1464,6 +1573,10 @@ static void kvdex__call_free(kvdex__call *c) {
   free(c->rd_ids);
   free(c->rd_k);
   free(c->rd_v);
+  free(c->rd_q);
+  free(c->rd_qids);
+  free(c->rd_lm);
+  free(c->rd_tmp);
   kvdex__bb_destroy(c->payload);
   kvdex__bb_destroy(c->recv_buf);
   kvdex__bb_destroy(c->send_buf);
@@ -1568,6 +1681,7 @@ static void kvdex__call_on_new(kvdex__call *c, bool success) {
     case KVDEX__M_BUILD: rc = kvdex__do_build(c); break;
     case KVDEX__M_ATTEND: rc = kvdex__do_attend(c); break;
     case KVDEX__M_RETAIN: rc = kvdex__do_retain(c); break;
+    case KVDEX__M_PUBLISH: rc = kvdex__do_publish(c); break;
     case KVDEX__M_HEALTH: rc = kvdex__do_health(c); break;
     case KVDEX__M_READ:
       rc = kvdex__read_setup(c);

@@ -29,8 +29,11 @@ typedef struct row {
 
 #define ALL                                                                              \
   (KVDEX_CMD_SERVE | KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | KVDEX_CMD_INSPECT | KVDEX_CMD_GEN | \
-   KVDEX_CMD_BENCH_RECALL | KVDEX_CMD_BENCH_FIDELITY)
+   KVDEX_CMD_BENCH_RECALL | KVDEX_CMD_BENCH_FIDELITY | KVDEX_CMD_CLUSTER | KVDEX_CMD_GPU_WORKER)
+/* Commands that are clients of a store. */
+#define CLIENT (KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT | KVDEX_CMD_CLUSTER)
 #define GEN KVDEX_CMD_GEN
+#define GW KVDEX_CMD_GPU_WORKER
 #define FID KVDEX_CMD_BENCH_FIDELITY
 #define RECALL KVDEX_CMD_BENCH_RECALL
 #define GB (1LL << 30)
@@ -38,9 +41,9 @@ typedef struct row {
 static const row TABLE[KVDEX_SET_COUNT_] = {
     {KVDEX_SET_LISTEN, "listen", "KVDEX_LISTEN", T_STR, "0.0.0.0:50051", 0, 0, "host:port",
      KVDEX_CMD_SERVE, "address to serve gRPC on (port 0 picks a free one)"},
-    {KVDEX_SET_URI, "uri", "KVDEX_URI", T_STR, "local:", 0, 0, "uri",
-     KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT,
-     "store to use: local: (embedded) or grpc://host:port"},
+    {KVDEX_SET_URI, "uri", "KVDEX_URI", T_STR, "local:", 0, 0, "uri", CLIENT,
+     "store to use: local: (embedded), grpc://host:port, grpcs://host:port (TLS), or a "
+     "cluster: grpc://h1:port,h2:port?replicas=2 or dns:///name:port?replicas=2"},
     {KVDEX_SET_MEMORY, "memory", "KVDEX_MEMORY", T_SIZE, "75%", 1 << 20, 1LL << 50, "bytes",
      KVDEX_CMD_SERVE | KVDEX_CMD_DEMO,
      "memory cap for stored K/V (K/M/G/T suffixes or % of RAM)"},
@@ -67,27 +70,38 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      "bearer tokens, lines `TOKEN ns1,ns2` (`*` = all namespaces, `#` comments); every call "
      "but Health/Check then needs `authorization: Bearer TOKEN` (empty = no auth)"},
     {KVDEX_SET_TIMEOUT_MS, "timeout", "KVDEX_TIMEOUT_MS", T_INT, "30000", 1, 86400000, "ms",
-     KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT, "deadline of each remote call"},
+     CLIENT | GW, "deadline of each remote call (a cluster's failover included)"},
     {KVDEX_SET_NAMESPACE, "namespace", "KVDEX_NAMESPACE", T_STR, "default", 0, 0, "name",
-     KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT, "tenant namespace"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_INSPECT | GW, "tenant namespace"},
+    {KVDEX_SET_TLS_CA, "tls-ca", "KVDEX_TLS_CA", T_STR, "", 0, 0, "file", CLIENT | GW,
+     "grpcs: PEM CA that signed the server certificates (empty = the system roots)"},
+    {KVDEX_SET_TLS_CLIENT_CERT, "tls-client-cert", "KVDEX_TLS_CLIENT_CERT", T_STR, "", 0, 0,
+     "file", CLIENT | GW, "grpcs: PEM client certificate for mTLS (with --tls-client-key)"},
+    {KVDEX_SET_TLS_CLIENT_KEY, "tls-client-key", "KVDEX_TLS_CLIENT_KEY", T_STR, "", 0, 0, "file",
+     CLIENT | GW, "grpcs: PEM private key of --tls-client-cert"},
+    {KVDEX_SET_TOKEN, "token", "KVDEX_TOKEN", T_STR, "", 0, 0, "token", CLIENT | GW,
+     "bearer token sent to servers started with --auth-file (prefer the environment "
+     "variable: a flag shows in ps)"},
+    {KVDEX_SET_VERIFY, "verify", "KVDEX_VERIFY", T_BOOL, "0", 0, 1, "", KVDEX_CMD_CLUSTER,
+     "cluster status: also read every replica and compare checksums (reads all K/V)"},
     {KVDEX_SET_TOKENS, "tokens", "KVDEX_TOKENS", T_INT, "131072", 1, 1LL << 32, "tokens",
      KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID, "context length of the synthetic sequence"},
-    {KVDEX_SET_LAYERS, "layers", "KVDEX_LAYERS", T_INT, "1", 1, 1024, "layers", KVDEX_CMD_DEMO,
-     "layers of the synthetic sequence"},
+    {KVDEX_SET_LAYERS, "layers", "KVDEX_LAYERS", T_INT, "1", 1, 1024, "layers",
+     KVDEX_CMD_DEMO | GW, "layers of the synthetic sequence"},
     {KVDEX_SET_KV_HEADS, "kv-heads", "KVDEX_KV_HEADS", T_INT, "8", 1, 1024, "heads",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID, "KV heads"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID | GW, "KV heads"},
     {KVDEX_SET_Q_HEADS, "q-heads", "KVDEX_Q_HEADS", T_INT, "32", 1, 1024, "heads",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID, "query heads (a multiple of --kv-heads)"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID | GW, "query heads (a multiple of --kv-heads)"},
     {KVDEX_SET_HEAD_DIM, "head-dim", "KVDEX_HEAD_DIM", T_INT, "128", 1, 1024, "elements",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID, "head dimension"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | FID | GW, "head dimension"},
     {KVDEX_SET_DTYPE, "dtype", "KVDEX_DTYPE", T_DTYPE, "f16", 0, 0, "f32|f16|bf16",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | GEN | FID,
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | GEN | FID | GW,
      "storage type of K and V (gen: of the .npy arrays, f32 or f16)"},
     {KVDEX_SET_BLOCK_TOKENS, "block-tokens", "KVDEX_BLOCK_TOKENS", T_INT, "64", 1, 65536,
-     "tokens", KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL | FID, "tokens per storage block"},
-    {KVDEX_SET_STEPS, "steps", "KVDEX_STEPS", T_INT, "200", 1, 1000000, "steps", KVDEX_CMD_DEMO | FID,
+     "tokens", KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL | FID | GW, "tokens per storage block"},
+    {KVDEX_SET_STEPS, "steps", "KVDEX_STEPS", T_INT, "200", 1, 1000000, "steps", KVDEX_CMD_DEMO | FID | GW,
      "decode-step searches to run"},
-    {KVDEX_SET_K, "k", "KVDEX_K", T_INT, "100", 1, 65536, "tokens", KVDEX_CMD_DEMO | RECALL,
+    {KVDEX_SET_K, "k", "KVDEX_K", T_INT, "100", 1, 65536, "tokens", KVDEX_CMD_DEMO | RECALL | GW,
      "top-k per query head"},
     {KVDEX_SET_SINKS, "sinks", "KVDEX_SINKS", T_INT, "0", 0, 1LL << 31, "tokens", KVDEX_CMD_DEMO,
      "exclude the first N tokens (the caller attends them)"},
@@ -97,12 +111,13 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      "steps checked against the scalar reference (-1 = all if quick, else a sample)"},
     {KVDEX_SET_ATTEND, "attend", "KVDEX_ATTEND", T_BOOL, "0", 0, 1, "", KVDEX_CMD_DEMO,
      "also run Attend (index auto) and dense Attend on a sample of steps: o error, latency"},
-    {KVDEX_SET_SEED, "seed", "KVDEX_SEED", T_INT, "1", 0, INT64_MAX, "", KVDEX_CMD_DEMO | GEN | FID,
+    {KVDEX_SET_SEED, "seed", "KVDEX_SEED", T_INT, "1", 0, INT64_MAX, "", KVDEX_CMD_DEMO | GEN | FID | GW,
      "random seed of the synthetic data"},
     {KVDEX_SET_REPEAT, "repeat", "KVDEX_REPEAT", T_INT, "5", 1, 1000, "runs", KVDEX_CMD_BENCH_SCAN,
      "timed repetitions (the best and median are reported)"},
     {KVDEX_SET_JSON, "json", "KVDEX_JSON", T_BOOL, "0", 0, 1, "",
-     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL | FID, "print one JSON object instead of text"},
+     KVDEX_CMD_DEMO | KVDEX_CMD_BENCH_SCAN | RECALL | FID | GW,
+     "print one JSON object instead of text"},
     /* kvdex gen: the OOD generator of bench/gen.h, written as .npy files */
     {KVDEX_SET_GEN_OUT, "out", "KVDEX_GEN_OUT", T_STR, "", 0, 0, "dir", GEN,
      "directory to write keys/values/train_queries/queries/needles.npy into (required)"},
@@ -169,6 +184,38 @@ static const row TABLE[KVDEX_SET_COUNT_] = {
      "generator's attention mass in the top 1% of 128K tokens, as in retrieval heads"},
     {KVDEX_SET_LOG_LEVEL, "log-level", "KVDEX_LOG_LEVEL", T_LEVEL, "info", 0, 0,
      "error|warn|info|debug", ALL, "log verbosity (logs go to stderr)"},
+    /* kvdex gpu-worker: the decode loop of workers/gpu_worker.h */
+    {KVDEX_SET_GW_URI, "uri", "KVDEX_GPU_WORKER_URI", T_STR, "grpc://127.0.0.1:50051", 0, 0, "uri",
+     GW, "store the worker attends and appends to (as --uri of demo; local: runs embedded)"},
+    {KVDEX_SET_GW_CPU, "cpu", "KVDEX_GPU_WORKER_CPU", T_BOOL, "0", 0, 1, "", GW,
+     "run local attention on the kernels' CPU twins (no GPU, no CUDA build needed)"},
+    {KVDEX_SET_GW_CONTEXT, "context", "KVDEX_GPU_WORKER_CONTEXT", T_INT, "32768", 2, 1LL << 31,
+     "tokens", GW, "prompt tokens per layer, appended to the store before decoding"},
+    {KVDEX_SET_GW_SINKS, "sinks", "KVDEX_GPU_WORKER_SINKS", T_INT, "4", 0, 1LL << 30, "tokens", GW,
+     "first tokens the worker holds and attends itself (the store excludes them)"},
+    {KVDEX_SET_GW_WINDOW, "window", "KVDEX_GPU_WORKER_WINDOW", T_INT, "256", 0, 1LL << 30,
+     "tokens", GW,
+     "last stored tokens the worker holds and attends itself, besides the new token"},
+    {KVDEX_SET_GW_INDEX, "index", "KVDEX_GPU_WORKER_INDEX", T_STR, "exact", 0, 0, "index", GW,
+     "what the store's Attend retrieves with: exact, auto, graph, ivf, hnsw, landmark (top --k), "
+     "or dense (every token outside sinks + window)"},
+    {KVDEX_SET_GW_CHECK, "check", "KVDEX_GPU_WORKER_CHECK", T_BOOL, "0", 0, 1, "", GW,
+     "compare every output with dense attention (f64, all K/V kept); with --index dense it must "
+     "be within --tolerance (else exit 1), otherwise the error is reported"},
+    {KVDEX_SET_GW_TOLERANCE, "tolerance", "KVDEX_GPU_WORKER_TOLERANCE", T_REAL, "0.001", 0, 1,
+     "relative", GW, "--check limit on max |o - dense| / max |dense| per head (index dense)"},
+    {KVDEX_SET_GW_S2_VERT_STRIDE, "s2-vert-stride", "KVDEX_GPU_WORKER_S2_VERT_STRIDE", T_INT, "0", 0,
+     65536, "blocks", GW,
+     "> 0: odd layers are S2-Attention layers attended wholly from the worker's S2 shard "
+     "(local blocks + every vert_stride-th block per head; no store Attend)"},
+    {KVDEX_SET_GW_S2_LOCAL_BLOCKS, "s2-local-blocks", "KVDEX_GPU_WORKER_S2_LOCAL_BLOCKS", T_INT,
+     "4", 1, 65536, "blocks", GW, "S2 local blocks (of --block-tokens tokens)"},
+    {KVDEX_SET_GW_SEQ, "seq", "KVDEX_GPU_WORKER_SEQ", T_STR, "", 0, 0, "id", GW,
+     "sequence id to create (empty = gpu-worker-PID-SEED); it must not exist"},
+    {KVDEX_SET_GW_KEEP, "keep", "KVDEX_GPU_WORKER_KEEP", T_BOOL, "0", 0, 1, "", GW,
+     "keep the sequence in the store after the run (default: delete it)"},
+    {KVDEX_SET_GW_PROGRESS, "progress", "KVDEX_GPU_WORKER_PROGRESS", T_INT, "5000", 0, 86400000,
+     "ms", GW, "print a progress line to stderr at most this often (0 = never)"},
 };
 
 int64_t kvdex_parse_size(const char *text) {
@@ -363,8 +410,9 @@ void kvdex_settings_free(kvdex_settings *s) {
 }
 
 void kvdex_settings_print_table(FILE *out) {
-  static const char *cmd_names[] = {"serve", "demo", "bench scan", "inspect", "gen",
-                                    "bench recall", "bench fidelity"};
+  static const char *cmd_names[] = {"serve",        "demo",           "bench scan", "inspect",
+                                    "gen",          "bench recall",   "bench fidelity",
+                                    "cluster",      "gpu-worker"};
   enum { N_CMDS = sizeof cmd_names / sizeof cmd_names[0] };
   fprintf(out, "| flag | env | default | bounds | unit | used by | meaning |\n");
   fprintf(out, "|---|---|---|---|---|---|---|\n");

@@ -3,9 +3,14 @@ deploy/Dockerfile against the rules of docs/DEPLOY.md and the settings table of 
 No kubectl, no cluster, no container engine: the container's start command is run with
 /bin/sh against a stub `kvdex` that records the environment and arguments it was given.
 
-    /usr/bin/python3 tests/deploy/deploy_check.py [docs/CLI.md deploy/k8s deploy/Dockerfile]
+    /usr/bin/python3 tests/deploy/deploy_check.py [docs/CLI.md deploy/k8s deploy/Dockerfile
+                                                   [KUSTOMIZATION_DIR...]]
 
-prints one line per problem and exits 1 if there is any (0 and "ok" otherwise)."""
+checks deploy/k8s and every overlay in deploy/k8s/overlays/ (or the directories given),
+prints one line per problem and exits 1 if there is any (0 and "ok" otherwise).
+With TLS on (KVDEX_TLS_CERT), the probes must be httpGet on the metrics port and the
+certificate files must come from a read-only Secret mount."""
+import copy
 import json
 import math
 import os
@@ -107,9 +112,16 @@ def k8s_expand(text, env):
 
 # ---- kustomize, the subset used -------------------------------------------------------------
 
-KUSTOMIZE_KEYS = {"apiVersion", "kind", "resources", "namespace", "commonLabels", "images"}
+KUSTOMIZE_KEYS = {"apiVersion", "kind", "resources", "namespace", "commonLabels", "images",
+                  "patches"}
 NAMESPACED = {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget", "Deployment",
               "ServiceAccount", "Secret"}
+# Strategic merge: the lists a patch may touch. Lists of objects merge by their
+# patchMergeKey (k8s.io/api core/v1 types.go); command and args have no strategy and are
+# replaced whole. Any other list is refused: kustomize might merge it in a way not done here.
+SMP_MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name",
+                  "volumeMounts": "mountPath", "env": "name"}
+SMP_REPLACED_LISTS = {"command", "args"}
 
 
 def _pod_specs(doc):
@@ -117,6 +129,80 @@ def _pod_specs(doc):
     if doc.get("kind") in ("StatefulSet", "Deployment", "DaemonSet", "ReplicaSet"):
         return [((spec.get("template") or {}).get("spec") or {})]
     return []
+
+
+def strategic_merge(dst, patch, where):
+    """Merges mapping `patch` into mapping `dst` in place, as kustomize's strategic merge
+    does for the fields in SMP_MERGE_KEYS / SMP_REPLACED_LISTS: maps merge recursively, a
+    null value removes the field, lists of objects merge item by item on their merge key.
+    RenderError for anything else ($patch directives, other lists)."""
+    for key, val in patch.items():
+        at = f"{where}.{key}"
+        if isinstance(key, str) and key.startswith("$"):
+            raise RenderError(f"{at}: strategic-merge directive {key} is not understood by "
+                              f"tests/deploy")
+        if val is None:
+            dst.pop(key, None)
+        elif isinstance(val, dict):
+            if not isinstance(dst.get(key), dict):
+                dst[key] = {}
+            strategic_merge(dst[key], val, at)
+        elif isinstance(val, list):
+            if key in SMP_REPLACED_LISTS:
+                dst[key] = [copy.deepcopy(v) for v in val]
+                continue
+            mkey = SMP_MERGE_KEYS.get(key)
+            if mkey is None:
+                raise RenderError(f"{at}: tests/deploy does not know how kustomize merges the "
+                                  f"list {key!r} (it merges only "
+                                  f"{sorted(SMP_MERGE_KEYS) + sorted(SMP_REPLACED_LISTS)})")
+            have = dst.get(key)
+            if not isinstance(have, list):
+                have = dst[key] = []
+            for item in val:
+                if not isinstance(item, dict) or item.get(mkey) is None:
+                    raise RenderError(f"{at}: every item needs its merge key {mkey!r}")
+                same = [h for h in have if isinstance(h, dict) and h.get(mkey) == item[mkey]]
+                if same:
+                    strategic_merge(same[0], item, f"{at}[{mkey}={item[mkey]}]")
+                else:
+                    have.append({})
+                    strategic_merge(have[-1], item, f"{at}[{mkey}={item[mkey]}]")
+        else:
+            dst[key] = val
+    return dst
+
+
+def _apply_patch_file(docs, kfile, entry):
+    """One `patches:` entry: {path: FILE}, FILE one strategic-merge patch of an object of
+    `docs` named by its kind and metadata.name (and apiVersion, namespace if given)."""
+    if not isinstance(entry, dict) or set(entry) != {"path"}:
+        raise RenderError(f"{kfile}: patches entry {entry!r}: tests/deploy understands only "
+                          f"{{path: FILE}} (no target, inline patch or options)")
+    ppath = os.path.normpath(os.path.join(os.path.dirname(kfile), entry["path"]))
+    if not os.path.isfile(ppath):
+        raise RenderError(f"{kfile}: patch {entry['path']!r} does not exist")
+    with open(ppath) as fh:
+        patches = [d for d in yaml.safe_load_all(fh) if d is not None]
+    if len(patches) != 1 or not isinstance(patches[0], dict):
+        raise RenderError(f"{ppath}: want one strategic-merge patch (a mapping), found "
+                          f"{len(patches)} document(s) (JSON 6902 patches are not understood "
+                          f"by tests/deploy)")
+    patch = patches[0]
+    meta = patch.get("metadata") or {}
+    if not patch.get("kind") or not meta.get("name"):
+        raise RenderError(f"{ppath}: a strategic-merge patch needs kind and metadata.name")
+    targets = [d for d in docs if d.get("kind") == patch["kind"] and
+               (d.get("metadata") or {}).get("name") == meta["name"] and
+               patch.get("apiVersion", d.get("apiVersion")) == d.get("apiVersion") and
+               meta.get("namespace", (d.get("metadata") or {}).get("namespace")) ==
+               (d.get("metadata") or {}).get("namespace")]
+    if len(targets) != 1:
+        raise RenderError(f"{ppath}: patch of {patch['kind']} {meta['name']!r} matches "
+                          f"{len(targets)} resources, not 1")
+    strategic_merge(targets[0], {k: v for k, v in patch.items()
+                                 if k not in ("apiVersion", "kind")},
+                    f"{os.path.basename(ppath)}:{patch['kind']}/{meta['name']}")
 
 
 def render(path):
@@ -135,12 +221,18 @@ def render(path):
     for res in k.get("resources") or []:
         rpath = os.path.normpath(os.path.join(kdir, res))
         if os.path.isdir(rpath):
+            if not os.path.isfile(os.path.join(rpath, "kustomization.yaml")):
+                raise RenderError(f"{kfile}: resource {res!r} is a directory without "
+                                  f"kustomization.yaml")
             docs += render(rpath)
         elif os.path.isfile(rpath):
             with open(rpath) as fh:
                 docs += [d for d in yaml.safe_load_all(fh) if d is not None]
         else:
             raise RenderError(f"{kfile}: resource {res!r} does not exist")
+    # kustomize applies a level's patches before its namespace, labels and images.
+    for entry in k.get("patches") or []:
+        _apply_patch_file(docs, kfile, entry)
     for img in k.get("images") or []:
         for doc in docs:
             for pod in _pod_specs(doc):
@@ -419,6 +511,180 @@ def simulate(docs, dockerfile_text, limits=None):
     return rec, problems
 
 
+# ---- Probes and files from Secrets --------------------------------------------------------
+
+PROBE_HANDLERS = ("exec", "httpGet", "tcpSocket", "grpc")
+# What the metrics endpoint answers for kubelet (workers/metrics_http.c).
+HTTP_PROBE_PATHS = {"readinessProbe": ("/readyz",), "livenessProbe": ("/healthz",),
+                    "startupProbe": ("/readyz", "/healthz")}
+TLS_FILES = ("KVDEX_TLS_CERT", "KVDEX_TLS_KEY", "KVDEX_TLS_CLIENT_CA")
+SECRET_FILES = TLS_FILES + ("KVDEX_AUTH_FILE",)
+
+
+def served_tls(final, rec, settings):
+    """{KVDEX_TLS_*/KVDEX_AUTH_FILE: path} as kvdex would see them: the environment, then
+    any flag on its command line (--tls-cert X or --tls-cert=X) over it; empty ones left out."""
+    flags = {settings[e]["flag"]: e for e in SECRET_FILES if e in settings}
+    out = {e: final.get(e, "") for e in SECRET_FILES}
+    argv = (rec or {}).get("argv") or []
+    i = 2
+    while i < len(argv):
+        name, eq, val = argv[i].partition("=")
+        if name in flags:
+            if not eq and i + 1 < len(argv):
+                val, i = argv[i + 1], i + 1
+            out[flags[name]] = val
+        i += 1
+    return {e: v for e, v in out.items() if v}
+
+
+def _host_port(addr):
+    m = re.fullmatch(r"(.*):(\d+)", addr or "")
+    return (m.group(1).strip("[]"), int(m.group(2))) if m else (None, None)
+
+
+def check_probes(c, ports, metrics_listen, tls):
+    """Problems of the kvdex container's probes. Plaintext: gRPC health probes on the `grpc`
+    port. TLS: kubelet's grpc: probe cannot do TLS, so httpGet on the metrics port."""
+    problems = []
+    numbers = set(ports.values())
+    tls_on = bool(tls.get("KVDEX_TLS_CERT") or tls.get("KVDEX_TLS_KEY"))
+    m_host, m_port = _host_port(metrics_listen)
+    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+        probe = c.get(kind)
+        if probe is None:
+            if kind != "startupProbe":
+                problems.append(f"container kvdex: no {kind}")
+            continue
+        handlers = [h for h in PROBE_HANDLERS if probe.get(h) is not None]
+        if len(handlers) > 1:
+            problems.append(f"container kvdex: {kind} has {len(handlers)} handlers "
+                            f"({', '.join(handlers)}); the API server takes one (a patch that "
+                            f"adds one must set the other to null)")
+        if tls_on:
+            if "grpc" in handlers:
+                problems.append(f"container kvdex: {kind} is a grpc: probe but the gRPC port "
+                                f"serves TLS (KVDEX_TLS_CERT): kubelet's gRPC probe speaks "
+                                f"plaintext only and would always fail; use httpGet on the "
+                                f"metrics port")
+            hg = probe.get("httpGet")
+            if hg is None:
+                problems.append(f"container kvdex: {kind} is not an httpGet probe on the "
+                                f"metrics port (with TLS the probes go to /readyz and /healthz "
+                                f"there)")
+                continue
+            ref = hg.get("port")
+            num = ports.get(ref) if isinstance(ref, str) else ref
+            if num not in numbers:
+                problems.append(f"container kvdex: {kind} port {ref!r} is not a container port")
+            if not metrics_listen:
+                problems.append(f"container kvdex: {kind} needs the metrics endpoint, but "
+                                f"KVDEX_METRICS_LISTEN is empty (off)")
+            elif num != m_port or num != ports.get("metrics"):
+                problems.append(f"container kvdex: {kind} httpGet port {ref!r} is not the "
+                                f"metrics port (container port `metrics` "
+                                f"{ports.get('metrics')}, KVDEX_METRICS_LISTEN "
+                                f"{metrics_listen!r})")
+            want = HTTP_PROBE_PATHS[kind]
+            if hg.get("path") not in want:
+                problems.append(f"container kvdex: {kind} httpGet path {hg.get('path')!r} is "
+                                f"not {' or '.join(want)}")
+            if str(hg.get("scheme", "HTTP")).upper() != "HTTP":
+                problems.append(f"container kvdex: {kind} httpGet scheme "
+                                f"{hg.get('scheme')!r}: the metrics endpoint is plain HTTP")
+            if m_host in ("127.0.0.1", "localhost", "::1"):
+                problems.append(f"KVDEX_METRICS_LISTEN={metrics_listen!r} is loopback only: "
+                                f"kubelet probes the pod IP")
+            continue
+        if "grpc" not in handlers:
+            if kind != "startupProbe":
+                problems.append(f"container kvdex: {kind} is not a gRPC health probe")
+            action = probe.get("httpGet") or probe.get("tcpSocket") or {}
+            ref = action.get("port")
+            if action and not (ref in ports if isinstance(ref, str) else ref in numbers):
+                problems.append(f"container kvdex: {kind} port {ref!r} is not a container port")
+            continue
+        gp = probe["grpc"].get("port")
+        if not isinstance(gp, int):
+            problems.append(f"container kvdex: {kind} grpc port {gp!r} must be a number "
+                            f"(the grpc probe takes no port names)")
+        elif gp != ports.get("grpc"):
+            problems.append(f"container kvdex: {kind} grpc port {gp} is not the `grpc` "
+                            f"container port {ports.get('grpc')}")
+        if probe["grpc"].get("service", "") not in ("", "kvdex.v1.KVStore", "kvdex.v1.Retrieval",
+                                                    "grpc.health.v1.Health"):
+            problems.append(f"container kvdex: {kind} asks for an unknown service "
+                            f"{probe['grpc'].get('service')!r}")
+    return problems
+
+
+def check_tls_files(pod, c, files, docs):
+    """Problems with the files kvdex reads from Secrets: each path lies in a read-only
+    Secret volume mount of the container, names a key the volume projects, and is readable
+    by the user kvdex runs as. Also the flag pairs --tls-cert/--tls-key and the CA's need of TLS."""
+    problems = []
+    if bool(files.get("KVDEX_TLS_CERT")) != bool(files.get("KVDEX_TLS_KEY")):
+        problems.append("KVDEX_TLS_CERT and KVDEX_TLS_KEY must be set together")
+    if files.get("KVDEX_TLS_CLIENT_CA") and not files.get("KVDEX_TLS_CERT"):
+        problems.append("KVDEX_TLS_CLIENT_CA (mTLS) needs KVDEX_TLS_CERT and KVDEX_TLS_KEY")
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    for vm in c.get("volumeMounts") or []:
+        if vm.get("name") not in volumes:
+            problems.append(f"container kvdex: volumeMount {vm.get('mountPath')!r} names no "
+                            f"volume {vm.get('name')!r}")
+    sc = dict(pod.get("securityContext") or {}, **(c.get("securityContext") or {}))
+    uid, fs_group = sc.get("runAsUser"), (pod.get("securityContext") or {}).get("fsGroup")
+    secrets = {(d.get("metadata") or {}).get("name"): d for d in docs if d.get("kind") == "Secret"}
+    for env, path in sorted(files.items()):
+        where = f"{env}={path}"
+        if not path.startswith("/"):
+            problems.append(f"{where} is not an absolute path (mount the Secret and name the "
+                            f"file in it)")
+            continue
+        under = [vm for vm in c.get("volumeMounts") or []
+                 if path == vm.get("mountPath") or
+                 path.startswith(str(vm.get("mountPath", "")).rstrip("/") + "/")]
+        if not under:
+            problems.append(f"{where} is not under any volumeMount of container kvdex "
+                            f"(mounts: {[vm.get('mountPath') for vm in c.get('volumeMounts') or []]})")
+            continue
+        vm = max(under, key=lambda m: len(m.get("mountPath", "")))
+        secret = (volumes.get(vm.get("name")) or {}).get("secret")
+        if secret is None:
+            problems.append(f"{where}: the volume {vm.get('name')!r} mounted at "
+                            f"{vm.get('mountPath')} is not a Secret volume")
+            continue
+        if vm.get("readOnly") is not True:
+            problems.append(f"{where}: volumeMount {vm.get('mountPath')} is not readOnly")
+        if vm.get("subPath"):
+            key = vm["subPath"] if path == vm["mountPath"] else None
+        else:
+            key = path[len(vm["mountPath"].rstrip("/")) + 1:]
+        items = secret.get("items")
+        mode = secret.get("defaultMode", 0o644)
+        if items is not None:
+            hit = [it for it in items if it.get("path") == key]
+            if not hit:
+                problems.append(f"{where}: the Secret volume {vm.get('name')!r} projects only "
+                                f"{[it.get('path') for it in items]} at {vm.get('mountPath')}")
+                continue
+            mode, key = hit[0].get("mode", mode), hit[0].get("key")
+        elif not key or not re.fullmatch(r"[-._a-zA-Z0-9]+", key):
+            problems.append(f"{where}: {key!r} under {vm.get('mountPath')} is not a key of "
+                            f"Secret {secret.get('secretName')!r} (Secret keys are flat names)")
+            continue
+        known = secrets.get(secret.get("secretName"))
+        if known is not None and key not in set((known.get("data") or {})) | \
+                set((known.get("stringData") or {})):
+            problems.append(f"{where}: Secret {secret.get('secretName')!r} has no key {key!r}")
+        readable = uid == 0 or mode & 0o004 or (fs_group is not None and mode & 0o040)
+        if not readable:
+            problems.append(f"{where}: mode {mode:#o} of the Secret file is not readable by "
+                            f"uid {uid} (files are root-owned, group fsGroup "
+                            f"{fs_group}): set fsGroup with mode 0440, or 0444")
+    return problems
+
+
 def validate(docs, dockerfile_text, settings):
     """Every problem found, as sentences; [] when the deployment is sound."""
     problems = []
@@ -501,33 +767,6 @@ def validate(docs, dockerfile_text, settings):
                 problems.append(f"Service {sname}: targetPort {target!r} is not a container "
                                 f"port {ports}")
 
-    # Probes.
-    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
-        probe = c.get(kind)
-        if probe is None:
-            if kind != "startupProbe":
-                problems.append(f"container kvdex: no {kind}")
-            continue
-        if "grpc" not in probe:
-            if kind != "startupProbe":
-                problems.append(f"container kvdex: {kind} is not a gRPC health probe")
-            action = probe.get("httpGet") or probe.get("tcpSocket") or {}
-            if action and not port_exists(action.get("port")):
-                problems.append(f"container kvdex: {kind} port {action.get('port')!r} is not "
-                                f"a container port")
-            continue
-        gp = probe["grpc"].get("port")
-        if not isinstance(gp, int):
-            problems.append(f"container kvdex: {kind} grpc port {gp!r} must be a number "
-                            f"(the grpc probe takes no port names)")
-        elif gp != ports.get("grpc"):
-            problems.append(f"container kvdex: {kind} grpc port {gp} is not the `grpc` "
-                            f"container port {ports.get('grpc')}")
-        if probe["grpc"].get("service", "") not in ("", "kvdex.v1.KVStore", "kvdex.v1.Retrieval",
-                                                    "grpc.health.v1.Health"):
-            problems.append(f"container kvdex: {kind} asks for an unknown service "
-                            f"{probe['grpc'].get('service')!r}")
-
     # The environment kvdex starts with, and the command that starts it.
     rec, sim_problems = simulate(docs, dockerfile_text)
     problems += sim_problems
@@ -579,6 +818,11 @@ def validate(docs, dockerfile_text, settings):
     elif ports.get("grpc") != listen_port:
         problems.append(f"container port `grpc` {ports.get('grpc')} is not the KVDEX_LISTEN "
                         f"port {listen_port}")
+
+    # Probes and TLS files.
+    tls = served_tls(final, rec, settings)
+    problems += check_probes(c, ports, effective("KVDEX_METRICS_LISTEN") or "", tls)
+    problems += check_tls_files(pod, c, tls, docs)
 
     # Drain and termination.
     if "KVDEX_DRAIN_MS" not in final:
@@ -651,23 +895,40 @@ def metrics_setting(settings):
     return next((env for env, s in settings.items() if s["flag"] == "--metrics-listen"), None)
 
 
+def kustomizations(k8s):
+    """deploy/k8s and each overlay under deploy/k8s/overlays/ (directories)."""
+    out = [k8s]
+    odir = os.path.join(k8s, "overlays")
+    if os.path.isdir(odir):
+        out += [os.path.join(odir, d) for d in sorted(os.listdir(odir))
+                if os.path.isfile(os.path.join(odir, d, "kustomization.yaml"))]
+    return out
+
+
 def main(argv):
     root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
     cli_md, k8s, dockerfile = (argv[1:4] if len(argv) >= 4 else
                                [os.path.join(root, p) for p in
                                 ("docs/CLI.md", "deploy/k8s", "deploy/Dockerfile")])
+    if os.path.isfile(k8s):  # .../kustomization.yaml
+        k8s = os.path.dirname(k8s)
+    targets = argv[4:] or kustomizations(k8s)
     with open(cli_md) as fh:
         settings = parse_cli_md(fh.read())
     with open(dockerfile) as fh:
         df = fh.read()
-    try:
-        problems = validate(render(k8s), df, settings)
-    except RenderError as e:
-        problems = [str(e)]
-    for p in problems:
-        print(p)
-    print("ok" if not problems else f"{len(problems)} problem(s)")
-    return 1 if problems else 0
+    total = 0
+    for target in targets:
+        try:
+            problems = validate(render(target), df, settings)
+        except RenderError as e:
+            problems = [str(e)]
+        for p in problems:
+            shown = os.path.relpath(target, root)
+            print(f"{target if shown.startswith('..') else shown}: {p}")
+        total += len(problems)
+    print("ok" if not total else f"{total} problem(s)")
+    return 1 if total else 0
 
 
 if __name__ == "__main__":

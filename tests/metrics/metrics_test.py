@@ -415,6 +415,10 @@ class MetricsTest(unittest.TestCase):
             status, _, body = http(path)
             self.assertEqual(status, 404, path)
         self.assertEqual(http("/metrics?name[]=x")[0], 200)
+        for path in ("/healthz", "/readyz", "/readyz?verbose"):
+            status, _, body = http(path)
+            self.assertEqual((status, body), (200, "ok\n"), path)
+        self.assertEqual(http("/healthzx")[0], 404)
         self.assertEqual(http(method="POST")[0], 405)
         self.assertEqual(http(method="DELETE")[0], 405)
 
