@@ -1132,31 +1132,31 @@ static int parse_params(cluster_db *c, const char *q, const char *uri) {
     size_t len = amp ? (size_t)(amp - q) : strlen(q);
     char kv[64];
     if (len == 0 || len >= sizeof kv)
-      return kvdex__seterr(KVDEX_EINVAL, "kvdex_open: bad parameter in \"%.200s\"", uri);
+      return kvdex__seterr(KVDEX_EINVAL, "bad parameter in \"%.200s\"", uri);
     memcpy(kv, q, len);
     kv[len] = '\0';
     char *eq = strchr(kv, '=');
     char *end = NULL;
     unsigned long long v = eq && eq[1] ? strtoull(eq + 1, &end, 10) : 0;
     if (!eq || !eq[1] || *end)
-      return kvdex__seterr(KVDEX_EINVAL, "kvdex_open: parameter \"%s\" needs a number "
+      return kvdex__seterr(KVDEX_EINVAL, "parameter \"%s\" needs a number "
                            "(name=value) in \"%.200s\"", kv, uri);
     *eq = '\0';
     if (!strcmp(kv, "replicas")) {
       if (v < 1 || v > KVDEX__MAX_REPLICAS)
-        return kvdex__seterr(KVDEX_EINVAL, "kvdex_open: replicas=%llu out of range (1..%d)", v,
+        return kvdex__seterr(KVDEX_EINVAL, "replicas=%llu out of range (1..%d)", v,
                              KVDEX__MAX_REPLICAS);
       c->replicas = (uint32_t)v;
     } else if (!strcmp(kv, "resolve_ms") && c->dns) {
       if (v < 100 || v > 86400000ull)
-        return kvdex__seterr(KVDEX_EINVAL, "kvdex_open: resolve_ms=%llu out of range "
+        return kvdex__seterr(KVDEX_EINVAL, "resolve_ms=%llu out of range "
                              "(100..86400000)", v);
       c->resolve_ms = (int64_t)v;
     } else if (!strcmp(kv, "tls") && c->dns) {
-      if (v > 1) return kvdex__seterr(KVDEX_EINVAL, "kvdex_open: tls=%llu must be 0 or 1", v);
+      if (v > 1) return kvdex__seterr(KVDEX_EINVAL, "tls=%llu must be 0 or 1", v);
       c->tls = (int)v;
     } else {
-      return kvdex__seterr(KVDEX_EINVAL, "kvdex_open: unknown parameter \"%s\" in \"%.200s\" "
+      return kvdex__seterr(KVDEX_EINVAL, "unknown parameter \"%s\" in \"%.200s\" "
                            "(known: replicas%s)", kv, uri, c->dns ? ", resolve_ms, tls" : "");
     }
     q = amp ? amp + 1 : NULL;
@@ -1166,7 +1166,7 @@ static int parse_params(cluster_db *c, const char *q, const char *uri) {
 
 int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db **out) {
   cluster_db *c = calloc(1, sizeof *c);
-  if (!c) return kvdex__seterr(KVDEX_ENOMEM, "kvdex_open: out of memory");
+  if (!c) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   c->base.vt = &cluster_vt;
   pthread_rwlock_init(&c->mu, NULL);
   pthread_mutex_init(&c->resolve_mu, NULL);
@@ -1191,7 +1191,7 @@ int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db *
   char (*addrs)[ADDR_MAX] = malloc(KVDEX__MAX_NODES * sizeof *addrs);
   char *hosts = NULL;
   if (oom || !addrs) {
-    rc = kvdex__seterr(KVDEX_ENOMEM, "kvdex_open: out of memory");
+    rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
     goto fail;
   }
   const char *rest;
@@ -1205,7 +1205,7 @@ int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db *
   const char *qm = strchr(rest, '?');
   size_t hl = qm ? (size_t)(qm - rest) : strlen(rest);
   if (!(hosts = strndup(rest, hl))) {
-    rc = kvdex__seterr(KVDEX_ENOMEM, "kvdex_open: out of memory");
+    rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
     goto fail;
   }
   if ((rc = parse_params(c, qm ? qm + 1 : NULL, uri))) goto fail;
@@ -1216,7 +1216,7 @@ int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db *
     if (!why && (hosts[0] == '[' || colon - hosts >= (ptrdiff_t)sizeof c->dns_host))
       why = "dns:/// takes a host name, not an address";
     if (why) {
-      rc = kvdex__seterr(KVDEX_EINVAL, "kvdex_open: bad uri \"%.200s\": %s", uri, why);
+      rc = kvdex__seterr(KVDEX_EINVAL, "bad uri \"%.200s\": %s", uri, why);
       goto fail;
     }
     snprintf(c->dns_host, sizeof c->dns_host, "%.*s", (int)(colon - hosts), hosts);
@@ -1230,30 +1230,30 @@ int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db *
       if (comma) *comma = '\0';
       const char *why = h[0] ? kvdex__check_authority(h) : "an empty host between commas";
       if (why) {
-        rc = kvdex__seterr(KVDEX_EINVAL, "kvdex_open: bad uri \"%.200s\": host \"%.100s\": %s",
+        rc = kvdex__seterr(KVDEX_EINVAL, "bad uri \"%.200s\": host \"%.100s\": %s",
                            uri, h, why);
         goto fail;
       }
       if (n == KVDEX__MAX_NODES) {
-        rc = kvdex__seterr(KVDEX_EINVAL, "kvdex_open: more than %d nodes", KVDEX__MAX_NODES);
+        rc = kvdex__seterr(KVDEX_EINVAL, "more than %d nodes", KVDEX__MAX_NODES);
         goto fail;
       }
       for (size_t i = 0; i < n; i++)
         if (!strcmp(addrs[i], h)) {
-          rc = kvdex__seterr(KVDEX_EINVAL, "kvdex_open: node %s is listed twice", h);
+          rc = kvdex__seterr(KVDEX_EINVAL, "node %s is listed twice", h);
           goto fail;
         }
       snprintf(addrs[n++], ADDR_MAX, "%s", h);
     }
     if (n == 0) {
-      rc = kvdex__seterr(KVDEX_EINVAL, "kvdex_open: bad uri \"%.200s\": no host", uri);
+      rc = kvdex__seterr(KVDEX_EINVAL, "bad uri \"%.200s\": no host", uri);
       goto fail;
     }
   }
   if ((rc = set_nodes(c, addrs, n))) goto fail;
   for (size_t i = 0; i < c->n_nodes; i++)
     if (!c->nodes[i]->db) {
-      rc = kvdex__seterr(KVDEX_EINVAL, "kvdex_open: node %s: %s", c->nodes[i]->addr,
+      rc = kvdex__seterr(KVDEX_EINVAL, "node %s: %s", c->nodes[i]->addr,
                          c->nodes[i]->open_err);
       goto fail;
     }

@@ -89,6 +89,11 @@ int kvdex_open(const char *uri, const kvdex_open_opts *opts, kvdex_db **out) {
     rc = kvdex__local_open(opts, &db);
   } else if (kvdex__is_cluster_uri(uri)) {
     rc = kvdex__cluster_open(uri, opts, &db);
+    if (rc == KVDEX_EINVAL) {
+      char why[600];
+      snprintf(why, sizeof why, "%s", kvdex_errmsg());
+      return kvdex__seterr(rc, "kvdex_open: %s; " URI_FORMS, why);
+    }
   } else if (strncmp(uri, "grpc://", 7) == 0 || strncmp(uri, "grpcs://", 8) == 0) {
     int tls = uri[4] == 's';
     const char *why = kvdex__check_authority(uri + 7 + tls);

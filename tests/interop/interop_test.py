@@ -1010,6 +1010,98 @@ class InteropTest(unittest.TestCase):
         self.assertEqual(s.stat().bytes, before)
         s.delete()
 
+    def test_importing_hidden_until_publish(self):
+        """CreateSequence(importing) hides a copy from reads until PublishSequence."""
+        shape = kvdex_pb2.Shape(n_layers=1, n_kv_heads=1, n_q_heads=2, head_dim=16, dtype=F32,
+                                block_tokens=8)
+        self.kv.CreateSequence(kvdex_pb2.CreateSequenceRequest(
+            seq=ref("hidden-1"), shape=shape, importing=True), timeout=TIMEOUT)
+        k = _rng.standard_normal((1, 20, 16)).astype(np.float32)
+        r = self.kv.AppendKV(iter([kvdex_pb2.AppendKVRequest(
+            seq=ref("hidden-1"), layer=0, token_start=0, n_tokens=20, k=k.tobytes(),
+            v=k.tobytes())]), timeout=TIMEOUT)
+        self.assertEqual(r.tokens_appended, 20)
+        # Reads: NOT_FOUND, as if absent.
+        for call, req in (
+                (self.kv.StatSequence, kvdex_pb2.StatSequenceRequest(seq=ref("hidden-1"))),
+                (self.kv.ReadKV, kvdex_pb2.ReadKVRequest(
+                    seq=ref("hidden-1"), layer=0, ranges=[kvdex_pb2.TokenRange(start=0, end=4)])),
+                (self.ret.Search, kvdex_pb2.SearchRequest(
+                    layer=0, options=kvdex_pb2.SearchOptions(k=3),
+                    queries=[kvdex_pb2.SearchQuery(seq=ref("hidden-1"),
+                                                   q=np.zeros(32, np.float32).tobytes())])),
+                (self.ret.Attend, kvdex_pb2.AttendRequest(
+                    layer=0, k=3, items=[kvdex_pb2.AttendItem(
+                        seq=ref("hidden-1"), q=np.zeros(32, np.float32).tobytes())]))):
+            details = self.assertCode(C.NOT_FOUND, call, req, timeout=TIMEOUT)
+            self.assertIn("hidden-1", details)
+        # Stat with include_importing and List see it, flagged.
+        info = self.kv.StatSequence(kvdex_pb2.StatSequenceRequest(
+            seq=ref("hidden-1"), include_importing=True), timeout=TIMEOUT).info
+        self.assertTrue(info.importing)
+        self.assertEqual(list(info.layer_tokens), [20])
+        listed = {i.seq.sequence_id: i.importing for i in self.kv.ListSequences(
+            kvdex_pb2.ListSequencesRequest(), timeout=TIMEOUT).sequences}
+        self.assertTrue(listed["hidden-1"])
+        # A second create is ALREADY_EXISTS, hidden or not.
+        self.assertCode(C.ALREADY_EXISTS, self.kv.CreateSequence,
+                        kvdex_pb2.CreateSequenceRequest(seq=ref("hidden-1"), shape=shape),
+                        timeout=TIMEOUT)
+        # Publish: visible; twice is fine; an absent one is NOT_FOUND.
+        for _ in range(2):
+            self.kv.PublishSequence(kvdex_pb2.PublishSequenceRequest(seq=ref("hidden-1")),
+                                    timeout=TIMEOUT)
+            info = self.kv.StatSequence(kvdex_pb2.StatSequenceRequest(seq=ref("hidden-1")),
+                                        timeout=TIMEOUT).info
+            self.assertFalse(info.importing)
+        self.assertCode(C.NOT_FOUND, self.kv.PublishSequence,
+                        kvdex_pb2.PublishSequenceRequest(seq=ref("never-made")), timeout=TIMEOUT)
+        self.assertCode(C.INVALID_ARGUMENT, self.kv.PublishSequence,
+                        kvdex_pb2.PublishSequenceRequest(), timeout=TIMEOUT)
+        self.kv.DeleteSequence(kvdex_pb2.DeleteSequenceRequest(seq=ref("hidden-1")),
+                               timeout=TIMEOUT)
+
+    def test_read_with_queries_and_landmarks(self):
+        """ReadKV with_queries / with_landmarks returns what AppendKV stored."""
+        B, n, d, nq = 8, 40, 16, 4
+        for dtype in (F32, F16):
+            sid = "extras-%d" % dtype
+            s = Seq(self, sid, n_layers=1, n_kv=2, n_q=nq, d=d, dtype=dtype, block=B)
+            k, v = s.rand(n)
+            q = _rng.standard_normal((nq, n, d)).astype(s.np)
+            lm = _rng.standard_normal((2, n // B, d)).astype(s.np)
+            m = s.msg(0, 0, k, v)
+            m.q = q.tobytes()
+            m.landmarks = lm.tobytes()
+            self.kv.AppendKV(iter([m]), timeout=TIMEOUT)
+            req = kvdex_pb2.ReadKVRequest(seq=s.ref(), layer=0, with_queries=True,
+                                          with_landmarks=True,
+                                          ranges=[kvdex_pb2.TokenRange(start=0, end=n)])
+            kv_ids, qids, qrows, lms = [], [], [], []
+            for r in self.kv.ReadKV(req, timeout=TIMEOUT):
+                kinds = [bool(r.token_ids), bool(r.query_token_ids), r.landmark_blocks > 0]
+                self.assertEqual(sum(kinds), 1, "one kind of payload per message")
+                kv_ids += list(r.token_ids)
+                if r.query_token_ids:
+                    t = len(r.query_token_ids)
+                    qids += list(r.query_token_ids)
+                    qrows.append(np.frombuffer(r.q, np.float32).reshape(nq, t, d))
+                if r.landmark_blocks:
+                    self.assertEqual(r.landmark_block_start, sum(x.shape[1] for x in lms))
+                    lms.append(np.frombuffer(r.landmarks, np.float32).reshape(
+                        2, r.landmark_blocks, d))
+            self.assertEqual(kv_ids, list(range(n)))
+            self.assertEqual(qids, list(range(n)))  # n <= 4096: every token kept
+            np.testing.assert_array_equal(np.concatenate(qrows, axis=1),
+                                          q.astype(np.float32))
+            np.testing.assert_array_equal(np.concatenate(lms, axis=1), lm.astype(np.float32))
+            # Without the flags: K/V only.
+            plain = list(self.kv.ReadKV(kvdex_pb2.ReadKVRequest(
+                seq=s.ref(), layer=0, ranges=[kvdex_pb2.TokenRange(start=0, end=n)]),
+                timeout=TIMEOUT))
+            self.assertTrue(all(not r.query_token_ids and not r.landmark_blocks for r in plain))
+            s.delete()
+
     def test_zz_still_serving(self):
         """Runs last (alphabetical order): after everything above, a search works."""
         s = Seq(self, "final-1", n_layers=1, n_kv=2, n_q=4, d=64, dtype=F16)
