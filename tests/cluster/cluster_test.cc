@@ -637,6 +637,62 @@ TEST_F(Cluster, RepairCopiesPrefillQueriesLandmarksAndIndexSpecs) {
   kvdex_close(c);
 }
 
+// Runs `kvdex cluster ARGS`; returns the exit code, output in *out.
+int RunCli(const std::string &args, std::string *out) {
+  std::string cmd = "workers/kvdex cluster " + args + " 2>&1";
+  FILE *p = popen(cmd.c_str(), "r");
+  if (!p) return -1;
+  char buf[4096];
+  out->clear();
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
+  int st = pclose(p);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+TEST_F(Cluster, CliStatusRepairRebalanceAndErrors) {
+  AddNodes(3);
+  std::string uri3 = Uri(3), out;
+  {
+    kvdex_db *db = Open(uri3);
+    Populate(db, 6);
+    kvdex_close(db);
+  }
+  EXPECT_EQ(0, RunCli("status --uri '" + uri3 + "'", &out)) << out;
+  EXPECT_NE(std::string::npos, out.find("3 nodes (3 up), 6 sequences: 0 under-replicated")) << out;
+  EXPECT_NE(std::string::npos, out.find("default/seq-5")) << out;
+  EXPECT_EQ(0, RunCli("status --verify --uri '" + uri3 + "'", &out)) << out;
+  EXPECT_NE(std::string::npos, out.find("0 with diverged replicas")) << out;
+  // A node restarted empty: status exits 1 and names the damage; repair fixes it.
+  Kill(2);
+  Start(2);
+  kvdex_db *db = Open(uri3);
+  WaitAllUp(db, 3);
+  kvdex_close(db);
+  EXPECT_EQ(1, RunCli("status --uri '" + uri3 + "'", &out)) << out;
+  EXPECT_NE(std::string::npos, out.find("UNDER-REPLICATED")) << out;
+  EXPECT_EQ(0, RunCli("repair --uri '" + uri3 + "'", &out)) << out;
+  EXPECT_NE(std::string::npos, out.find("] copy default/seq-")) << out;
+  EXPECT_EQ(0, RunCli("status --uri '" + uri3 + "'", &out)) << out;
+  // A fourth node: rebalance moves, prints progress, and a rerun has nothing to do.
+  AddNodes(1);
+  std::string uri4 = Uri(4);
+  EXPECT_EQ(1, RunCli("status --uri '" + uri4 + "'", &out)) << out; // misplaced now
+  EXPECT_EQ(0, RunCli("rebalance --uri '" + uri4 + "'", &out)) << out;
+  EXPECT_NE(std::string::npos, out.find("(no longer an owner)")) << out;
+  EXPECT_EQ(0, RunCli("rebalance --uri '" + uri4 + "'", &out)) << out;
+  EXPECT_NE(std::string::npos, out.find("rebalance: 0 copied")) << out;
+  // Usage errors exit 2 with a message.
+  EXPECT_EQ(2, RunCli("", &out));
+  EXPECT_EQ(2, RunCli("frobnicate --uri '" + uri4 + "'", &out));
+  EXPECT_NE(std::string::npos, out.find("unknown action")) << out;
+  EXPECT_EQ(2, RunCli("status --uri grpc://127.0.0.1:1", &out)) << out;
+  EXPECT_NE(std::string::npos, out.find("not a cluster")) << out;
+  EXPECT_EQ(2, RunCli("status --uri 'grpc://a:1,b:2?replicas=0'", &out)) << out;
+  EXPECT_EQ(0, RunCli("--help", &out));
+  EXPECT_NE(std::string::npos, out.find("rebalance")) << out;
+}
+
 TEST_F(Cluster, UriErrorsAreClear) {
   const char *bad[] = {
       "grpc://127.0.0.1:1,127.0.0.1:1",         // twice
