@@ -38,6 +38,7 @@
 #define DEFAULT_REPLICAS 2
 #define DEFAULT_RESOLVE_MS 30000
 #define DEFAULT_TIMEOUT_MS 30000
+#define DEFAULT_AUTO_REPAIR_MS 2000
 #define ADDR_MAX 300
 
 /* ---- nodes ------------------------------------------------------------------------ */
@@ -74,10 +75,14 @@ typedef struct cluster_db {
   int64_t resolve_ms;
   atomic_llong next_resolve;
   pthread_mutex_t resolve_mu;
-  /* under-replication hints */
+  /* under-replication hints, and the thread that repairs them (auto_repair_ms) */
   pthread_mutex_t hint_mu;
   hint *hints;
   size_t n_hints, cap_hints;
+  int64_t auto_repair_ms;   /* 0 = off */
+  pthread_cond_t repair_cv; /* with hint_mu */
+  pthread_t repair_th;
+  int repair_started, closing;
 } cluster_db;
 
 static cluster_db *as_cluster(kvdex_db *db) { return (cluster_db *)db; }
@@ -159,6 +164,8 @@ static size_t n_owners(const cluster_db *c, size_t n_nodes) {
 
 /* ---- hints ------------------------------------------------------------------------ */
 
+static void *repair_main(void *arg);
+
 static void hint_add(cluster_db *c, const node *nd, const char *ns, const char *id) {
   pthread_mutex_lock(&c->hint_mu);
   for (size_t i = 0; i < c->n_hints; i++) {
@@ -176,6 +183,8 @@ static void hint_add(cluster_db *c, const node *nd, const char *ns, const char *
   snprintf(h->addr, sizeof h->addr, "%s", nd->addr);
   snprintf(h->ns, sizeof h->ns, "%s", ns);
   snprintf(h->id, sizeof h->id, "%s", id);
+  if (c->auto_repair_ms && !c->repair_started && !c->closing)
+    c->repair_started = pthread_create(&c->repair_th, NULL, repair_main, c) == 0;
 out:
   pthread_mutex_unlock(&c->hint_mu);
 }
@@ -213,6 +222,79 @@ static void replica_missed(cluster_db *c, node *nd, const char *what, const char
             "under-replicated until `kvdex cluster repair`",
             nd->addr, what, c->base.ns, id, why ? why : kvdex_errmsg());
   (void)rc;
+}
+
+static node *node_by_addr(cluster_db *c, const char *addr) {
+  node *found = NULL;
+  pthread_rwlock_rdlock(&c->mu);
+  for (size_t i = 0; i < c->n_nodes && !found; i++)
+    if (!strcmp(c->nodes[i]->addr, addr)) found = c->nodes[i];
+  pthread_rwlock_unlock(&c->mu);
+  return found;
+}
+
+static size_t rank_nodes(cluster_db *c, const char *ns, const char *id, node **out);
+
+/* Re-sends one hinted sequence to the owner that missed writes, from another owner
+ * that has it (the copy brings a lagging copy up to date, or makes a new one hidden
+ * until complete). 1 = done (or nothing left to do), 0 = try again later. */
+static int repair_hint(cluster_db *c, const hint *h) {
+  node *dst = node_by_addr(c, h->addr);
+  if (!dst) return 1; /* no longer a node (DNS): nothing to repair there */
+  if (node_skipped(dst, now_ms())) return 0;
+  node *r[KVDEX__MAX_NODES];
+  size_t n = rank_nodes(c, h->ns, h->id, r);
+  int tried = 0, missing = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (r[i] == dst || node_skipped(r[i], now_ms()) || hint_has(c, r[i], h->ns, h->id)) continue;
+    tried++;
+    int rc = kvdex__grpc_copy_seq(r[i]->db, dst->db, h->ns, h->id, NULL, NULL, NULL);
+    if (rc == KVDEX_OK) {
+      KVDEX_LOG(KVDEX_LOG_INFO, "kvdex cluster: repaired %s/%s on %s from %s", h->ns, h->id,
+                dst->addr, r[i]->addr);
+      return 1;
+    }
+    if (rc == KVDEX_ENOTFOUND && strstr(kvdex_errmsg(), "source")) {
+      missing++;
+      continue;
+    }
+    KVDEX_LOG(KVDEX_LOG_DEBUG, "kvdex cluster: repair of %s/%s on %s: %s", h->ns, h->id,
+              dst->addr, kvdex_errmsg());
+    return 0;
+  }
+  return tried > 0 && missing == tried; /* deleted everywhere: drop the hint */
+}
+
+/* The repair thread: every auto_repair_ms, re-sends the hinted sequences whose owner
+ * answers again. Started with the first hint, stopped by close. */
+static void *repair_main(void *arg) {
+  cluster_db *c = arg;
+  pthread_mutex_lock(&c->hint_mu);
+  while (!c->closing) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t ns = ts.tv_nsec + (c->auto_repair_ms % 1000) * 1000000;
+    ts.tv_sec += c->auto_repair_ms / 1000 + ns / 1000000000;
+    ts.tv_nsec = ns % 1000000000;
+    pthread_cond_timedwait(&c->repair_cv, &c->hint_mu, &ts);
+    if (c->closing || c->n_hints == 0) continue;
+    size_t n = c->n_hints;
+    hint *todo = malloc(n * sizeof *todo);
+    if (!todo) continue;
+    memcpy(todo, c->hints, n * sizeof *todo);
+    pthread_mutex_unlock(&c->hint_mu);
+    for (size_t i = 0; i < n; i++) {
+      pthread_mutex_lock(&c->hint_mu);
+      int closing = c->closing;
+      pthread_mutex_unlock(&c->hint_mu);
+      if (closing) break;
+      if (repair_hint(c, &todo[i])) hint_drop(c, todo[i].addr, todo[i].ns, todo[i].id);
+    }
+    free(todo);
+    pthread_mutex_lock(&c->hint_mu);
+  }
+  pthread_mutex_unlock(&c->hint_mu);
+  return NULL;
 }
 
 /* ---- node list: static and DNS ------------------------------------------------------ */
@@ -608,7 +690,12 @@ static void ap_drop(cluster_appender *cap, size_t i, int rc, int abort_it) {
 
 /* An owner that cannot take the stream but leaves it to the others: unreachable,
  * lacking the sequence (restarted) or lagging it (a gap: it missed earlier appends). */
-static int lagging(int rc) { return is_transport(rc) || rc == KVDEX_ENOTFOUND || rc == KVDEX_ECONFLICT; }
+static int lagging(int rc) {
+  /* EBUSY: another stream holds the owner's copy (e.g. a repair copying into it); the
+   * others take this one and the owner is repaired again later. Two writers of one
+   * sequence get EBUSY from every owner, which fails the stream as it should. */
+  return is_transport(rc) || rc == KVDEX_ENOTFOUND || rc == KVDEX_ECONFLICT || rc == KVDEX_EBUSY;
+}
 
 static int cl_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **out) {
   cluster_db *c = as_cluster(db);
@@ -1076,6 +1163,12 @@ static int cl_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *o
 
 static void cl_close(kvdex_db *db) {
   cluster_db *c = as_cluster(db);
+  pthread_mutex_lock(&c->hint_mu);
+  c->closing = 1;
+  int started = c->repair_started;
+  pthread_cond_signal(&c->repair_cv);
+  pthread_mutex_unlock(&c->hint_mu);
+  if (started) pthread_join(c->repair_th, NULL);
   for (node *nd = c->all, *next; nd; nd = next) {
     next = nd->next_all;
     kvdex_close(nd->db);
@@ -1091,6 +1184,7 @@ static void cl_close(kvdex_db *db) {
   pthread_rwlock_destroy(&c->mu);
   pthread_mutex_destroy(&c->resolve_mu);
   pthread_mutex_destroy(&c->hint_mu);
+  pthread_cond_destroy(&c->repair_cv);
   free(c);
 }
 
@@ -1147,6 +1241,11 @@ static int parse_params(cluster_db *c, const char *q, const char *uri) {
         return kvdex__seterr(KVDEX_EINVAL, "replicas=%llu out of range (1..%d)", v,
                              KVDEX__MAX_REPLICAS);
       c->replicas = (uint32_t)v;
+    } else if (!strcmp(kv, "auto_repair_ms")) {
+      if (v != 0 && (v < 100 || v > 3600000))
+        return kvdex__seterr(KVDEX_EINVAL, "auto_repair_ms=%llu out of range (0 = off, "
+                             "100..3600000)", v);
+      c->auto_repair_ms = (int64_t)v;
     } else if (!strcmp(kv, "resolve_ms") && c->dns) {
       if (v < 100 || v > 86400000ull)
         return kvdex__seterr(KVDEX_EINVAL, "resolve_ms=%llu out of range "
@@ -1157,7 +1256,7 @@ static int parse_params(cluster_db *c, const char *q, const char *uri) {
       c->tls = (int)v;
     } else {
       return kvdex__seterr(KVDEX_EINVAL, "unknown parameter \"%s\" in \"%.200s\" "
-                           "(known: replicas%s)", kv, uri, c->dns ? ", resolve_ms, tls" : "");
+                           "(known: replicas, auto_repair_ms%s)", kv, uri, c->dns ? ", resolve_ms, tls" : "");
     }
     q = amp ? amp + 1 : NULL;
   }
@@ -1171,6 +1270,8 @@ int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db *
   pthread_rwlock_init(&c->mu, NULL);
   pthread_mutex_init(&c->resolve_mu, NULL);
   pthread_mutex_init(&c->hint_mu, NULL);
+  pthread_cond_init(&c->repair_cv, NULL);
+  c->auto_repair_ms = DEFAULT_AUTO_REPAIR_MS;
   c->replicas = DEFAULT_REPLICAS;
   c->resolve_ms = DEFAULT_RESOLVE_MS;
   c->timeout_ms = opts && opts->timeout_ms ? opts->timeout_ms : DEFAULT_TIMEOUT_MS;

@@ -69,8 +69,11 @@ typedef struct kvdex_open_opts {
  * delete, retain with materialize) go to every owner and succeed when every owner
  * that answers accepts; an owner that is unreachable (or lacks the sequence, or lags
  * behind it) is skipped, logged at WARN with its address, and counted as
- * under-replicated until `kvdex cluster repair` (kvdex_cluster_repair) copies the
- * sequence to it again. Reads (stat, read, search, attend, retain) go to the first
+ * under-replicated until it is copied there again: by the handle itself, which
+ * remembers the replicas that missed its writes and, every auto_repair_ms (URI
+ * parameter, default 2000; 0 = off), re-sends those sequences from another owner to
+ * the ones that answer again, or by `kvdex cluster repair` (kvdex_cluster_repair),
+ * which finds every under-replicated sequence from any process. Reads (stat, read, search, attend, retain) go to the first
  * healthy owner and fail over to the next on UNAVAILABLE / DEADLINE_EXCEEDED, then to
  * the other nodes on NOT_FOUND (a sequence being moved by a rebalance is still on
  * its previous owners), all within the handle's timeout_ms. Batched search and attend

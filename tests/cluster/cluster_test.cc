@@ -470,23 +470,42 @@ TEST_F(Cluster, KillNineDuringBatchedAttendThenRepairLeavesTwoIdenticalReplicas)
   // A repair with the node still down copies nothing there and says so.
   EXPECT_EQ(KVDEX_EUNAVAIL, kvdex_cluster_repair(db, nullptr, nullptr, nullptr));
 
-  // The node comes back empty (memory only); once the client sees it up again (its
-  // channel reconnects within the client's reconnect back-off), repair makes 2
-  // replicas again.
+  // The node comes back empty (memory only). This handle remembers which replicas
+  // missed its appends (all of them here: every sequence was appended to while the
+  // node was down) and re-sends them on its own once the node answers again.
   Start(1);
-  WaitAllUp(db, 3);
+  bool healed = false;
+  for (int t = 0; t < 300 && !healed; t++) {
+    ASSERT_EQ(0, kvdex_cluster_status(db, 0, &rep)) << kvdex_errmsg();
+    healed = rep.under_replicated == 0 && rep.n_seqs == (size_t)n;
+    kvdex_cluster_report_free(&rep);
+    if (!healed) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(healed) << "the handle's automatic repair did not restore the replicas";
+  ExpectPlacedAndIdentical(db, n, 3, kTokens + 64);
+
+  // Another process (a fresh handle, no hints) sees the same state; and after the
+  // node is wiped again, an explicit repair restores it.
+  Kill(1);
+  Start(1);
+  kvdex_db *other = Open(Uri(3) + "&auto_repair_ms=0", timeout_ms);
+  WaitAllUp(other, 3);
+  ASSERT_EQ(0, kvdex_cluster_status(other, 0, &rep)) << kvdex_errmsg();
+  EXPECT_GT(rep.under_replicated, 0u);
+  kvdex_cluster_report_free(&rep);
   int progress_calls = 0;
   auto cb = [](void *ctx, const kvdex_cluster_progress *p) {
     (*(int *)ctx)++;
     EXPECT_STREQ("copy", p->action);
     EXPECT_LE(p->done_tokens, p->total_tokens);
   };
-  ASSERT_EQ(0, kvdex_cluster_repair(db, cb, &progress_calls, &rep)) << kvdex_errmsg();
+  ASSERT_EQ(0, kvdex_cluster_repair(other, cb, &progress_calls, &rep)) << kvdex_errmsg();
   EXPECT_GT(rep.copied, 0u);
   EXPECT_EQ(0u, rep.failed);
   EXPECT_EQ(0u, rep.under_replicated);
   EXPECT_GT(progress_calls, 0);
   kvdex_cluster_report_free(&rep);
+  kvdex_close(other);
   ExpectPlacedAndIdentical(db, n, 3, kTokens + 64);
   ASSERT_EQ(0, kvdex_cluster_status(db, 1, &rep)) << kvdex_errmsg();
   for (size_t i = 0; i < rep.n_seqs; i++) {
@@ -704,6 +723,7 @@ TEST_F(Cluster, UriErrorsAreClear) {
       "grpc://127.0.0.1:1,127.0.0.1:2?replicas=9",
       "grpc://127.0.0.1:1,127.0.0.1:2?bogus=1",
       "grpc://127.0.0.1:1,127.0.0.1:2?replicas=x",
+      "grpc://127.0.0.1:1,127.0.0.1:2?auto_repair_ms=5",
       "grpc://127.0.0.1:1,,",
       "grpc://127.0.0.1:1,nohost",
       "grpc://127.0.0.1:1?resolve_ms=500",      // dns-only parameter
