@@ -7,14 +7,8 @@
 
 #include "bench/bench.h"
 
-static uint64_t splitmix(uint64_t *s) {
-  uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
-static float uniform(uint64_t *s) { return (float)((splitmix(s) >> 40) * (1.0 / 16777216.0)) * 2 - 1; }
+static float uniform(uint64_t *s) { return (float)((kvdex_splitmix64(s) >> 40) * (1.0 / 16777216.0)) * 2 - 1; }
 
 /* Fills a sequence with random keys and values, in appends of `chunk` tokens. */
 static int fill(kvdex_seq *seq, const kvdex_shape *sh, uint64_t tokens, uint64_t seed) {

@@ -733,104 +733,70 @@ static void grpc_append_abort(kvdex_appender *base) {
 
 /* ---- read: a server stream ---------------------------------------------------------- */
 
+typedef struct read_ctx {
+  const uint64_t *ids;
+  size_t n, col, n_total, got, heads, row;
+  char *k_out, *v_out;
+  int bad; /* the server sent something that does not fit */
+} read_ctx;
+
+/* One ReadKV message of read_call: checked against what was asked, then copied. */
+static int read_msg(void *arg, const Kvdex__V1__ReadKVResponse *chunk) {
+  read_ctx *rc = arg;
+  size_t t = chunk->n_token_ids, heads = rc->heads, row = rc->row;
+  if (t == 0 || t > rc->n - rc->got || chunk->k.len != t * heads * row ||
+      chunk->v.len != t * heads * row) {
+    rc->bad = 1;
+    return kvdex__seterr(KVDEX_EINTERNAL,
+                         "ReadKV: the server sent a chunk of %zu tokens with %zu/%zu bytes of K/V "
+                         "(expected at most %zu tokens of %zu bytes each); has the sequence been "
+                         "recreated with another shape?",
+                         t, chunk->k.len, chunk->v.len, rc->n - rc->got, heads * row);
+  }
+  for (size_t j = 0; j < t; j++)
+    if (chunk->token_ids[j] != rc->ids[rc->got + j]) {
+      rc->bad = 1;
+      return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: the server sent token %llu where %llu was due",
+                           (unsigned long long)chunk->token_ids[j],
+                           (unsigned long long)rc->ids[rc->got + j]);
+    }
+  for (size_t h = 0; h < heads; h++) {
+    memcpy(rc->k_out + (h * rc->n_total + rc->col + rc->got) * row, chunk->k.data + h * t * row,
+           t * row);
+    memcpy(rc->v_out + (h * rc->n_total + rc->col + rc->got) * row, chunk->v.data + h * t * row,
+           t * row);
+  }
+  rc->got += t;
+  return KVDEX_OK;
+}
+
+static int read_stream(grpc_db *g, const char *ns, const char *seq_id, uint32_t layer,
+                       uint64_t start, uint64_t end, const uint64_t *ids, size_t n_ids, int with_q,
+                       int with_lm, uint32_t per_msg,
+                       int (*fn)(void *, const Kvdex__V1__ReadKVResponse *), void *ctx);
+
 /* Reads ids[0..n) into columns [col, col + n) of k_out/v_out ([heads][n_total][row]). */
 static int read_call(grpc_db *g, const char *seq_id, const kvdex_shape *s, uint32_t layer,
                      const uint64_t *ids, size_t n, size_t col, size_t n_total, char *k_out,
                      char *v_out) {
-  size_t row = (size_t)s->head_dim * kvdex_dtype_size(s->dtype);
-  size_t heads = s->n_kv_heads;
-  size_t per_msg = MSG_PAYLOAD_BYTES / (2 * heads * row);
+  read_ctx ctx = {.ids = ids, .n = n, .col = col, .n_total = n_total, .k_out = k_out,
+                  .v_out = v_out, .heads = s->n_kv_heads,
+                  .row = (size_t)s->head_dim * kvdex_dtype_size(s->dtype)};
+  size_t per_msg = MSG_PAYLOAD_BYTES / (2 * ctx.heads * ctx.row);
   if (per_msg == 0) per_msg = 1;
   if (per_msg > READ_MAX_TOKENS_PER_MSG) per_msg = READ_MAX_TOKENS_PER_MSG;
-
-  Kvdex__V1__SequenceRef ref;
-  Kvdex__V1__ReadKVRequest req = KVDEX__V1__READ_KVREQUEST__INIT;
-  Kvdex__V1__TokenRange range = KVDEX__V1__TOKEN_RANGE__INIT, *ranges[1] = {&range};
-  seq_ref(&ref, &g->base, seq_id);
-  req.seq = &ref;
-  req.layer = layer;
-  req.max_tokens_per_message = (uint32_t)per_msg;
   int contiguous = 1;
   for (size_t i = 1; i < n && contiguous; i++) contiguous = ids[i] == ids[0] + i;
-  if (n > 1 && contiguous && ids[0] <= UINT64_MAX - n) { /* one range instead of n ids */
-    range.start = ids[0];
-    range.end = ids[0] + n;
-    req.n_ranges = 1;
-    req.ranges = ranges;
-  } else {
-    req.n_token_ids = n;
-    req.token_ids = (uint64_t *)ids;
-  }
-
-  rpc r;
-  int rc = rpc_begin(g, M_READ, &r);
-  if (rc == KVDEX_OK) rc = rpc_start_status(&r);
-  if (rc) {
-    rpc_end(&r);
-    return rc;
-  }
-  grpc_byte_buffer *send = pack(&req.base);
-  grpc_op ops[3];
-  memset(ops, 0, sizeof ops);
-  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  auth_op(g, &ops[0]);
-  ops[1].op = GRPC_OP_SEND_MESSAGE;
-  ops[1].data.send_message.send_message = send;
-  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-  rc = rpc_start(&r, ops, 3, TAG_OPS);
-  if (rc == KVDEX_OK) rpc_wait(&r, TAG_OPS); /* a failure shows in the status below */
-  grpc_byte_buffer_destroy(send);
-
-  size_t got = 0;
-  int bad = 0; /* the server sent something that does not fit: stop reading */
-  while (rc == KVDEX_OK && !bad) {
-    grpc_byte_buffer *recv = NULL;
-    grpc_op op;
-    memset(&op, 0, sizeof op);
-    op.op = GRPC_OP_RECV_MESSAGE;
-    op.data.recv_message.recv_message = &recv;
-    rc = rpc_start(&r, &op, 1, TAG_OPS);
-    if (rc) break;
-    if (!rpc_wait(&r, TAG_OPS) || !recv) break; /* end of stream (or failure: see status) */
-    ProtobufCMessage *msg;
-    rc = unpack(&r, recv, &kvdex__v1__read_kvresponse__descriptor, &msg);
-    grpc_byte_buffer_destroy(recv);
-    if (rc) break;
-    const Kvdex__V1__ReadKVResponse *chunk = (const Kvdex__V1__ReadKVResponse *)msg;
-    size_t t = chunk->n_token_ids;
-    if (t == 0 || t > n - got || chunk->k.len != t * heads * row || chunk->v.len != t * heads * row) {
-      rc = kvdex__seterr(KVDEX_EINTERNAL,
-                         "ReadKV: the server sent a chunk of %zu tokens with %zu/%zu bytes of K/V "
-                         "(expected at most %zu tokens of %zu bytes each); has the sequence been "
-                         "recreated with another shape?",
-                         t, chunk->k.len, chunk->v.len, n - got, heads * row);
-      bad = 1;
-    }
-    for (size_t j = 0; !bad && j < t; j++) {
-      if (chunk->token_ids[j] != ids[got + j]) {
-        rc = kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: the server sent token %llu where %llu was due",
-                           (unsigned long long)chunk->token_ids[j],
-                           (unsigned long long)ids[got + j]);
-        bad = 1;
-      }
-    }
-    if (!bad) {
-      for (size_t h = 0; h < heads; h++) {
-        memcpy(k_out + (h * n_total + col + got) * row, chunk->k.data + h * t * row, t * row);
-        memcpy(v_out + (h * n_total + col + got) * row, chunk->v.data + h * t * row, t * row);
-      }
-      got += t;
-    }
-    protobuf_c_message_free_unpacked(msg, NULL);
-  }
-  if (rc == KVDEX_OK) {
-    rpc_wait(&r, TAG_STATUS);
-    rc = rpc_status_rc(&r);
-    if (rc == KVDEX_OK && got != n)
-      rc = kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: the server sent %zu of %zu tokens", got, n);
-  }
-  if (rc == KVDEX_ENOTFOUND || bad) cache_drop(g, seq_id);
-  rpc_end(&r); /* cancels the call if it is still running */
+  int rc;
+  if (n > 1 && contiguous && ids[0] <= UINT64_MAX - n) /* one range instead of n ids */
+    rc = read_stream(g, g->base.ns, seq_id, layer, ids[0], ids[0] + n, NULL, 0, 0, 0,
+                     (uint32_t)per_msg, read_msg, &ctx);
+  else
+    rc = read_stream(g, g->base.ns, seq_id, layer, 0, 0, ids, n, 0, 0, (uint32_t)per_msg,
+                     read_msg, &ctx);
+  if (rc == KVDEX_OK && ctx.got != n)
+    rc = kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: the server sent %zu of %zu tokens", ctx.got, n);
+  if (rc == KVDEX_ENOTFOUND || ctx.bad) cache_drop(g, seq_id);
   return rc;
 }
 
@@ -1076,6 +1042,7 @@ static int grpc_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options 
     memcpy(lse[i], r->lse.data, r->lse.len);
     if (info) {
       info[i].keys_touched = r->keys_touched;
+      info[i].seconds = r->seconds;
       info[i].tokens = r->tokens;
       info[i].attended = r->attended;
       snprintf(info[i].index, sizeof info[i].index, "%s",
@@ -1471,17 +1438,6 @@ static size_t kv_per_msg(const kvdex_shape *s) {
   return per > READ_MAX_TOKENS_PER_MSG ? READ_MAX_TOKENS_PER_MSG : per;
 }
 
-/* f32 rows into the sequence dtype (exact for values that came from that dtype). */
-static void to_dtype(const float *src, size_t n, int dtype, void *dst) {
-  if (dtype == KVDEX_DTYPE_F32) {
-    memcpy(dst, src, n * sizeof(float));
-  } else if (dtype == KVDEX_DTYPE_F16) {
-    for (size_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = kvdex_f32_to_f16(src[i]);
-  } else {
-    for (size_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = kvdex_f32_to_bf16(src[i]);
-  }
-}
-
 typedef struct copy_ctx {
   kvdex_appender *ap;
   const kvdex_shape *sh;
@@ -1641,14 +1597,14 @@ static int copy_replays(grpc_db *src, const char *ns, const char *seq_id, copy_c
   for (size_t i = 0; !rc && i < cc->qn; i++) {
     uint64_t *at = bsearch(&cc->qids[i], ids, u, sizeof *ids, cmp_u64);
     ROWS_OF((size_t)(at - ids));
-    to_dtype(cc->q + i * s->n_q_heads * d, (size_t)s->n_q_heads * d, s->dtype, q1);
+    kvdex_from_f32(s->dtype, cc->q + i * s->n_q_heads * d, q1, (size_t)s->n_q_heads * d);
     rc = grpc_append_kv(cc->ap, cc->layer, cc->qids[i], 1, k1, v1, q1, NULL);
   }
   for (size_t b = 0; !rc && b < n_lm; b++) {
     uint64_t t = (lm_from + b + 1) * s->block_tokens - 1;
     uint64_t *at = bsearch(&t, ids, u, sizeof *ids, cmp_u64);
     ROWS_OF((size_t)(at - ids));
-    to_dtype(cc->lm + (lm_from + b) * heads * d, heads * d, s->dtype, lm1);
+    kvdex_from_f32(s->dtype, cc->lm + (lm_from + b) * heads * d, lm1, heads * d);
     rc = grpc_append_kv(cc->ap, cc->layer, t, 1, k1, v1, NULL, lm1);
   }
 #undef ROWS_OF

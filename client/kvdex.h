@@ -396,6 +396,9 @@ typedef struct kvdex_attend_info {
                             dense: eligible tokens x n_kv_heads */
   uint64_t tokens;       /* committed tokens of the layer when the call ran */
   uint64_t attended;     /* tokens attended, summed over query heads */
+  double seconds;        /* the store's time on this item, retrieval + attention (over
+                            gRPC measured on the server: the call's wall time minus the
+                            items' seconds is network and queueing) */
   char index[32];        /* "dense", "exact", "retained" or the index kind */
 } kvdex_attend_info;
 

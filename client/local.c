@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "client/client_int.h"
 #include "index/ann.h"
@@ -370,14 +371,18 @@ static int local_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options
     ar.extra = items[i].extra;
     ar.n_extra = items[i].n_extra;
     kvdex_attend_stats st;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     rc = kvdex_attend_layer(l->indexer, seq, layer, items[i].q, &ar, l->pool, c, o[i], lse[i],
                             &st);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
     kvdex_seq_release(seq);
     if (rc) break;
     if (info) {
       info[i].keys_touched = st.keys_touched;
       info[i].tokens = st.tokens;
       info[i].attended = st.attended;
+      info[i].seconds = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
       snprintf(info[i].index, sizeof info[i].index, "%s", st.used);
     }
   }

@@ -135,6 +135,22 @@ void kvdex_to_f32(int src_dtype, const void *src, float *dst, size_t n);
 /* Converts n f32 values to dtype `dst_dtype`. */
 void kvdex_from_f32(int dst_dtype, const float *src, void *dst, size_t n);
 
+/* Synthetic data (benchmarks, demo, the decode-loop worker): SplitMix64, and a cheap
+ * roughly normal float (a sum of four uniforms, unit variance). Not for anything that
+ * needs real randomness. */
+static inline uint64_t kvdex_splitmix64(uint64_t *state) {
+  uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+static inline float kvdex_gauss4(uint64_t *state) {
+  uint64_t r = kvdex_splitmix64(state);
+  float a = (float)(r & 0xffff), b = (float)((r >> 16) & 0xffff), c = (float)((r >> 32) & 0xffff),
+        d = (float)(r >> 48);
+  return ((a + b + c + d) / 65536.0f - 2.0f) * 1.7320508f;
+}
+
 /* Logger: the host chooses the level and the sink; default is stderr at INFO.
  * The level is checked before anything is formatted. */
 enum { KVDEX_LOG_ERROR = 0, KVDEX_LOG_WARN = 1, KVDEX_LOG_INFO = 2, KVDEX_LOG_DEBUG = 3 };

@@ -1,28 +1,15 @@
 /* cluster_cmd: `kvdex cluster status|repair|rebalance` — the operator's view of a
  * cluster handle (client/kvdex.h, kvdex_cluster_*): which nodes are up, where each
  * sequence sits, and the two maintenance runs that put copies back where rendezvous
- * hashing wants them. Also the client connection options every client command shares. */
+ * hashing wants them. */
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 
 #include "client/kvdex.h"
+#include "workers/client_opts.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
-
-void kvdex_cmd_client_opts(const kvdex_settings *s, kvdex_open_opts *oo) {
-  memset(oo, 0, sizeof *oo);
-  oo->timeout_ms = (uint32_t)kvdex_setting_num(s, KVDEX_SET_TIMEOUT_MS);
-  oo->name_space = kvdex_setting_str(s, KVDEX_SET_NAMESPACE);
-  const char *ca = kvdex_setting_str(s, KVDEX_SET_TLS_CA);
-  const char *cert = kvdex_setting_str(s, KVDEX_SET_TLS_CLIENT_CERT);
-  const char *key = kvdex_setting_str(s, KVDEX_SET_TLS_CLIENT_KEY);
-  const char *token = kvdex_setting_str(s, KVDEX_SET_TOKEN);
-  oo->tls_ca_file = ca && ca[0] ? ca : NULL;
-  oo->tls_cert_file = cert && cert[0] ? cert : NULL;
-  oo->tls_key_file = key && key[0] ? key : NULL;
-  oo->auth_token = token && token[0] ? token : NULL;
-}
 
 static void human_bytes(char *buf, size_t size, uint64_t b) {
   static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -143,7 +130,7 @@ int kvdex_cmd_cluster(int argc, char **argv) {
   }
   kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
   kvdex_open_opts oo;
-  kvdex_cmd_client_opts(&s, &oo);
+  kvdex_client_opts(&s, &oo);
   const char *uri = kvdex_setting_str(&s, KVDEX_SET_URI);
   kvdex_db *db = NULL;
   int exit_code = 1;

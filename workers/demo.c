@@ -13,6 +13,7 @@
 
 #include "bench/bench.h"
 #include "client/kvdex.h"
+#include "workers/client_opts.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
 
@@ -21,20 +22,7 @@
 /* Scalar multiply-adds the reference may spend when --check is -1 (a few seconds). */
 #define CHECK_BUDGET 3.0e9
 
-static uint64_t splitmix(uint64_t *s) {
-  uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
-/* Roughly normal (sum of uniforms), cheap. */
-static float gauss(uint64_t *s) {
-  uint64_t r = splitmix(s);
-  float a = (float)(r & 0xffff), b = (float)((r >> 16) & 0xffff), c = (float)((r >> 32) & 0xffff),
-        d = (float)(r >> 48);
-  return ((a + b + c + d) / 65536.0f - 2.0f) * 1.7320508f;
-}
 
 typedef struct demo {
   kvdex_shape sh;
@@ -207,7 +195,7 @@ int kvdex_cmd_demo(int argc, char **argv) {
     goto out;
   }
   kvdex_open_opts oo;
-  kvdex_cmd_client_opts(&s, &oo);
+  kvdex_client_opts(&s, &oo);
   oo.memory_cap = (uint64_t)kvdex_setting_num(&s, KVDEX_SET_MEMORY);
   oo.threads = (unsigned)kvdex_setting_num(&s, KVDEX_SET_THREADS);
   if (kvdex_open(uri, &oo, &db)) {
@@ -250,9 +238,9 @@ int kvdex_cmd_demo(int argc, char **argv) {
     for (uint64_t t0 = 0; t0 < d.tokens; t0 += chunk_tokens) {
       uint32_t n = (uint32_t)(d.tokens - t0 < chunk_tokens ? d.tokens - t0 : chunk_tokens);
       size_t cnt = (size_t)d.sh.n_kv_heads * n * d.sh.head_dim;
-      for (size_t i = 0; i < cnt; i++) gen[i] = gauss(&rng) + ((i % d.sh.head_dim) < 4 ? 1.5f : 0);
+      for (size_t i = 0; i < cnt; i++) gen[i] = kvdex_gauss4(&rng) + ((i % d.sh.head_dim) < 4 ? 1.5f : 0);
       kvdex_from_f32(d.sh.dtype, gen, kbuf, cnt);
-      for (size_t i = 0; i < cnt; i++) gen[i] = gauss(&rng);
+      for (size_t i = 0; i < cnt; i++) gen[i] = kvdex_gauss4(&rng);
       kvdex_from_f32(d.sh.dtype, gen, vbuf, cnt);
       for (uint32_t h = 0; h < d.sh.n_kv_heads; h++)
         memcpy((char *)d.keys[l] + ((size_t)h * head_elems + t0 * d.sh.head_dim) * d.es,
@@ -307,7 +295,7 @@ int kvdex_cmd_demo(int argc, char **argv) {
     if (!att_o || !den_o || !att_lse || !den_lse || !att_lat || !den_lat) goto oom;
   }
   for (uint32_t c = 0; c < n_check;) { /* a random sample of steps, without repeats */
-    uint32_t st = n_check == steps ? c : (uint32_t)(splitmix(&rng) % steps);
+    uint32_t st = n_check == steps ? c : (uint32_t)(kvdex_splitmix64(&rng) % steps);
     if (!check_step[st]) { check_step[st] = 1; c++; }
   }
   double scanned_bytes = 0, search_s = 0;
@@ -319,11 +307,11 @@ int kvdex_cmd_demo(int argc, char **argv) {
      * has a few clear winners, as decode queries do. */
     for (uint32_t h = 0; h < d.sh.n_q_heads; h++) {
       uint32_t kvh = h / (d.sh.n_q_heads / d.sh.n_kv_heads);
-      uint64_t target = req.sinks + splitmix(&rng) % eligible;
+      uint64_t target = req.sinks + kvdex_splitmix64(&rng) % eligible;
       kvdex_to_f32(d.sh.dtype,
                    (char *)d.keys[layer] + ((size_t)kvh * head_elems + target * d.sh.head_dim) * d.es,
                    q + (size_t)h * d.sh.head_dim, d.sh.head_dim);
-      for (uint32_t i = 0; i < d.sh.head_dim; i++) q[(size_t)h * d.sh.head_dim + i] += 0.5f * gauss(&rng);
+      for (uint32_t i = 0; i < d.sh.head_dim; i++) q[(size_t)h * d.sh.head_dim + i] += 0.5f * kvdex_gauss4(&rng);
     }
     kvdex_search_out res = {0};
     const float *qs[1] = {q};

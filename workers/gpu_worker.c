@@ -69,28 +69,15 @@ const kvdex_gw_backend *kvdex_gw_twin_backend(void) { return &TWIN; }
 
 /* ------------------------------------------------------------ synthetic data */
 
-static uint64_t splitmix(uint64_t *s) {
-  uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
-/* Roughly normal (sum of four uniforms), unit variance. */
-static float gauss(uint64_t *s) {
-  uint64_t r = splitmix(s);
-  float a = (float)(r & 0xffff), b = (float)((r >> 16) & 0xffff), c = (float)((r >> 32) & 0xffff),
-        d = (float)(r >> 48);
-  return ((a + b + c + d) / 65536.0f - 2.0f) * 1.7320508f;
-}
 
 static uint64_t stream_seed(uint64_t seed, uint64_t what, uint64_t a, uint64_t b) {
   uint64_t s = seed ^ (what * 0xd1b54a32d192ed03ull);
-  splitmix(&s);
+  kvdex_splitmix64(&s);
   s ^= a * 0x8cb92ba72f3d8dd7ull;
-  splitmix(&s);
+  kvdex_splitmix64(&s);
   s ^= b * 0xabc98388fb8fac03ull;
-  return splitmix(&s);
+  return kvdex_splitmix64(&s);
 }
 
 void kvdex_gw_gen_kv(const kvdex_shape *sh, uint64_t seed, uint32_t layer, uint64_t t, float *k,
@@ -98,8 +85,8 @@ void kvdex_gw_gen_kv(const kvdex_shape *sh, uint64_t seed, uint32_t layer, uint6
   uint64_t s = stream_seed(seed, 1, layer, t);
   size_t n = (size_t)sh->n_kv_heads * sh->head_dim;
   /* Keys share an offset direction per head (as real keys do) plus noise. */
-  for (size_t i = 0; i < n; i++) k[i] = gauss(&s) + ((i % sh->head_dim) < 4 ? 1.5f : 0.0f);
-  for (size_t i = 0; i < n; i++) v[i] = gauss(&s);
+  for (size_t i = 0; i < n; i++) k[i] = kvdex_gauss4(&s) + ((i % sh->head_dim) < 4 ? 1.5f : 0.0f);
+  for (size_t i = 0; i < n; i++) v[i] = kvdex_gauss4(&s);
 }
 
 /* q of (layer, step): each query head aims near a random earlier token (the new one
@@ -109,10 +96,10 @@ static void gen_q(const kvdex_shape *sh, uint64_t seed, uint32_t layer, uint32_t
   uint64_t s = stream_seed(seed, 2, layer, step);
   uint32_t G = sh->n_q_heads / sh->n_kv_heads, D = sh->head_dim;
   for (uint32_t h = 0; h < sh->n_q_heads; h++) {
-    uint64_t target = splitmix(&s) % n_tokens;
+    uint64_t target = kvdex_splitmix64(&s) % n_tokens;
     kvdex_gw_gen_kv(sh, seed, layer, target, tk, tv);
     const float *kr = tk + (size_t)(h / G) * D;
-    for (uint32_t i = 0; i < D; i++) q[(size_t)h * D + i] = kr[i] + 0.5f * gauss(&s);
+    for (uint32_t i = 0; i < D; i++) q[(size_t)h * D + i] = kr[i] + 0.5f * kvdex_gauss4(&s);
   }
 }
 
@@ -566,6 +553,7 @@ int kvdex_gw_run(kvdex_db *db, const kvdex_gw_config *cfg, const kvdex_gw_backen
         rc = kvdex_attend(db, l, &ao, 1, &item, op, lp, &info);
         st->store_s += now_s() - ta;
         if (rc) goto out;
+        st->store_cpu_s += info.seconds;
         st->store_attended += info.attended;
         /* merge the two partials by LSE on the backend */
         ta = now_s();

@@ -75,6 +75,8 @@ typedef struct kvdex_gw_stats {
   double total_s;          /* decode steps, wall (--check reference work excluded) */
   double local_s;          /* new token + q to the backend, local attention, sync */
   double store_s;          /* kvdex_attend wall: network + the store's CPU attention */
+  double store_cpu_s;      /* of store_s, the store's own time (kvdex_attend_info.seconds):
+                              retrieval + CPU attention; the rest is network + queueing */
   double merge_s;          /* store partial to the backend, LSE merge, result back */
   double append_s;         /* new tokens' K/V appended to the store (stream + commit) */
   double gen_s;            /* generating q, k, v (stands in for the model's layers) */

@@ -11,6 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "workers/client_opts.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
 
@@ -48,20 +49,6 @@ static void on_progress(void *ctx, uint32_t step, const kvdex_gw_stats *st) {
   r->last = t;
   fprintf(stderr, "%s: step %u/%u, %.1f tokens/s\n", r->prog, step + 1, r->steps,
           st->total_s > 0 ? st->steps_done / st->total_s : 0.0);
-}
-
-static void client_opts(const kvdex_settings *s, kvdex_open_opts *oo) {
-  memset(oo, 0, sizeof *oo);
-  oo->timeout_ms = (uint32_t)kvdex_setting_num(s, KVDEX_SET_TIMEOUT_MS);
-  oo->name_space = kvdex_setting_str(s, KVDEX_SET_NAMESPACE);
-  const char *ca = kvdex_setting_str(s, KVDEX_SET_TLS_CA);
-  const char *cert = kvdex_setting_str(s, KVDEX_SET_TLS_CLIENT_CERT);
-  const char *key = kvdex_setting_str(s, KVDEX_SET_TLS_CLIENT_KEY);
-  const char *token = kvdex_setting_str(s, KVDEX_SET_TOKEN);
-  oo->tls_ca_file = ca && ca[0] ? ca : NULL;
-  oo->tls_cert_file = cert && cert[0] ? cert : NULL;
-  oo->tls_key_file = key && key[0] ? key : NULL;
-  oo->auth_token = token && token[0] ? token : NULL;
 }
 
 static double pct(double part, double total) { return total > 0 ? 100.0 * part / total : 0.0; }
@@ -146,7 +133,7 @@ int kvdex_gpu_worker_main(int argc, char **argv, const kvdex_gw_backend *gpu,
     be = gpu;
   }
   kvdex_open_opts oo;
-  client_opts(&s, &oo);
+  kvdex_client_opts(&s, &oo);
   if (kvdex_open(uri, &oo, &db)) {
     fprintf(stderr, "%s: cannot open %s: %s\n", prog, uri, kvdex_errmsg());
     exit_code = 2;
@@ -180,12 +167,16 @@ int kvdex_gpu_worker_main(int argc, char **argv, const kvdex_gw_backend *gpu,
   double per = st.total_s / cfg.steps * 1e3;
   double other = st.total_s - st.local_s - st.store_s - st.merge_s - st.append_s - st.gen_s;
   if (other < 0) other = 0;
+  double net = st.store_s - st.store_cpu_s; /* network + queueing: kvdex_attend wall minus the
+                                               store's own time */
+  if (net < 0) net = 0;
   double tps = st.total_s > 0 ? cfg.steps / st.total_s : 0;
   if (json) {
     printf("{\"backend\":\"%s\",\"uri\":\"%s\",\"seq_id\":\"%s\",\"layers\":%u,\"kv_heads\":%u,"
            "\"q_heads\":%u,\"head_dim\":%u,\"dtype\":\"%s\",\"context\":%llu,\"steps\":%u,"
            "\"sinks\":%u,\"window\":%u,\"index\":\"%s\",\"k\":%u,\"s2_vert_stride\":%u,"
            "\"tokens_per_s\":%.3f,\"ms_per_step\":%.4f,\"local_ms\":%.4f,\"store_ms\":%.4f,"
+           "\"store_cpu_ms\":%.4f,\"network_ms\":%.4f,"
            "\"merge_ms\":%.4f,\"append_ms\":%.4f,\"gen_ms\":%.4f,\"other_ms\":%.4f,"
            "\"prefill_s\":%.3f,\"load_s\":%.3f,\"store_attended\":%llu,\"local_attended\":%llu,"
            "\"local_bytes\":%llu,\"final_tokens\":%llu,\"expected_tokens\":%llu",
@@ -193,7 +184,7 @@ int kvdex_gpu_worker_main(int argc, char **argv, const kvdex_gw_backend *gpu,
            cfg.shape.head_dim, kvdex_dtype_name(cfg.shape.dtype), (unsigned long long)cfg.context,
            cfg.steps, cfg.sinks, cfg.window, cfg.index, cfg.k, cfg.s2_vert_stride, tps, per,
            st.local_s / cfg.steps * 1e3, st.store_s / cfg.steps * 1e3,
-           st.merge_s / cfg.steps * 1e3, st.append_s / cfg.steps * 1e3,
+           st.store_cpu_s / cfg.steps * 1e3, net / cfg.steps * 1e3, st.merge_s / cfg.steps * 1e3, st.append_s / cfg.steps * 1e3,
            st.gen_s / cfg.steps * 1e3, other / cfg.steps * 1e3, st.prefill_s, st.load_s,
            (unsigned long long)st.store_attended, (unsigned long long)st.local_attended,
            (unsigned long long)st.local_bytes, (unsigned long long)st.final_tokens,
@@ -217,9 +208,11 @@ int kvdex_gpu_worker_main(int argc, char **argv, const kvdex_gw_backend *gpu,
     snprintf(lbl, sizeof lbl, "local attention (%s)", be->name);
     printf("  %-40s %9.3f ms %5.1f%%\n", lbl, st.local_s / cfg.steps * 1e3,
            pct(st.local_s, st.total_s));
+    printf("  %-40s %9.3f ms %5.1f%%\n", "store CPU attend (retrieval + attention)",
+           st.store_cpu_s / cfg.steps * 1e3, pct(st.store_cpu_s, st.total_s));
     printf("  %-40s %9.3f ms %5.1f%%\n",
-           local ? "store attend (CPU attend, in-process)" : "store attend (network + CPU attend)",
-           st.store_s / cfg.steps * 1e3, pct(st.store_s, st.total_s));
+           local ? "store call overhead (in-process)" : "network + queueing (store calls)",
+           net / cfg.steps * 1e3, pct(net, st.total_s));
     printf("  %-40s %9.3f ms %5.1f%%\n", "LSE merge", st.merge_s / cfg.steps * 1e3,
            pct(st.merge_s, st.total_s));
     printf("  %-40s %9.3f ms %5.1f%%\n", "append new K/V to the store",

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "client/kvdex.h"
+#include "workers/client_opts.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
 
@@ -21,7 +22,7 @@ int kvdex_cmd_inspect(int argc, char **argv) {
   }
   kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
   kvdex_open_opts oo;
-  kvdex_cmd_client_opts(&s, &oo);
+  kvdex_client_opts(&s, &oo);
   kvdex_db *db = NULL;
   char **ids = NULL;
   size_t n = 0;

@@ -1136,7 +1136,11 @@ static int kvdex__do_attend(kvdex__call *c) {
       rc = KVDEX_ENOMEM;
       break;
     }
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     rc = kvdex__attend_one(w, req, i, &base, &budget, r);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    r->seconds = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
     resp.results[i] = r;
     resp.n_results = i + 1;
   }

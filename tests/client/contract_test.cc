@@ -1315,6 +1315,9 @@ TEST_P(Contract, AttendDenseEqualsDoublePrecisionAttention) {
       EXPECT_STREQ(out.info.index, "dense");
       EXPECT_EQ(out.info.tokens, 300u);
       EXPECT_EQ(out.info.attended, (uint64_t)s.n_q_heads * (300 - 4 - 16));
+      // The store's time on the item: some, and well under the call's deadline.
+      EXPECT_GT(out.info.seconds, 0.0);
+      EXPECT_LT(out.info.seconds, 30.0);
       for (uint32_t h = 0; h < s.n_q_heads; h++)
         ExpectHead(m, 0, q.data(), h, Range(4, 284), scale, &out.o[h * 32], out.lse[h],
                    "dense");

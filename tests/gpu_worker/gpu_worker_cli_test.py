@@ -76,8 +76,11 @@ class GpuWorkerCliTest(unittest.TestCase):
         want = sum(2048 + s - 4 - 256 for s in range(8)) * 2 * 4
         self.assertEqual(j["store_attended"], want)
         self.assertEqual(j["local_attended"], (4 + 256 + 1) * 8 * 2 * 4)
-        for key in ("tokens_per_s", "local_ms", "store_ms", "merge_ms", "append_ms"):
+        for key in ("tokens_per_s", "local_ms", "store_ms", "store_cpu_ms", "network_ms",
+                    "merge_ms", "append_ms"):
             self.assertGreater(j[key], 0, key)
+        # the server's own time is part of the call's wall time
+        self.assertLessEqual(j["store_cpu_ms"], j["store_ms"])
 
     def test_text_report_and_store_growth(self):
         seq = "gw-cli-keep"
@@ -85,7 +88,8 @@ class GpuWorkerCliTest(unittest.TestCase):
                 "--seq", seq, "--keep", *SHAPE)
         self.assertEqual(r.returncode, 0, r.stderr)
         for text in ("tokens/s", "local attention (twin (CPU))",
-                     "store attend (network + CPU attend)", "LSE merge",
+                     "store CPU attend (retrieval + attention)",
+                     "network + queueing (store calls)", "LSE merge",
                      "append new K/V to the store", "PASS",
                      "2056 tokens per layer after the run (context 2048 + 8 steps): OK",
                      "kept:    sequence " + seq):
@@ -132,7 +136,8 @@ class GpuWorkerCliTest(unittest.TestCase):
                 "--context", "600", "--steps", "3", "--head-dim", "32", "--kv-heads", "1",
                 "--q-heads", "2", "--window", "40", "--dtype", "bf16")
         self.assertEqual(r.returncode, 0, r.stderr)
-        self.assertIn("store attend (CPU attend, in-process)", r.stdout)
+        self.assertIn("store CPU attend (retrieval + attention)", r.stdout)
+        self.assertIn("store call overhead (in-process)", r.stdout)
         self.assertIn("PASS", r.stdout)
 
     def test_gpu_mode_needs_cuda_build(self):
