@@ -380,36 +380,18 @@ static void seq_ref(Kvdex__V1__SequenceRef *ref, const kvdex_db *db, const char 
 
 /* ---- sequences ------------------------------------------------------------------- */
 
+static int create_ns(grpc_db *g, const char *ns, const char *seq_id, const kvdex_shape *shape,
+                     int importing);
+
 static int grpc_create(kvdex_db *db, const char *seq_id, const kvdex_shape *shape) {
   grpc_db *g = as_grpc(db);
-  Kvdex__V1__SequenceRef ref;
-  Kvdex__V1__Shape pb_shape = KVDEX__V1__SHAPE__INIT;
-  Kvdex__V1__CreateSequenceRequest req = KVDEX__V1__CREATE_SEQUENCE_REQUEST__INIT;
-  seq_ref(&ref, db, seq_id);
-  kvdex_wire_shape_to_pb(shape, &pb_shape);
-  req.seq = &ref;
-  req.shape = &pb_shape;
-  ProtobufCMessage *resp;
-  int rc = unary(g, M_CREATE, &req.base, &kvdex__v1__create_sequence_response__descriptor, &resp);
-  if (rc) return rc;
-  protobuf_c_message_free_unpacked(resp, NULL);
-  cache_put(g, seq_id, shape);
-  return KVDEX_OK;
+  int rc = create_ns(g, db->ns, seq_id, shape, 0);
+  if (rc == KVDEX_OK) cache_put(g, seq_id, shape);
+  return rc;
 }
 
 static int grpc_del(kvdex_db *db, const char *seq_id, uint64_t *bytes_freed) {
-  grpc_db *g = as_grpc(db);
-  Kvdex__V1__SequenceRef ref;
-  Kvdex__V1__DeleteSequenceRequest req = KVDEX__V1__DELETE_SEQUENCE_REQUEST__INIT;
-  seq_ref(&ref, db, seq_id);
-  req.seq = &ref;
-  ProtobufCMessage *resp;
-  cache_drop(g, seq_id);
-  int rc = unary(g, M_DELETE, &req.base, &kvdex__v1__delete_sequence_response__descriptor, &resp);
-  if (rc) return rc;
-  if (bytes_freed) *bytes_freed = ((Kvdex__V1__DeleteSequenceResponse *)resp)->bytes_freed;
-  protobuf_c_message_free_unpacked(resp, NULL);
-  return KVDEX_OK;
+  return kvdex__grpc_delete_ns(db, db->ns, seq_id, bytes_freed);
 }
 
 /* StatSequence of ns/seq_id; fills *shape, and *info, *importing when not NULL. */
