@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import unittest
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "py"))
+import junit_main  # noqa: E402  (tests/py: the shared runner that writes test.xml)
 
 KVDEX = None
 
@@ -141,38 +143,7 @@ class CliTest(unittest.TestCase):
         self.assertEqual(rc, 0, log)
 
 
-class _RecordingResult(unittest.TextTestResult):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.passed = []
-
-    def addSuccess(self, test):
-        super().addSuccess(test)
-        self.passed.append(test)
-
-
-def _write_junit(result):
-    path = os.environ.get("XML_OUTPUT_FILE")
-    if not path:
-        return
-    from xml.sax.saxutils import escape, quoteattr
-    rows = [(t, "") for t in result.passed]
-    rows += [(t, f"<failure message='failed'>{escape(tb)}</failure>")
-             for t, tb in result.failures + result.errors]
-    rows += [(t, f"<skipped message={quoteattr(why)}/>") for t, why in result.skipped]
-    with open(path, "w") as fh:
-        fh.write('<?xml version="1.0" encoding="UTF-8"?>\n<testsuites>\n'
-                 f'<testsuite name="cli" tests="{len(rows)}">\n')
-        for t, body in rows:
-            fh.write(f'<testcase classname="CliTest" name={quoteattr(t._testMethodName)}>'
-                     f'{body}</testcase>\n')
-        fh.write("</testsuite>\n</testsuites>\n")
-
-
 if __name__ == "__main__":
     KVDEX = os.path.abspath(sys.argv[1])
-    prog = unittest.main(argv=[sys.argv[0], "-v"], exit=False,
-                         testRunner=unittest.TextTestRunner(resultclass=_RecordingResult,
-                                                            verbosity=2))
-    _write_junit(prog.result)
-    sys.exit(0 if prog.result.wasSuccessful() else 1)
+    result = junit_main.run("cli")
+    sys.exit(0 if result.wasSuccessful() else 1)

@@ -12,6 +12,8 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deploy_check as dc  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "py"))
+import junit_main  # noqa: E402  (tests/py: the shared runner that writes test.xml)
 
 CLI_MD = K8S = DOCKERFILE = None
 
@@ -619,41 +621,9 @@ class TlsOverlayTest(unittest.TestCase):
         self.assertEqual(dc.kustomizations(K8S), [K8S, os.path.join(K8S, "overlays", "tls")])
 
 
-class _RecordingResult(unittest.TextTestResult):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.passed = []
-
-    def addSuccess(self, test):
-        super().addSuccess(test)
-        self.passed.append(test)
-
-
-def _write_junit(result):
-    path = os.environ.get("XML_OUTPUT_FILE")
-    if not path:
-        return
-    from xml.sax.saxutils import escape, quoteattr
-    rows = [(t, "") for t in result.passed]
-    rows += [(t, f"<failure message='failed'>{escape(tb)}</failure>")
-             for t, tb in result.failures + result.errors]
-    rows += [(t, f"<skipped message={quoteattr(why)}/>") for t, why in result.skipped]
-    with open(path, "w") as fh:
-        fh.write('<?xml version="1.0" encoding="UTF-8"?>\n<testsuites>\n'
-                 f'<testsuite name="deploy" tests="{len(rows)}">\n')
-        for t, body in rows:
-            fh.write(f'<testcase classname={quoteattr(type(t).__name__)} '
-                     f'name={quoteattr(t._testMethodName)}>'
-                     f'{body}</testcase>\n')
-        fh.write("</testsuite>\n</testsuites>\n")
-
-
 if __name__ == "__main__":
     CLI_MD, K8S, DOCKERFILE = (os.path.abspath(p) for p in sys.argv[1:4])
     if os.path.isfile(K8S):  # deploy/k8s/kustomization.yaml
         K8S = os.path.dirname(K8S)
-    prog = unittest.main(argv=[sys.argv[0], "-v"], exit=False,
-                         testRunner=unittest.TextTestRunner(resultclass=_RecordingResult,
-                                                            verbosity=2))
-    _write_junit(prog.result)
-    sys.exit(0 if prog.result.wasSuccessful() else 1)
+    result = junit_main.run("deploy")
+    sys.exit(0 if result.wasSuccessful() else 1)

@@ -48,6 +48,8 @@ def _stub_dir():
 STUBS = _stub_dir()
 sys.path.insert(0, STUBS)
 from kvdex.v1 import kvdex_pb2, kvdex_pb2_grpc  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "py"))
+import junit_main  # noqa: E402  (tests/py: the shared runner that writes test.xml)
 
 # health_pb2 lives under a `grpc/` folder that the real grpc package shadows: load
 # it by path (it imports only google.protobuf).
@@ -1111,48 +1113,14 @@ class InteropTest(unittest.TestCase):
         s.delete()
 
 
-class _RecordingResult(unittest.TextTestResult):
-    """Remembers passing tests too, so each case can be reported to Bazel."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.passed = []
-
-    def addSuccess(self, test):
-        super().addSuccess(test)
-        self.passed.append(test)
-
-
-def _write_junit(result):
-    """Writes one <testcase> per test to $XML_OUTPUT_FILE (Bazel's test.xml)."""
-    path = os.environ.get("XML_OUTPUT_FILE")
-    if not path:
-        return
-    from xml.sax.saxutils import escape, quoteattr
-    rows = [(t, "") for t in result.passed]
-    rows += [(t, f"<failure message={quoteattr('failed')}>{escape(tb)}</failure>")
-             for t, tb in result.failures + result.errors]
-    rows += [(t, f"<skipped message={quoteattr(why)}/>") for t, why in result.skipped]
-    with open(path, "w") as fh:
-        fh.write('<?xml version="1.0" encoding="UTF-8"?>\n<testsuites>\n'
-                 f'<testsuite name="interop" tests="{len(rows)}">\n')
-        for t, body in rows:
-            fh.write(f'<testcase classname="{type(t).__name__}" '
-                     f'name={quoteattr(t._testMethodName)}>{body}</testcase>\n')
-        fh.write("</testsuite>\n</testsuites>\n")
-
-
 def main():
     global SERVER_CMD
     if len(sys.argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
     SERVER_CMD = sys.argv[1:]
-    prog = unittest.main(argv=[sys.argv[0], "-v"], exit=False,
-                         testRunner=unittest.TextTestRunner(resultclass=_RecordingResult,
-                                                            verbosity=2))
-    ok = prog.result.wasSuccessful()
-    _write_junit(prog.result)
+    result = junit_main.run("interop")
+    ok = result.wasSuccessful()
     if (not ok or os.environ.get("KVDEX_TEST_SHOWLOG")) and SERVER is not None:
         print("---- server log (last lines) ----\n" + SERVER.log(), file=sys.stderr)
     return 0 if ok else 1

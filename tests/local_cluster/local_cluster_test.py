@@ -45,6 +45,8 @@ def _stub_dir():
 STUBS = _stub_dir()
 sys.path.insert(0, STUBS)
 from kvdex.v1 import kvdex_pb2, kvdex_pb2_grpc  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "py"))
+import junit_main  # noqa: E402  (tests/py: the shared runner that writes test.xml)
 
 # health_pb2 lives under a `grpc/` folder that the real grpc package shadows: load it by
 # path (it imports only google.protobuf), as tests/interop does.
@@ -367,39 +369,7 @@ class LocalClusterTest(unittest.TestCase):
         self.assertEqual(os.listdir(self.tmp), [], "a busy port started something")
 
 
-class _RecordingResult(unittest.TextTestResult):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.passed = []
-
-    def addSuccess(self, test):
-        super().addSuccess(test)
-        self.passed.append(test)
-
-
-def _write_junit(result):
-    path = os.environ.get("XML_OUTPUT_FILE")
-    if not path:
-        return
-    from xml.sax.saxutils import escape, quoteattr
-    rows = [(t, "") for t in result.passed]
-    rows += [(t, f"<failure message='failed'>{escape(tb)}</failure>")
-             for t, tb in result.failures + result.errors]
-    rows += [(t, f"<skipped message={quoteattr(why)}/>") for t, why in result.skipped]
-    with open(path, "w") as fh:
-        fh.write('<?xml version="1.0" encoding="UTF-8"?>\n<testsuites>\n'
-                 f'<testsuite name="local_cluster" tests="{len(rows)}">\n')
-        for t, body in rows:
-            fh.write(f'<testcase classname={quoteattr(type(t).__name__)} '
-                     f'name={quoteattr(getattr(t, "_testMethodName", str(t)))}>'
-                     f'{body}</testcase>\n')
-        fh.write("</testsuite>\n</testsuites>\n")
-
-
 if __name__ == "__main__":
     SCRIPT, KVDEX = (os.path.abspath(p) for p in sys.argv[1:3])
-    prog = unittest.main(argv=[sys.argv[0], "-v"], exit=False,
-                         testRunner=unittest.TextTestRunner(resultclass=_RecordingResult,
-                                                            verbosity=2))
-    _write_junit(prog.result)
-    sys.exit(0 if prog.result.wasSuccessful() else 1)
+    result = junit_main.run("local_cluster")
+    sys.exit(0 if result.wasSuccessful() else 1)

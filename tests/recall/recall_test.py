@@ -14,6 +14,8 @@ import tempfile
 import unittest
 
 import numpy as np
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "py"))
+import junit_main  # noqa: E402  (tests/py: the shared runner that writes test.xml)
 
 KVDEX = None
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -300,43 +302,11 @@ class RecallTest(unittest.TestCase):
         self.assertFalse(os.path.exists(path("g")))  # rejected before creating anything
 
 
-class _RecordingResult(unittest.TextTestResult):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.passed = []
-
-    def addSuccess(self, test):
-        super().addSuccess(test)
-        self.passed.append(test)
-
-
-def _write_junit(result):
-    path_ = os.environ.get("XML_OUTPUT_FILE")
-    if not path_:
-        return
-    from xml.sax.saxutils import escape, quoteattr
-    rows = [(t, "") for t in result.passed]
-    rows += [(t, f"<failure message='failed'>{escape(tb)}</failure>")
-             for t, tb in result.failures + result.errors]
-    rows += [(t, f"<skipped message={quoteattr(why)}/>") for t, why in result.skipped]
-    with open(path_, "w") as fh:
-        fh.write('<?xml version="1.0" encoding="UTF-8"?>\n<testsuites>\n'
-                 f'<testsuite name="recall" tests="{len(rows)}">\n')
-        for t, body in rows:
-            name = getattr(t, "_testMethodName", str(t))
-            fh.write(f'<testcase classname="RecallTest" name={quoteattr(name)}>'
-                     f'{body}</testcase>\n')
-        fh.write("</testsuite>\n</testsuites>\n")
-
-
 if __name__ == "__main__":
     KVDEX = os.path.abspath(sys.argv[1])
     TMP = tempfile.mkdtemp(prefix="kvdex-recall-", dir=os.environ.get("TEST_TMPDIR"))
     try:
-        prog = unittest.main(argv=[sys.argv[0], "-v"], exit=False,
-                             testRunner=unittest.TextTestRunner(resultclass=_RecordingResult,
-                                                                verbosity=2))
+        result = junit_main.run("recall")
     finally:
         shutil.rmtree(TMP, ignore_errors=True)
-    _write_junit(prog.result)
-    sys.exit(0 if prog.result.wasSuccessful() else 1)
+    sys.exit(0 if result.wasSuccessful() else 1)

@@ -38,6 +38,8 @@ def _stub_dir():
 STUBS = _stub_dir()
 sys.path.insert(0, STUBS)
 from kvdex.v1 import kvdex_pb2, kvdex_pb2_grpc  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "py"))
+import junit_main  # noqa: E402  (tests/py: the shared runner that writes test.xml)
 
 _spec = importlib.util.spec_from_file_location(
     "kvdex_health_pb2", os.path.join(STUBS, "grpc", "health", "v1", "health_pb2.py"))
@@ -306,40 +308,9 @@ class ClientCommandsTest(unittest.TestCase):
         self.assertIn(b"1 nodes (1 up)", r.stdout)
 
 
-class _Result(unittest.TextTestResult):
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        self.passed = []
-
-    def addSuccess(self, test):
-        super().addSuccess(test)
-        self.passed.append(test)
-
-
-def _write_junit(result):
-    path = os.environ.get("XML_OUTPUT_FILE")
-    if not path:
-        return
-    from xml.sax.saxutils import escape, quoteattr
-    rows = [(t, "") for t in result.passed]
-    rows += [(t, "<failure message='failed'>%s</failure>" % escape(tb))
-             for t, tb in result.failures + result.errors]
-    rows += [(t, "<skipped message=%s/>" % quoteattr(why)) for t, why in result.skipped]
-    with open(path, "w") as fh:
-        fh.write('<?xml version="1.0" encoding="UTF-8"?>\n<testsuites>\n'
-                 '<testsuite name="security" tests="%d">\n' % len(rows))
-        for t, body in rows:
-            fh.write('<testcase classname=%s name=%s>%s</testcase>\n' % (
-                quoteattr(type(t).__name__), quoteattr(getattr(t, "_testMethodName", str(t))),
-                body))
-        fh.write("</testsuite>\n</testsuites>\n")
-
-
 if __name__ == "__main__":
     KVDEX = os.path.abspath(sys.argv[1])
     with tempfile.TemporaryDirectory() as TMP:
         make_certs()
-        prog = unittest.main(argv=[sys.argv[0], "-v"], exit=False,
-                             testRunner=unittest.TextTestRunner(resultclass=_Result, verbosity=2))
-        _write_junit(prog.result)
-    sys.exit(0 if prog.result.wasSuccessful() else 1)
+        result = junit_main.run("security")
+    sys.exit(0 if result.wasSuccessful() else 1)
