@@ -279,18 +279,19 @@ static void *repair_main(void *arg) {
     pthread_cond_timedwait(&c->repair_cv, &c->hint_mu, &ts);
     if (c->closing || c->n_hints == 0) continue;
     size_t n = c->n_hints;
-    hint *todo = malloc(n * sizeof *todo);
-    if (!todo) continue;
-    memcpy(todo, c->hints, n * sizeof *todo);
+    hint *pending = malloc(n * sizeof *pending);
+    if (!pending) continue;
+    memcpy(pending, c->hints, n * sizeof *pending);
     pthread_mutex_unlock(&c->hint_mu);
     for (size_t i = 0; i < n; i++) {
       pthread_mutex_lock(&c->hint_mu);
       int closing = c->closing;
       pthread_mutex_unlock(&c->hint_mu);
       if (closing) break;
-      if (repair_hint(c, &todo[i])) hint_drop(c, todo[i].addr, todo[i].ns, todo[i].id);
+      const hint *h = &pending[i];
+      if (repair_hint(c, h)) hint_drop(c, h->addr, h->ns, h->id);
     }
-    free(todo);
+    free(pending);
     pthread_mutex_lock(&c->hint_mu);
   }
   pthread_mutex_unlock(&c->hint_mu);
