@@ -12,7 +12,6 @@ reports at exit fail the test).
 Runs under `bazel test` with Debian's /usr/bin/python3 (python3-grpcio,
 python3-protobuf, python3-numpy); the generated stubs come from //proto:kvdex_py.
 """
-import importlib.util
 import os
 import re
 import signal
@@ -26,37 +25,9 @@ import grpc
 import numpy as np
 
 
-def _stub_dir():
-    """proto/py in the runfiles (bazel test) or in bazel-bin (by hand)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = []
-    for env in ("TEST_SRCDIR", "RUNFILES_DIR"):
-        if os.environ.get(env):
-            ws = os.environ.get("TEST_WORKSPACE", "kvdex")
-            candidates.append(os.path.join(os.environ[env], ws, "proto", "py"))
-    candidates += [
-        os.path.join(os.getcwd(), "proto", "py"),
-        os.path.join(here, "..", "..", "proto", "py"),
-        os.path.join(here, "..", "..", "bazel-bin", "proto", "py"),
-    ]
-    for c in candidates:
-        if os.path.exists(os.path.join(c, "kvdex", "v1", "kvdex_pb2.py")):
-            return c
-    raise RuntimeError("generated stubs not found in %s" % candidates)
-
-
-STUBS = _stub_dir()
-sys.path.insert(0, STUBS)
-from kvdex.v1 import kvdex_pb2, kvdex_pb2_grpc  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "py"))
 import junit_main  # noqa: E402  (tests/py: the shared runner that writes test.xml)
-
-# health_pb2 lives under a `grpc/` folder that the real grpc package shadows: load
-# it by path (it imports only google.protobuf).
-_spec = importlib.util.spec_from_file_location(
-    "kvdex_health_pb2", os.path.join(STUBS, "grpc", "health", "v1", "health_pb2.py"))
-health_pb2 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(health_pb2)
+from grpc_stubs import STUBS, health_pb2, kvdex_pb2, kvdex_pb2_grpc  # noqa: E402,F401
 
 SERVER_CMD = []
 TIMEOUT = 30  # seconds, every RPC

@@ -24,28 +24,9 @@ import grpc
 import numpy as np
 
 
-def _stub_dir():
-    """proto/py in the runfiles (bazel test) or in bazel-bin (by hand)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = []
-    for env in ("TEST_SRCDIR", "RUNFILES_DIR"):
-        if os.environ.get(env):
-            ws = os.environ.get("TEST_WORKSPACE", "kvdex")
-            candidates.append(os.path.join(os.environ[env], ws, "proto", "py"))
-    candidates += [
-        os.path.join(os.getcwd(), "proto", "py"),
-        os.path.join(here, "..", "..", "bazel-bin", "proto", "py"),
-    ]
-    for c in candidates:
-        if os.path.exists(os.path.join(c, "kvdex", "v1", "kvdex_pb2.py")):
-            return c
-    raise RuntimeError("generated stubs not found in %s" % candidates)
-
-
-sys.path.insert(0, _stub_dir())
-from kvdex.v1 import kvdex_pb2, kvdex_pb2_grpc  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "py"))
 import junit_main  # noqa: E402  (tests/py: the shared runner that writes test.xml)
+from grpc_stubs import STUBS, health_pb2, kvdex_pb2, kvdex_pb2_grpc  # noqa: E402,F401
 
 KVDEX = None
 TIMEOUT = 30

@@ -5,7 +5,6 @@ localhost) and a client certificate are made with the openssl CLI in a temp dir.
 
 Usage: security_test.py KVDEX_BINARY. Writes JUnit XML to $XML_OUTPUT_FILE.
 """
-import importlib.util
 import os
 import re
 import signal
@@ -20,31 +19,9 @@ import grpc
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "interop"))
 
 
-def _stub_dir():
-    here = os.path.dirname(os.path.abspath(__file__))
-    cands = []
-    for env in ("TEST_SRCDIR", "RUNFILES_DIR"):
-        if os.environ.get(env):
-            cands.append(os.path.join(os.environ[env], os.environ.get("TEST_WORKSPACE", "kvdex"),
-                                      "proto", "py"))
-    cands += [os.path.join(os.getcwd(), "proto", "py"),
-              os.path.join(here, "..", "..", "bazel-bin", "proto", "py")]
-    for c in cands:
-        if os.path.exists(os.path.join(c, "kvdex", "v1", "kvdex_pb2.py")):
-            return c
-    raise RuntimeError("generated stubs not found in %s" % cands)
-
-
-STUBS = _stub_dir()
-sys.path.insert(0, STUBS)
-from kvdex.v1 import kvdex_pb2, kvdex_pb2_grpc  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "py"))
 import junit_main  # noqa: E402  (tests/py: the shared runner that writes test.xml)
-
-_spec = importlib.util.spec_from_file_location(
-    "kvdex_health_pb2", os.path.join(STUBS, "grpc", "health", "v1", "health_pb2.py"))
-health_pb2 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(health_pb2)
+from grpc_stubs import STUBS, health_pb2, kvdex_pb2, kvdex_pb2_grpc  # noqa: E402,F401
 
 KVDEX = None
 TMP = None
