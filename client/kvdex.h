@@ -32,7 +32,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kvstore/base.h"
+#include "kvdex/kvdex_base.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -174,7 +174,7 @@ int kvdex_cluster_checksum(kvdex_db *db, const char *addr, const char *seq_id,
                            uint64_t *sum /* OUT */);
 
 /* kvdex_shape (n_layers, n_kv_heads, n_q_heads, head_dim, block_tokens, dtype)
- * is defined in <kvdex/base.h>. block_tokens 0 = default (64). */
+ * is defined in <kvdex/kvdex_base.h>. block_tokens 0 = default (64). */
 
 /* The state of a layer's latest kvdex_build_index (values equal kvdex.v1.IndexState). */
 typedef enum kvdex_index_state {

@@ -1,6 +1,8 @@
-/* kvdex base: error codes, dtypes, the thread-local error message, half-precision
- * conversion and the logger. Every other kvdex module includes this; it depends on
- * nothing but libc. Installed as <kvdex/base.h> and included by <kvdex/kvdex.h>.
+/* kvdex base, internal: the floor every kvdex module may use. The public part (codes,
+ * dtypes, shape, kvdex_errmsg, log configuration) is kvstore/kvdex_base.h, included
+ * here; this header adds what stays inside kvdex: kvdex__seterr/kvdex__preerr, the
+ * KVDEX_LOG macro, half-precision conversion and the synthetic-data generators. It
+ * depends on nothing but libc and is never installed.
  */
 #ifndef KVDEX_BASE_H
 #define KVDEX_BASE_H
@@ -9,59 +11,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kvstore/kvdex_base.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* Return codes. 0 is success; every failure is negative and leaves a message for
- * kvdex_errmsg() on the calling thread. A call that fails changes no state. */
-enum {
-  KVDEX_OK = 0,
-  KVDEX_EINVAL = -1,      /* bad argument, shape, size or name -> INVALID_ARGUMENT */
-  KVDEX_ENOTFOUND = -2,   /* no such sequence -> NOT_FOUND */
-  KVDEX_EEXIST = -3,      /* sequence exists -> ALREADY_EXISTS */
-  KVDEX_ENOMEM = -4,      /* memory cap reached -> RESOURCE_EXHAUSTED */
-  KVDEX_ECONFLICT = -5,   /* gap or conflicting rewrite -> FAILED_PRECONDITION */
-  KVDEX_EBUSY = -6,       /* another append in progress -> ABORTED */
-  KVDEX_ECANCELLED = -7,  /* cancelled by the caller -> CANCELLED */
-  KVDEX_ETIMEDOUT = -8,   /* deadline passed -> DEADLINE_EXCEEDED */
-  KVDEX_EUNAVAIL = -9,    /* server unreachable -> UNAVAILABLE */
-  KVDEX_EINTERNAL = -10,  /* bug or unexpected library failure -> INTERNAL */
-  KVDEX_EUNIMPL = -11,    /* not supported by this build/transport -> UNIMPLEMENTED */
-  KVDEX_EIO = -12,        /* file or socket error */
-  KVDEX_EUNAUTH = -13,    /* no or unknown credentials -> UNAUTHENTICATED */
-  KVDEX_EPERM = -14,      /* credentials not allowed this namespace -> PERMISSION_DENIED */
-};
-
-/* Storage element types. Values equal the wire enum kvdex.v1.DType. */
-typedef enum kvdex_dtype {
-  KVDEX_DTYPE_F32 = 1,
-  KVDEX_DTYPE_F16 = 2,
-  KVDEX_DTYPE_BF16 = 3,
-} kvdex_dtype;
-
-/* The model shape of a sequence, fixed at creation (public: used by kvdex.h too). */
-typedef struct kvdex_shape {
-  uint32_t n_layers;
-  uint32_t n_kv_heads;
-  uint32_t n_q_heads;    /* a multiple of n_kv_heads */
-  uint32_t head_dim;
-  uint32_t block_tokens; /* 0 = KVDEX_DEFAULT_BLOCK_TOKENS */
-  int dtype;             /* kvdex_dtype */
-} kvdex_shape;
-
-/* Bytes per element; 0 for an unknown dtype. */
-size_t kvdex_dtype_size(int dtype);
-/* "f32", "f16", "bf16", or "?" */
-const char *kvdex_dtype_name(int dtype);
-/* Parses "f32"/"f16"/"bf16" (also "float32"/"float16"/"bfloat16"); -1 if unknown. */
-int kvdex_dtype_parse(const char *name);
-
-/* The message of the last failed kvdex call on this thread ("" if none). The
- * pointer stays valid until the next kvdex call on this thread. */
-const char *kvdex_errmsg(void);
-/* Name of a return code, e.g. "KVDEX_ENOMEM". */
-const char *kvdex_errname(int rc);
 
 /* Internal: record a message for kvdex_errmsg() and return rc (printf format). */
 int kvdex__seterr(int rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -151,14 +105,6 @@ static inline float kvdex_gauss4(uint64_t *state) {
   return ((a + b + c + d) / 65536.0f - 2.0f) * 1.7320508f;
 }
 
-/* Logger: the host chooses the level and the sink; default is stderr at INFO.
- * The level is checked before anything is formatted. */
-enum { KVDEX_LOG_ERROR = 0, KVDEX_LOG_WARN = 1, KVDEX_LOG_INFO = 2, KVDEX_LOG_DEBUG = 3 };
-typedef void (*kvdex_log_fn)(void *ctx, int level, const char *msg);
-void kvdex_log_configure(int level, kvdex_log_fn fn, void *ctx);
-int kvdex_log_level(void);
-/* Parses "error"/"warn"/"info"/"debug"; -1 if unknown. */
-int kvdex_log_level_parse(const char *name);
 void kvdex__log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 #define KVDEX_LOG(level, ...) \
   do { if ((level) <= kvdex_log_level()) kvdex__log((level), __VA_ARGS__); } while (0)

@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "kvstore/base.h"
 #include "kvdex/kvdex.h"
 
 extern char **environ;
