@@ -1,7 +1,11 @@
 /* kvdex.h — the public C API of kvdex: a KV-cache and retrieval store for
- * long-context LLM inference. One API, two transports:
- *   kvdex_open("local:", ...)                 an embedded store in this process
- *   kvdex_open("grpc://host:port", ...)       a kvdex server over gRPC
+ * long-context LLM inference. One API, three transports:
+ *   kvdex_open("local:", ...)                 an embedded node in this process
+ *   kvdex_open("grpc://host:port", ...)       one kvdex server over gRPC (grpcs:// TLS)
+ *   kvdex_open("grpc://h1:p,h2:p?replicas=2") a cluster of servers (also dns:///name:p)
+ * Link //client:kvdex for all three, or //client:kvdex_remote for the remote ones
+ * only (no FAISS, BLAS, OpenMP or jemalloc; "local:" then fails with KVDEX_EUNIMPL).
+ * Architecture: docs/DESIGN.md.
  *
  * Conventions: every function returns 0 or a negative KVDEX_E* code and then
  * kvdex_errmsg() (thread-local) says why. Objects come back through OUT parameters
