@@ -6,23 +6,19 @@
 #include "bench/bench.h"
 #include "bench/fidelity.h"
 #include "bench/recall.h"
+#include "workers/cmd.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
 
 static int bench_scan(int argc, char **argv) {
   kvdex_settings s;
-  int rc = kvdex_settings_parse(
-      &s, KVDEX_CMD_BENCH_SCAN,
+  int rc = kvdex_cmd_preamble(
+      &s, KVDEX_CMD_BENCH_SCAN, "kvdex bench scan",
       "usage: kvdex bench scan [options]\n\n"
       "Exact-scan throughput (GB/s of keys read) on 1 thread and on all threads, beside\n"
       "a memory read-bandwidth probe over a buffer of the same size in the same run.",
-      argc, argv, stdout);
-  if (rc == 1) return 0;
-  if (rc) {
-    fprintf(stderr, "kvdex bench scan: %s\n", kvdex_errmsg());
-    return 2;
-  }
-  kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
+      argc, argv);
+  if (rc != KVDEX_CMD_RUN) return rc;
   kvdex_scan_bench_opts o = {
       .tokens = (uint64_t)kvdex_setting_num(&s, KVDEX_SET_TOKENS),
       .n_kv_heads = (uint32_t)kvdex_setting_num(&s, KVDEX_SET_KV_HEADS),
@@ -43,8 +39,8 @@ static int bench_scan(int argc, char **argv) {
 
 static int bench_recall(int argc, char **argv) {
   kvdex_settings s;
-  int rc = kvdex_settings_parse(
-      &s, KVDEX_CMD_BENCH_RECALL,
+  int rc = kvdex_cmd_preamble(
+      &s, KVDEX_CMD_BENCH_RECALL, "kvdex bench recall",
       "usage: kvdex bench recall --keys K.npy --queries Q.npy [--train-queries P.npy]\n"
       "                          [--needles N.npy] [--k 100] [--index SPEC ...] [--sweep]\n"
       "                          [--csv FILE] [--json] [--threads N]\n\n"
@@ -60,13 +56,8 @@ static int bench_recall(int argc, char **argv) {
       "16..1024; ivf: nprobe 1..nlist; landmark: blocks 1..all), and --csv writes\n"
       "kind,spec,knob,value,recall,touched_frac,qps rows (bench/plot_recall.py plots them).\n"
       "Exit status: 0 ok, 2 bad option or input (file, shape, dims, spec), 1 failure.",
-      argc, argv, stdout);
-  if (rc == 1) return 0;
-  if (rc) {
-    fprintf(stderr, "kvdex bench recall: %s\n", kvdex_errmsg());
-    return 2;
-  }
-  kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
+      argc, argv);
+  if (rc != KVDEX_CMD_RUN) return rc;
   kvdex_recall_opts o = {
       .keys_path = kvdex_setting_str(&s, KVDEX_SET_RECALL_KEYS),
       .queries_path = kvdex_setting_str(&s, KVDEX_SET_RECALL_QUERIES),
@@ -90,8 +81,8 @@ static int bench_recall(int argc, char **argv) {
 
 static int bench_fidelity(int argc, char **argv) {
   kvdex_settings s;
-  int rc = kvdex_settings_parse(
-      &s, KVDEX_CMD_BENCH_FIDELITY,
+  int rc = kvdex_cmd_preamble(
+      &s, KVDEX_CMD_BENCH_FIDELITY, "kvdex bench fidelity",
       "usage: kvdex bench fidelity [--tokens N] [--kv-heads 8] [--q-heads 32] [--index SPEC ...]\n"
       "                            [--budgets 256,1024,2048] [--sinks 16] [--window 256]\n"
       "                            [--steps N] [--data DIR] [--json]\n\n"
@@ -104,13 +95,8 @@ static int bench_fidelity(int argc, char **argv) {
       "output (mean and max over heads and steps), attention mass kept, keys touched, and\n"
       "planted needles found. Dense attention's own latency is printed as the baseline.\n"
       "Exit status: 0 ok, 2 bad option or input, 1 failure.",
-      argc, argv, stdout);
-  if (rc == 1) return 0;
-  if (rc) {
-    fprintf(stderr, "kvdex bench fidelity: %s\n", kvdex_errmsg());
-    return 2;
-  }
-  kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
+      argc, argv);
+  if (rc != KVDEX_CMD_RUN) return rc;
   kvdex_fidelity_opts o = {
       .tokens = (uint64_t)kvdex_setting_num(&s, KVDEX_SET_TOKENS),
       .n_kv_heads = (uint32_t)kvdex_setting_num(&s, KVDEX_SET_KV_HEADS),

@@ -8,6 +8,7 @@
 
 #include "client/kvdex.h"
 #include "workers/client_opts.h"
+#include "workers/cmd.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
 
@@ -109,9 +110,7 @@ int kvdex_cmd_cluster(int argc, char **argv) {
     if (help) {
       kvdex_settings s;
       char *args[] = {"cluster", "--help", NULL};
-      int rc = kvdex_settings_parse(&s, KVDEX_CMD_CLUSTER, usage, 2, args, stdout);
-      if (rc == 0) kvdex_settings_free(&s);
-      return 0;
+      return kvdex_cmd_preamble(&s, KVDEX_CMD_CLUSTER, "kvdex cluster", usage, 2, args);
     }
     fprintf(stderr, "%s\n", usage);
     return 2;
@@ -121,14 +120,11 @@ int kvdex_cmd_cluster(int argc, char **argv) {
     fprintf(stderr, "kvdex cluster: unknown action '%s' (status, repair or rebalance)\n", action);
     return 2;
   }
+  char prog[64];
+  snprintf(prog, sizeof prog, "kvdex cluster %s", action);
   kvdex_settings s;
-  int rc = kvdex_settings_parse(&s, KVDEX_CMD_CLUSTER, usage, argc - 1, argv + 1, stdout);
-  if (rc == 1) return 0;
-  if (rc) {
-    fprintf(stderr, "kvdex cluster %s: %s\n", action, kvdex_errmsg());
-    return 2;
-  }
-  kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
+  int rc = kvdex_cmd_preamble(&s, KVDEX_CMD_CLUSTER, prog, usage, argc - 1, argv + 1);
+  if (rc != KVDEX_CMD_RUN) return rc;
   kvdex_open_opts oo;
   kvdex_client_opts(&s, &oo);
   const char *uri = kvdex_setting_str(&s, KVDEX_SET_URI);
@@ -136,7 +132,7 @@ int kvdex_cmd_cluster(int argc, char **argv) {
   int exit_code = 1;
   kvdex_cluster_report rep = {0};
   if (kvdex_open(uri, &oo, &db)) {
-    fprintf(stderr, "kvdex cluster %s: %s\n", action, kvdex_errmsg());
+    fprintf(stderr, "%s: %s\n", prog, kvdex_errmsg());
     exit_code = 2;
     goto out;
   }
@@ -166,7 +162,7 @@ int kvdex_cmd_cluster(int argc, char **argv) {
          (unsigned long long)rep.failed);
   if (rep.n_nodes) print_report(&rep, 0);
   if (rc) {
-    fprintf(stderr, "kvdex cluster %s: %s\n", action, kvdex_errmsg());
+    fprintf(stderr, "%s: %s\n", prog, kvdex_errmsg());
     exit_code = rc == KVDEX_EINVAL ? 2 : 1;
     goto out;
   }

@@ -14,6 +14,7 @@
 #include "bench/bench.h"
 #include "client/kvdex.h"
 #include "workers/client_opts.h"
+#include "workers/cmd.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
 
@@ -138,19 +139,14 @@ static int check_head(const kvdex_hits *got, const ref_hit *want, size_t n_want,
 
 int kvdex_cmd_demo(int argc, char **argv) {
   kvdex_settings s;
-  int rc = kvdex_settings_parse(
-      &s, KVDEX_CMD_DEMO,
+  int rc = kvdex_cmd_preamble(
+      &s, KVDEX_CMD_DEMO, "kvdex demo",
       "usage: kvdex demo [options]\n\n"
       "Creates a synthetic long-context sequence, ingests it, runs decode-step top-k\n"
       "searches, checks them against a naive scalar reference and reports throughput.\n"
       "Runs embedded by default; --uri grpc://HOST:PORT runs it against a server.",
-      argc, argv, stdout);
-  if (rc == 1) return 0;
-  if (rc) {
-    fprintf(stderr, "kvdex demo: %s\n", kvdex_errmsg());
-    return 2;
-  }
-  kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
+      argc, argv);
+  if (rc != KVDEX_CMD_RUN) return rc;
   int json = (int)kvdex_setting_num(&s, KVDEX_SET_JSON), tty = isatty(2);
   demo d = {0};
   d.sh.n_layers = (uint32_t)kvdex_setting_num(&s, KVDEX_SET_LAYERS);

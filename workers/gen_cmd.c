@@ -16,6 +16,7 @@
 #include "bench/gen.h"
 #include "bench/npy.h"
 #include "index/index.h"
+#include "workers/cmd.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
 
@@ -154,8 +155,8 @@ static float real_or_tiny(const kvdex_settings *s, kvdex_setting_id id) {
 
 int kvdex_cmd_gen(int argc, char **argv) {
   kvdex_settings s;
-  int rc = kvdex_settings_parse(
-      &s, KVDEX_CMD_GEN,
+  int rc = kvdex_cmd_preamble(
+      &s, KVDEX_CMD_GEN, "kvdex gen",
       "usage: kvdex gen --out DIR [options]\n\n"
       "Writes synthetic attention data whose decode queries are out-of-distribution\n"
       "with respect to the keys (bench/gen.h): DIR/keys.npy [N,D], DIR/values.npy [N,D],\n"
@@ -163,13 +164,8 @@ int kvdex_cmd_gen(int argc, char **argv) {
       "queries), all of --dtype; DIR/needles.npy, float32 [K,2], row i = (key position,\n"
       "row of queries.npy whose exact top-1 that key is); DIR/gen.json (the parameters).\n"
       "Deterministic for a given --seed. Feed the files to `kvdex bench recall`.",
-      argc, argv, stdout);
-  if (rc == 1) return 0;
-  if (rc) {
-    fprintf(stderr, "kvdex gen: %s\n", kvdex_errmsg());
-    return 2;
-  }
-  kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
+      argc, argv);
+  if (rc != KVDEX_CMD_RUN) return rc;
   const char *dir = kvdex_setting_str(&s, KVDEX_SET_GEN_OUT);
   int dtype = (int)kvdex_setting_num(&s, KVDEX_SET_DTYPE);
   kvdex_gen_opts o = {

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "workers/client_opts.h"
+#include "workers/cmd.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
 
@@ -56,13 +57,8 @@ static double pct(double part, double total) { return total > 0 ? 100.0 * part /
 int kvdex_gpu_worker_main(int argc, char **argv, const kvdex_gw_backend *gpu,
                           int (*gpu_available)(void), const char *prog) {
   kvdex_settings s;
-  int rc = kvdex_settings_parse(&s, KVDEX_CMD_GPU_WORKER, USAGE, argc, argv, stdout);
-  if (rc == 1) return 0;
-  if (rc) {
-    fprintf(stderr, "%s: %s\n", prog, kvdex_errmsg());
-    return 2;
-  }
-  kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
+  int rc = kvdex_cmd_preamble(&s, KVDEX_CMD_GPU_WORKER, prog, USAGE, argc, argv);
+  if (rc != KVDEX_CMD_RUN) return rc;
   int json = (int)kvdex_setting_num(&s, KVDEX_SET_JSON);
   int cpu = (int)kvdex_setting_num(&s, KVDEX_SET_GW_CPU);
   int keep = (int)kvdex_setting_num(&s, KVDEX_SET_GW_KEEP);

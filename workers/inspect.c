@@ -6,21 +6,17 @@
 
 #include "client/kvdex.h"
 #include "workers/client_opts.h"
+#include "workers/cmd.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
 
 int kvdex_cmd_inspect(int argc, char **argv) {
   kvdex_settings s;
-  int rc = kvdex_settings_parse(&s, KVDEX_CMD_INSPECT,
-                                "usage: kvdex inspect --uri grpc://HOST:PORT [options]\n\n"
-                                "Lists the sequences of a namespace with shape, tokens and bytes.",
-                                argc, argv, stdout);
-  if (rc == 1) return 0;
-  if (rc) {
-    fprintf(stderr, "kvdex inspect: %s\n", kvdex_errmsg());
-    return 2;
-  }
-  kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
+  int rc = kvdex_cmd_preamble(&s, KVDEX_CMD_INSPECT, "kvdex inspect",
+                              "usage: kvdex inspect --uri grpc://HOST:PORT [options]\n\n"
+                              "Lists the sequences of a namespace with shape, tokens and bytes.",
+                              argc, argv);
+  if (rc != KVDEX_CMD_RUN) return rc;
   kvdex_open_opts oo;
   kvdex_client_opts(&s, &oo);
   kvdex_db *db = NULL;

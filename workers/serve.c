@@ -9,6 +9,7 @@
 #include <uv.h>
 
 #include "workers/auth.h"
+#include "workers/cmd.h"
 #include "workers/commands.h"
 #include "workers/metrics.h"
 #include "workers/metrics_http.h"
@@ -32,17 +33,12 @@ static void log_listen(const char *what, const char *addr, int port, const char 
 
 int kvdex_cmd_serve(int argc, char **argv) {
   kvdex_settings s;
-  int rc = kvdex_settings_parse(&s, KVDEX_CMD_SERVE,
-                                "usage: kvdex serve [options]\n\n"
-                                "Runs a kvdex node: the KVStore, Retrieval and grpc.health.v1 "
-                                "services over gRPC.",
-                                argc, argv, stdout);
-  if (rc == 1) return 0;
-  if (rc) {
-    fprintf(stderr, "kvdex serve: %s\n", kvdex_errmsg());
-    return 2;
-  }
-  kvdex_log_configure((int)kvdex_setting_num(&s, KVDEX_SET_LOG_LEVEL), NULL, NULL);
+  int rc = kvdex_cmd_preamble(&s, KVDEX_CMD_SERVE, "kvdex serve",
+                              "usage: kvdex serve [options]\n\n"
+                              "Runs a kvdex node: the KVStore, Retrieval and grpc.health.v1 "
+                              "services over gRPC.",
+                              argc, argv);
+  if (rc != KVDEX_CMD_RUN) return rc;
   signal(SIGPIPE, SIG_IGN);
 
   kvdex_store *store = NULL;
