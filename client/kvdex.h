@@ -180,32 +180,8 @@ int kvdex_cluster_checksum(kvdex_db *db, const char *addr, const char *seq_id,
 /* kvdex_shape (n_layers, n_kv_heads, n_q_heads, head_dim, block_tokens, dtype)
  * is defined in <kvdex/kvdex_base.h>. block_tokens 0 = default (64). */
 
-/* The state of a layer's latest kvdex_build_index (values equal kvdex.v1.IndexState). */
-typedef enum kvdex_index_state {
-  KVDEX_INDEX_NONE = 0,     /* never built */
-  KVDEX_INDEX_BUILDING = 1, /* queued or running: searches use the previous index or exact */
-  KVDEX_INDEX_READY = 2,
-  KVDEX_INDEX_FAILED = 3,   /* see error; an older ready index (if any) stays in use */
-} kvdex_index_state;
-
-/* The retrieval index of one layer (kvdex_build_index): one index per KV head. */
-typedef struct kvdex_layer_index {
-  uint32_t layer;
-  int state;             /* kvdex_index_state of the latest build */
-  char spec[512];        /* the latest build's spec, as requested */
-  char error[512];       /* KVDEX_INDEX_FAILED: why, starting with a status name, e.g.
-                            "RESOURCE_EXHAUSTED: publishing the index of layer 0 ..." */
-  /* The ready index that searches use ("" / 0 when none; during a rebuild and after
-   * a failed one, the previous index): */
-  char kind[32];         /* "graph", "ivf", "hnsw", "landmark", "exact" */
-  char describe[512];    /* normalised spec and build notes, e.g.
-                            "graph:K=32,degree=32,ef=128 (key-only kNN: no prefill queries)" */
-  double build_seconds;  /* wall time of its build */
-  uint64_t memory_bytes; /* bytes it holds (all KV heads); counted in `bytes` of the
-                            sequence and against the node's memory cap */
-  uint64_t tokens;       /* tokens it covers (landmark:mode=given: the blocks that had
-                            landmarks); the others are scanned exactly */
-} kvdex_layer_index;
+/* kvdex_index_state and kvdex_layer_index (a layer's index, as kvdex_stat reports it)
+ * are defined in <kvdex/kvdex_base.h>. */
 
 typedef struct kvdex_seq_info {
   kvdex_shape shape;
@@ -342,8 +318,7 @@ int kvdex_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *req, size
 
 /* ---- retrieval indexes ------------------------------------------------------------ */
 
-/* `layer` of kvdex_build_index meaning every layer that has tokens. */
-#define KVDEX_ALL_LAYERS UINT32_MAX
+/* KVDEX_ALL_LAYERS (every layer that has tokens) is defined in <kvdex/kvdex_base.h>. */
 
 /* Starts building a retrieval index for `layer` of a sequence (or, with
  * KVDEX_ALL_LAYERS, for every layer that has tokens) and returns at once; the build
@@ -425,9 +400,7 @@ int kvdex_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts,
                  const kvdex_attend_item *items, float *const *o /* OUT */,
                  float *const *lse /* OUT */, kvdex_attend_info *info /* OUT, or NULL */);
 
-/* Pooling of kvdex_retain_options (values equal kvdex.v1.Pooling). */
-#define KVDEX_POOLING_MAX 0 /* pooled(t) = max of the mass in the window */
-#define KVDEX_POOLING_AVG 1 /* pooled(t) = mean over the tokens of the window */
+/* KVDEX_POOLING_MAX / KVDEX_POOLING_AVG are defined in <kvdex/kvdex_base.h>. */
 
 typedef struct kvdex_retain_options {
   uint32_t budget;      /* tokens kept per KV head: 1 .. eligible tokens */

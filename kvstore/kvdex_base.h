@@ -1,5 +1,6 @@
-/* kvdex public base: return codes, dtypes, the model shape, kvdex_errmsg() and the
- * log configuration. Installed beside kvdex.h as <kvdex/kvdex_base.h> and included by
+/* kvdex public base: return codes, dtypes, the model shape, kvdex_errmsg(), the log
+ * configuration, and the few types the API shares with kvdex's own modules (index
+ * states, a layer's index record, pooling), defined once here. Installed beside kvdex.h as <kvdex/kvdex_base.h> and included by
  * it; it declares nothing internal (no kvdex__ names, no macros but the constants).
  * Internal code includes kvstore/base.h, which includes this.
  */
@@ -56,6 +57,44 @@ size_t kvdex_dtype_size(int dtype);
 const char *kvdex_dtype_name(int dtype);
 /* Parses "f32"/"f16"/"bf16" (also "float32"/"float16"/"bfloat16"); -1 if unknown. */
 int kvdex_dtype_parse(const char *name);
+
+/* ---- Types the API shares with kvdex's own modules (one definition each) ---------- */
+
+/* The state of a layer's latest kvdex_build_index (values equal kvdex.v1.IndexState). */
+typedef enum kvdex_index_state {
+  KVDEX_INDEX_NONE = 0,     /* never built */
+  KVDEX_INDEX_BUILDING = 1, /* queued or running: searches use the previous index or exact */
+  KVDEX_INDEX_READY = 2,
+  KVDEX_INDEX_FAILED = 3,   /* see error; an older ready index (if any) stays in use */
+} kvdex_index_state;
+
+/* The retrieval index of one layer (kvdex_build_index): one index per KV head. */
+typedef struct kvdex_layer_index {
+  uint32_t layer;
+  int state;             /* kvdex_index_state of the latest build */
+  char spec[512];        /* the latest build's spec, as requested */
+  char error[512];       /* KVDEX_INDEX_FAILED: why, starting with a status name, e.g.
+                            "RESOURCE_EXHAUSTED: publishing the index of layer 0 ..." */
+  /* The ready index that searches use ("" / 0 when none; during a rebuild and after
+   * a failed one, the previous index): */
+  char kind[32];         /* "graph", "ivf", "hnsw", "landmark", "exact" */
+  char describe[512];    /* normalised spec and build notes, e.g.
+                            "graph:K=32,degree=32,ef=128 (key-only kNN: no prefill queries)" */
+  double build_seconds;  /* wall time of its build */
+  uint64_t memory_bytes; /* bytes it holds (all KV heads); counted in `bytes` of the
+                            sequence and against the node's memory cap */
+  uint64_t tokens;       /* tokens it covers (landmark:mode=given: the blocks that had
+                            landmarks); the others are scanned exactly */
+} kvdex_layer_index;
+
+/* `layer` of kvdex_build_index meaning every layer that has tokens. */
+#define KVDEX_ALL_LAYERS UINT32_MAX
+
+/* Pooling of kvdex_retain_options (values equal kvdex.v1.Pooling). */
+typedef enum kvdex_pooling {
+  KVDEX_POOLING_MAX = 0, /* pooled(t) = max of the mass in the window */
+  KVDEX_POOLING_AVG = 1, /* pooled(t) = mean over the tokens of the window */
+} kvdex_pooling;
 
 /* The message of the last failed kvdex call on this thread ("" if none). The
  * pointer stays valid until the next kvdex call on this thread. */
