@@ -9,12 +9,12 @@
 #include "bench/bench.h"
 #include "bench/gen.h"
 #include "bench/npy.h"
+#include "engine/node.h"
 #include "index/ann.h"
 #include "index/attend.h"
 #include "index/index.h"
 #include "kvstore/base.h"
 #include "kvstore/kvstore.h"
-#include "workers/indexer.h"
 
 #define MAX_SPECS 16
 #define MAX_BUDGETS 16
@@ -405,10 +405,9 @@ int kvdex_bench_fidelity(const kvdex_fidelity_opts *in, FILE *out) {
   kvdex_store *store = NULL;
   kvdex_seq *seq = NULL;
   kvdex_pool *pool = NULL;
-  kvdex_indexer *ixr = NULL;
-  kvdex_index_scratch *ixs = NULL;
+  kvdex_node *node = NULL;
+  kvdex_node_ctx *nctx = NULL;
   kvdex_attend_scratch *as = NULL;
-  kvdex_search_result res = {0};
   float *q = NULL, *o_ref = NULL, *lse_ref = NULL, *o_st = NULL, *lse_st = NULL, *o_a = NULL,
         *lse_a = NULL;
   uint64_t *ids = NULL, **idp = NULL, *st_ids = NULL;
@@ -436,8 +435,9 @@ int kvdex_bench_fidelity(const kvdex_fidelity_opts *in, FILE *out) {
       (rc = kvdex_seq_create(store, "bench", "fidelity", &shape)) ||
       (rc = kvdex_seq_open(store, "bench", "fidelity", &seq)) ||
       (threads != 1 && (rc = kvdex_pool_create(threads ? threads - 1 : 0, &pool))) ||
-      (rc = kvdex_indexer_create(pool, 1, &ixr)) || (rc = kvdex_index_scratch_create(&ixs)) ||
-      (rc = kvdex_attend_scratch_create(&as)))
+      (rc = kvdex_node_create(&(kvdex_node_opts){.store = store, .pool = pool, .build_threads = 1},
+                              &node)) ||
+      (rc = kvdex_node_ctx_take(node, &nctx)) || (rc = kvdex_attend_scratch_create(&as)))
     goto done;
   if ((rc = fill_store(&o, &f, seq))) goto done;
   free(f.k);
@@ -504,11 +504,11 @@ int kvdex_bench_fidelity(const kvdex_fidelity_opts *in, FILE *out) {
     if (strncmp(specs[si], "exact", 5) != 0) {
       if (o.progress)
         fprintf(o.progress, "bench fidelity: [%d/%d] building %s\n", si + 1, ns, specs[si]);
-      if ((rc = kvdex_indexer_build(ixr, seq, 0, specs[si], NULL, NULL))) goto done;
+      if ((rc = kvdex_node_build_index(node, seq, 0, specs[si], NULL, NULL))) goto done;
       for (;;) {
         struct timespec ts = {0, 50 * 1000 * 1000};
         nanosleep(&ts, NULL);
-        if ((rc = kvdex_indexer_info_get(ixr, seq, 0, &info))) goto done;
+        if ((rc = kvdex_node_index_info(node, seq, 0, &info))) goto done;
         if (info.state != KVDEX_INDEXER_BUILDING) break;
       }
       if (info.state != KVDEX_INDEXER_READY) {
@@ -537,12 +537,13 @@ int kvdex_bench_fidelity(const kvdex_fidelity_opts *in, FILE *out) {
         kvdex_search_opts so = {.k = budgets[b], .sinks = (uint32_t)o.sinks,
                                 .window = (uint32_t)o.window};
         const char *used = NULL;
+        const kvdex_search_result *res = NULL;
         double t0 = kvdex_bench_now();
-        rc = kvdex_indexer_search(ixr, seq, 0, q, &so, kind, NULL, ixs, &res, &used);
+        rc = kvdex_node_search(node, nctx, seq, 0, q, &so, kind, NULL, &res, &used);
         if (rc) goto done;
         for (uint32_t h = 0; h < Hq; h++) {
-          n_ids[h] = res.heads[h].n_hits;
-          for (uint32_t i = 0; i < n_ids[h]; i++) idp[h][i] = res.heads[h].hits[i].id;
+          n_ids[h] = res->heads[h].n_hits;
+          for (uint32_t i = 0; i < n_ids[h]; i++) idp[h][i] = res->heads[h].hits[i].id;
           qsort(idp[h], n_ids[h], sizeof(uint64_t), cmp_u64);
         }
         rc = kvdex_attend_ids(seq, 0, q, (const uint64_t *const *)idp, n_ids, &ao, pool, as, o_a,
@@ -551,8 +552,8 @@ int kvdex_bench_fidelity(const kvdex_fidelity_opts *in, FILE *out) {
         if (rc) goto done;
         snprintf(r->used, sizeof r->used, "%s", used);
         touched += strcmp(used, "exact") == 0
-                       ? (double)res.keys_scanned / ((double)f.H * eligible)
-                       : (double)res.keys_scanned / ((double)Hq * eligible);
+                       ? (double)res->keys_scanned / ((double)f.H * eligible)
+                       : (double)res->keys_scanned / ((double)Hq * eligible);
         for (uint32_t h = 0; h < Hq; h++) {
           float om[KVDEX_MAX_HEAD_DIM], lm;
           const float *ref = o_ref + ((size_t)s * Hq + h) * D;
@@ -601,9 +602,8 @@ int kvdex_bench_fidelity(const kvdex_fidelity_opts *in, FILE *out) {
   print_rows(&o, &f, steps, rows, nr, dense_p50, dense_p99, out);
 
 done:
-  kvdex_indexer_destroy(ixr);
-  kvdex_search_result_free(&res);
-  kvdex_index_scratch_destroy(ixs);
+  if (node) kvdex_node_ctx_give(node, nctx);
+  kvdex_node_destroy(node); /* before the store and the pool it borrows */
   kvdex_attend_scratch_destroy(as);
   kvdex_seq_release(seq);
   kvdex_store_destroy(store);
