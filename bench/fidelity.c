@@ -9,12 +9,12 @@
 #include "bench/bench.h"
 #include "bench/gen.h"
 #include "bench/npy.h"
+#include "engine/node.h"
 #include "index/ann.h"
 #include "index/attend.h"
 #include "index/index.h"
 #include "kvstore/base.h"
 #include "kvstore/kvstore.h"
-#include "workers/indexer.h"
 
 #define MAX_SPECS 16
 #define MAX_BUDGETS 16
@@ -379,6 +379,253 @@ static void print_rows(const kvdex_fidelity_opts *o, const fdata *f, uint32_t st
   }
 }
 
+/* The state of one fidelity run: the store and node holding the layer, the data, and
+ * buffers sized once for every spec and budget. */
+typedef struct frun {
+  const kvdex_fidelity_opts *o;
+  fdata f;
+  uint32_t steps, Hq, D, kmax;
+  uint64_t n_st, eligible; /* static tokens (sinks + window), tokens left to retrieve */
+  kvdex_store *store;
+  kvdex_seq *seq;
+  kvdex_pool *pool;
+  kvdex_node *node; /* borrows store and pool */
+  kvdex_node_ctx *nctx;
+  kvdex_attend_scratch *as;
+  kvdex_attend_opts ao;
+  float *q, *o_ref, *lse_ref, *o_st, *lse_st, *o_a, *lse_a;
+  uint64_t *ids, **idp, *st_ids;
+  uint32_t *n_ids, *st_n;
+  const uint64_t **st_p;
+  double *lat, *errs;
+} frun;
+
+static void frun_free(frun *R) {
+  if (R->node) kvdex_node_ctx_give(R->node, R->nctx);
+  kvdex_node_destroy(R->node); /* before the store and the pool it borrows */
+  kvdex_attend_scratch_destroy(R->as);
+  kvdex_seq_release(R->seq);
+  kvdex_store_destroy(R->store);
+  kvdex_pool_destroy(R->pool);
+  fdata_free(&R->f);
+  free(R->q);
+  free(R->o_ref);
+  free(R->lse_ref);
+  free(R->o_st);
+  free(R->lse_st);
+  free(R->o_a);
+  free(R->lse_a);
+  free(R->ids);
+  free(R->idp);
+  free(R->n_ids);
+  free(R->st_ids);
+  free(R->st_p);
+  free(R->st_n);
+  free(R->lat);
+  free(R->errs);
+}
+
+/* Loads or generates the layer, puts it in a store behind a node, and sizes the
+ * buffers for budgets up to kmax. */
+static int frun_setup(frun *R, uint32_t kmax) {
+  const kvdex_fidelity_opts *o = R->o;
+  fdata *f = &R->f;
+  int rc = o->data_dir && *o->data_dir ? load_npy(o, f, &R->steps) : load_gen(o, f);
+  if (rc) return rc;
+  const uint32_t Hq = R->Hq = f->H * f->G, D = R->D = f->D;
+  if (!D || D > KVDEX_MAX_HEAD_DIM)
+    return kvdex__seterr(KVDEX_EINVAL, "fidelity: head_dim %u out of [1, %d]", D,
+                         KVDEX_MAX_HEAD_DIM);
+  if (o->sinks + o->window >= f->n)
+    return kvdex__seterr(KVDEX_EINVAL, "fidelity: sinks + window (%llu) leave no tokens of %llu",
+                         (unsigned long long)(o->sinks + o->window), (unsigned long long)f->n);
+  kvdex_shape shape = {1, f->H, Hq, D, o->block_tokens, o->dtype};
+  unsigned threads = o->threads;
+  if ((rc = kvdex_store_create(UINT64_MAX / 2, &R->store)) ||
+      (rc = kvdex_seq_create(R->store, "bench", "fidelity", &shape)) ||
+      (rc = kvdex_seq_open(R->store, "bench", "fidelity", &R->seq)) ||
+      (threads != 1 && (rc = kvdex_pool_create(threads ? threads - 1 : 0, &R->pool))) ||
+      (rc = kvdex_node_create(
+           &(kvdex_node_opts){.store = R->store, .pool = R->pool, .build_threads = 1},
+           &R->node)) ||
+      (rc = kvdex_node_ctx_take(R->node, &R->nctx)) || (rc = kvdex_attend_scratch_create(&R->as)))
+    return rc;
+  if ((rc = fill_store(o, f, R->seq))) return rc;
+  free(f->k);
+  free(f->v);
+  f->k = f->v = NULL;
+
+  const uint32_t steps = R->steps;
+  R->kmax = kmax;
+  R->n_st = o->sinks + o->window;
+  R->eligible = f->n - R->n_st;
+  R->q = malloc((size_t)Hq * D * sizeof(float));
+  R->o_ref = malloc((size_t)steps * Hq * D * sizeof(float));
+  R->lse_ref = malloc((size_t)steps * Hq * sizeof(float));
+  R->o_st = malloc((size_t)steps * Hq * D * sizeof(float));
+  R->lse_st = malloc((size_t)steps * Hq * sizeof(float));
+  R->o_a = malloc((size_t)Hq * D * sizeof(float));
+  R->lse_a = malloc((size_t)Hq * sizeof(float));
+  R->ids = malloc((size_t)Hq * kmax * sizeof(uint64_t));
+  R->idp = malloc((size_t)Hq * sizeof(*R->idp));
+  R->n_ids = malloc((size_t)Hq * sizeof(uint32_t));
+  R->st_ids = malloc((R->n_st + 1) * sizeof(uint64_t));
+  R->st_p = malloc((size_t)Hq * sizeof(*R->st_p));
+  R->st_n = malloc((size_t)Hq * sizeof(uint32_t));
+  R->lat = malloc((size_t)steps * sizeof(double));
+  R->errs = malloc((size_t)steps * Hq * sizeof(double));
+  if (!R->q || !R->o_ref || !R->lse_ref || !R->o_st || !R->lse_st || !R->o_a || !R->lse_a ||
+      !R->ids || !R->idp || !R->n_ids || !R->st_ids || !R->st_p || !R->st_n || !R->lat ||
+      !R->errs)
+    return kvdex__seterr(KVDEX_ENOMEM, "fidelity: out of memory");
+  R->ao = (kvdex_attend_opts){.scale = o->logit_scale};
+  for (uint64_t i = 0; i < o->sinks; i++) R->st_ids[i] = i;
+  for (uint64_t i = 0; i < o->window; i++) R->st_ids[o->sinks + i] = f->n - o->window + i;
+  for (uint32_t h = 0; h < Hq; h++) {
+    R->st_p[h] = R->st_ids;
+    R->st_n[h] = (uint32_t)R->n_st;
+    R->idp[h] = R->ids + (size_t)h * kmax;
+  }
+  return 0;
+}
+
+/* Step s's queries (every query head) into R->q. */
+static void frun_query(frun *R, uint32_t s) {
+  const fdata *f = &R->f;
+  for (uint32_t h = 0; h < R->Hq; h++)
+    memcpy(R->q + (size_t)h * R->D, f->test[h / f->G] + ((size_t)s * f->G + h % f->G) * R->D,
+           R->D * sizeof(float));
+}
+
+/* The dense reference and the static part of every step; the dense latencies go to
+ * R->lat. */
+static int frun_reference(frun *R) {
+  const size_t HqD = (size_t)R->Hq * R->D;
+  for (uint32_t s = 0; s < R->steps; s++) {
+    frun_query(R, s);
+    double t0 = kvdex_bench_now();
+    int rc = kvdex_attend_dense(R->seq, 0, R->q, 0, 0, &R->ao, R->pool, R->as,
+                                R->o_ref + s * HqD, R->lse_ref + (size_t)s * R->Hq);
+    R->lat[s] = (kvdex_bench_now() - t0) * 1e3;
+    if (rc || (rc = kvdex_attend_ids(R->seq, 0, R->q, R->st_p, R->st_n, &R->ao, R->pool, R->as,
+                                     R->o_st + s * HqD, R->lse_st + (size_t)s * R->Hq)))
+      return rc;
+  }
+  return 0;
+}
+
+/* Builds spec (unless exact) and waits for it: *kind, the build's time and bytes
+ * into r's template fields. */
+static int frun_build(frun *R, const char *spec, int si, int ns, const char **kind,
+                      kvdex_indexer_info *info, frow *tmpl) {
+  FILE *progress = R->o->progress;
+  *kind = "exact";
+  if (strncmp(spec, "exact", 5) == 0) return 0;
+  if (progress) fprintf(progress, "bench fidelity: [%d/%d] building %s\n", si + 1, ns, spec);
+  int rc = kvdex_node_build_index(R->node, R->seq, 0, spec, NULL, NULL);
+  if (rc) return rc;
+  for (;;) {
+    struct timespec ts = {0, 50 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    if ((rc = kvdex_node_index_info(R->node, R->seq, 0, info))) return rc;
+    if (info->state != KVDEX_INDEXER_BUILDING) break;
+  }
+  if (info->state != KVDEX_INDEXER_READY)
+    return kvdex__seterr(KVDEX_EINVAL, "fidelity: building %s failed: %s", spec, info->error);
+  *kind = info->kind;
+  tmpl->build_s = info->build_seconds;
+  tmpl->bytes = info->memory_bytes;
+  if (progress)
+    fprintf(progress, "bench fidelity: [%d/%d] built %s in %.1f s (%s)\n", si + 1, ns, spec,
+            tmpl->build_s, info->describe);
+  return 0;
+}
+
+/* Step s with budget k through `kind`: the Attend part (search + sparse attention,
+ * timed into R->lat[s]), merged with the static part and compared with the reference
+ * (errors into R->errs, mass and keys touched added to *mass and *touched), and the
+ * needles of this step's queries counted into r. */
+static int frun_step(frun *R, uint32_t s, const char *kind, uint32_t k, frow *r, double *mass,
+                     double *touched) {
+  const kvdex_fidelity_opts *o = R->o;
+  const fdata *f = &R->f;
+  const uint32_t Hq = R->Hq, D = R->D;
+  frun_query(R, s);
+  kvdex_search_opts so = {.k = k, .sinks = (uint32_t)o->sinks, .window = (uint32_t)o->window};
+  const char *used = NULL;
+  const kvdex_search_result *res = NULL;
+  double t0 = kvdex_bench_now();
+  int rc = kvdex_node_search(R->node, R->nctx, R->seq, 0, R->q, &so, kind, NULL, &res, &used);
+  if (rc) return rc;
+  for (uint32_t h = 0; h < Hq; h++) {
+    R->n_ids[h] = res->heads[h].n_hits;
+    for (uint32_t i = 0; i < R->n_ids[h]; i++) R->idp[h][i] = res->heads[h].hits[i].id;
+    qsort(R->idp[h], R->n_ids[h], sizeof(uint64_t), cmp_u64);
+  }
+  rc = kvdex_attend_ids(R->seq, 0, R->q, (const uint64_t *const *)R->idp, R->n_ids, &R->ao,
+                        R->pool, R->as, R->o_a, R->lse_a);
+  R->lat[s] = (kvdex_bench_now() - t0) * 1e3;
+  if (rc) return rc;
+  snprintf(r->used, sizeof r->used, "%s", used);
+  *touched += strcmp(used, "exact") == 0
+                  ? (double)res->keys_scanned / ((double)f->H * R->eligible)
+                  : (double)res->keys_scanned / ((double)Hq * R->eligible);
+  for (uint32_t h = 0; h < Hq; h++) {
+    float om[KVDEX_MAX_HEAD_DIM], lm;
+    const size_t sh = (size_t)s * Hq + h;
+    const float *ref = R->o_ref + sh * D;
+    kvdex_attend_merge(R->o_a + (size_t)h * D, R->lse_a[h], R->o_st + sh * D, R->lse_st[sh], D,
+                       om, &lm);
+    double num = 0, den = 0;
+    for (uint32_t t = 0; t < D; t++) {
+      double dlt = (double)om[t] - ref[t];
+      num += dlt * dlt;
+      den += (double)ref[t] * ref[t];
+    }
+    R->errs[sh] = den > 0 ? sqrt(num / den) : sqrt(num);
+    *mass += exp((double)lm - R->lse_ref[sh]);
+  }
+  /* needles whose query is this step's */
+  for (uint32_t g = 0; g < f->H; g++)
+    for (uint32_t i = 0; i < f->nn; i++) {
+      uint32_t row = f->needle_row[(size_t)g * f->nn + i];
+      if (row / f->G != s) continue;
+      uint32_t h = g * f->G + row % f->G;
+      uint64_t pos = f->needle_pos[(size_t)g * f->nn + i];
+      int hit = pos < o->sinks || pos >= f->n - o->window;
+      for (uint32_t j = 0; !hit && j < R->n_ids[h]; j++) hit = R->idp[h][j] == pos;
+      r->needles++;
+      r->needle_hits += (uint32_t)hit;
+    }
+  return 0;
+}
+
+/* One result row: every step with budget r->k through `kind`. */
+static int frun_row(frun *R, const char *kind, frow *r) {
+  const uint32_t steps = R->steps, Hq = R->Hq;
+  double touched = 0, mass = 0;
+  for (uint32_t s = 0; s < steps; s++) {
+    int rc = frun_step(R, s, kind, r->k, r, &mass, &touched);
+    if (rc) return rc;
+  }
+  double sum = 0, mx = 0;
+  for (size_t i = 0; i < (size_t)steps * Hq; i++) {
+    sum += R->errs[i];
+    if (R->errs[i] > mx) mx = R->errs[i];
+  }
+  r->err_mean = sum / ((double)steps * Hq);
+  r->err_max = mx;
+  r->mass_mean = mass / ((double)steps * Hq);
+  r->touched = touched / steps;
+  r->p50_ms = pct(R->lat, steps, 0.5);
+  r->p99_ms = pct(R->lat, steps, 0.99);
+  if (R->o->progress)
+    fprintf(R->o->progress,
+            "bench fidelity: %s k=%u: rel_err %.3e, mass %.4f, touched %.3f%%, p99 %.2f ms\n",
+            r->spec, r->k, r->err_mean, r->mass_mean, 100 * r->touched, r->p99_ms);
+  return 0;
+}
+
 int kvdex_bench_fidelity(const kvdex_fidelity_opts *in, FILE *out) {
   kvdex_fidelity_opts o = *in;
   uint32_t budgets[MAX_BUDGETS];
@@ -399,232 +646,41 @@ int kvdex_bench_fidelity(const kvdex_fidelity_opts *in, FILE *out) {
     free(spec_buf);
     return rc;
   }
-  uint32_t steps = o.steps;
-  fdata f;
-  memset(&f, 0, sizeof f);
-  kvdex_store *store = NULL;
-  kvdex_seq *seq = NULL;
-  kvdex_pool *pool = NULL;
-  kvdex_indexer *ixr = NULL;
-  kvdex_index_scratch *ixs = NULL;
-  kvdex_attend_scratch *as = NULL;
-  kvdex_search_result res = {0};
-  float *q = NULL, *o_ref = NULL, *lse_ref = NULL, *o_st = NULL, *lse_st = NULL, *o_a = NULL,
-        *lse_a = NULL;
-  uint64_t *ids = NULL, **idp = NULL, *st_ids = NULL;
-  uint32_t *n_ids = NULL, *st_n = NULL;
-  const uint64_t **st_p = NULL;
-  double *lat = NULL, *errs = NULL;
+  frun R;
+  memset(&R, 0, sizeof R);
+  R.o = &o;
+  R.steps = o.steps;
   frow *rows = NULL;
   int nr = 0;
-
-  rc = o.data_dir && *o.data_dir ? load_npy(&o, &f, &steps) : load_gen(&o, &f);
-  if (rc) goto done;
-  uint32_t Hq = f.H * f.G, D = f.D;
-  if (!D || D > KVDEX_MAX_HEAD_DIM) {
-    rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: head_dim %u out of [1, %d]", D, KVDEX_MAX_HEAD_DIM);
-    goto done;
-  }
-  if (o.sinks + o.window >= f.n) {
-    rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: sinks + window (%llu) leave no tokens of %llu",
-                       (unsigned long long)(o.sinks + o.window), (unsigned long long)f.n);
-    goto done;
-  }
-  kvdex_shape shape = {1, f.H, Hq, D, o.block_tokens, o.dtype};
-  unsigned threads = o.threads;
-  if ((rc = kvdex_store_create(UINT64_MAX / 2, &store)) ||
-      (rc = kvdex_seq_create(store, "bench", "fidelity", &shape)) ||
-      (rc = kvdex_seq_open(store, "bench", "fidelity", &seq)) ||
-      (threads != 1 && (rc = kvdex_pool_create(threads ? threads - 1 : 0, &pool))) ||
-      (rc = kvdex_indexer_create(pool, 1, &ixr)) || (rc = kvdex_index_scratch_create(&ixs)) ||
-      (rc = kvdex_attend_scratch_create(&as)))
-    goto done;
-  if ((rc = fill_store(&o, &f, seq))) goto done;
-  free(f.k);
-  free(f.v);
-  f.k = f.v = NULL;
-
   uint32_t kmax = 0;
   for (int b = 0; b < nb; b++) kmax = budgets[b] > kmax ? budgets[b] : kmax;
-  uint64_t n_st = o.sinks + o.window;
-  q = malloc((size_t)Hq * D * sizeof(float));
-  o_ref = malloc((size_t)steps * Hq * D * sizeof(float));
-  lse_ref = malloc((size_t)steps * Hq * sizeof(float));
-  o_st = malloc((size_t)steps * Hq * D * sizeof(float));
-  lse_st = malloc((size_t)steps * Hq * sizeof(float));
-  o_a = malloc((size_t)Hq * D * sizeof(float));
-  lse_a = malloc((size_t)Hq * sizeof(float));
-  ids = malloc((size_t)Hq * kmax * sizeof(uint64_t));
-  idp = malloc((size_t)Hq * sizeof(*idp));
-  n_ids = malloc((size_t)Hq * sizeof(uint32_t));
-  st_ids = malloc((n_st + 1) * sizeof(uint64_t));
-  st_p = malloc((size_t)Hq * sizeof(*st_p));
-  st_n = malloc((size_t)Hq * sizeof(uint32_t));
-  lat = malloc((size_t)steps * sizeof(double));
-  errs = malloc((size_t)steps * Hq * sizeof(double));
-  rows = calloc((size_t)ns * nb, sizeof *rows);
-  if (!q || !o_ref || !lse_ref || !o_st || !lse_st || !o_a || !lse_a || !ids || !idp || !n_ids ||
-      !st_ids || !st_p || !st_n || !lat || !errs || !rows) {
+  if ((rc = frun_setup(&R, kmax)) || (rc = frun_reference(&R))) goto done;
+  if (!(rows = calloc((size_t)ns * nb, sizeof *rows))) {
     rc = kvdex__seterr(KVDEX_ENOMEM, "fidelity: out of memory");
     goto done;
   }
-  kvdex_attend_opts ao = {.scale = o.logit_scale};
-  for (uint64_t i = 0; i < o.sinks; i++) st_ids[i] = i;
-  for (uint64_t i = 0; i < o.window; i++) st_ids[o.sinks + i] = f.n - o.window + i;
-  for (uint32_t h = 0; h < Hq; h++) {
-    st_p[h] = st_ids;
-    st_n[h] = (uint32_t)n_st;
-    idp[h] = ids + (size_t)h * kmax;
-  }
-
-  /* The reference and the static part, once per step. */
-  for (uint32_t s = 0; s < steps; s++) {
-    for (uint32_t h = 0; h < Hq; h++)
-      memcpy(q + (size_t)h * D, f.test[h / f.G] + ((size_t)s * f.G + h % f.G) * D,
-             D * sizeof(float));
-    double t0 = kvdex_bench_now();
-    rc = kvdex_attend_dense(seq, 0, q, 0, 0, &ao, pool, as, o_ref + (size_t)s * Hq * D,
-                            lse_ref + (size_t)s * Hq);
-    lat[s] = (kvdex_bench_now() - t0) * 1e3;
-    if (rc || (rc = kvdex_attend_ids(seq, 0, q, st_p, st_n, &ao, pool, as,
-                                     o_st + (size_t)s * Hq * D, lse_st + (size_t)s * Hq)))
-      goto done;
-  }
-  double dense_p50 = pct(lat, steps, 0.5), dense_p99 = pct(lat, steps, 0.99);
+  double dense_p50 = pct(R.lat, R.steps, 0.5), dense_p99 = pct(R.lat, R.steps, 0.99);
   if (o.progress)
-    fprintf(o.progress, "bench fidelity: dense reference over %u steps: p50 %.2f ms\n", steps,
+    fprintf(o.progress, "bench fidelity: dense reference over %u steps: p50 %.2f ms\n", R.steps,
             dense_p50);
-
-  uint64_t eligible = f.n - n_st;
   for (int si = 0; si < ns; si++) {
     kvdex_indexer_info info;
-    const char *kind = "exact";
-    double build_s = 0;
-    uint64_t bytes = 0;
-    if (strncmp(specs[si], "exact", 5) != 0) {
-      if (o.progress)
-        fprintf(o.progress, "bench fidelity: [%d/%d] building %s\n", si + 1, ns, specs[si]);
-      if ((rc = kvdex_indexer_build(ixr, seq, 0, specs[si], NULL, NULL))) goto done;
-      for (;;) {
-        struct timespec ts = {0, 50 * 1000 * 1000};
-        nanosleep(&ts, NULL);
-        if ((rc = kvdex_indexer_info_get(ixr, seq, 0, &info))) goto done;
-        if (info.state != KVDEX_INDEXER_BUILDING) break;
-      }
-      if (info.state != KVDEX_INDEXER_READY) {
-        rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: building %s failed: %s", specs[si],
-                           info.error);
-        goto done;
-      }
-      kind = info.kind;
-      build_s = info.build_seconds;
-      bytes = info.memory_bytes;
-      if (o.progress)
-        fprintf(o.progress, "bench fidelity: [%d/%d] built %s in %.1f s (%s)\n", si + 1, ns,
-                specs[si], build_s, info.describe);
-    }
+    const char *kind;
+    frow tmpl = {0};
+    if ((rc = frun_build(&R, specs[si], si, ns, &kind, &info, &tmpl))) goto done;
     for (int b = 0; b < nb; b++) {
       frow *r = &rows[nr++];
+      *r = tmpl;
       snprintf(r->spec, sizeof r->spec, "%s", specs[si]);
       r->k = budgets[b];
-      r->build_s = build_s;
-      r->bytes = bytes;
-      double touched = 0, mass = 0;
-      for (uint32_t s = 0; s < steps; s++) {
-        for (uint32_t h = 0; h < Hq; h++)
-          memcpy(q + (size_t)h * D, f.test[h / f.G] + ((size_t)s * f.G + h % f.G) * D,
-                 D * sizeof(float));
-        kvdex_search_opts so = {.k = budgets[b], .sinks = (uint32_t)o.sinks,
-                                .window = (uint32_t)o.window};
-        const char *used = NULL;
-        double t0 = kvdex_bench_now();
-        rc = kvdex_indexer_search(ixr, seq, 0, q, &so, kind, NULL, ixs, &res, &used);
-        if (rc) goto done;
-        for (uint32_t h = 0; h < Hq; h++) {
-          n_ids[h] = res.heads[h].n_hits;
-          for (uint32_t i = 0; i < n_ids[h]; i++) idp[h][i] = res.heads[h].hits[i].id;
-          qsort(idp[h], n_ids[h], sizeof(uint64_t), cmp_u64);
-        }
-        rc = kvdex_attend_ids(seq, 0, q, (const uint64_t *const *)idp, n_ids, &ao, pool, as, o_a,
-                              lse_a);
-        lat[s] = (kvdex_bench_now() - t0) * 1e3;
-        if (rc) goto done;
-        snprintf(r->used, sizeof r->used, "%s", used);
-        touched += strcmp(used, "exact") == 0
-                       ? (double)res.keys_scanned / ((double)f.H * eligible)
-                       : (double)res.keys_scanned / ((double)Hq * eligible);
-        for (uint32_t h = 0; h < Hq; h++) {
-          float om[KVDEX_MAX_HEAD_DIM], lm;
-          const float *ref = o_ref + ((size_t)s * Hq + h) * D;
-          kvdex_attend_merge(o_a + (size_t)h * D, lse_a[h], o_st + ((size_t)s * Hq + h) * D,
-                             lse_st[(size_t)s * Hq + h], D, om, &lm);
-          double num = 0, den = 0;
-          for (uint32_t t = 0; t < D; t++) {
-            double dlt = (double)om[t] - ref[t];
-            num += dlt * dlt;
-            den += (double)ref[t] * ref[t];
-          }
-          double e = den > 0 ? sqrt(num / den) : sqrt(num);
-          errs[(size_t)s * Hq + h] = e;
-          mass += exp((double)lm - lse_ref[(size_t)s * Hq + h]);
-        }
-        /* needles whose query is this step's */
-        for (uint32_t g = 0; g < f.H; g++)
-          for (uint32_t i = 0; i < f.nn; i++) {
-            uint32_t row = f.needle_row[(size_t)g * f.nn + i];
-            if (row / f.G != s) continue;
-            uint32_t h = g * f.G + row % f.G;
-            uint64_t pos = f.needle_pos[(size_t)g * f.nn + i];
-            int hit = pos < o.sinks || pos >= f.n - o.window;
-            for (uint32_t j = 0; !hit && j < n_ids[h]; j++) hit = idp[h][j] == pos;
-            r->needles++;
-            r->needle_hits += (uint32_t)hit;
-          }
-      }
-      double sum = 0, mx = 0;
-      for (size_t i = 0; i < (size_t)steps * Hq; i++) {
-        sum += errs[i];
-        if (errs[i] > mx) mx = errs[i];
-      }
-      r->err_mean = sum / ((double)steps * Hq);
-      r->err_max = mx;
-      r->mass_mean = mass / ((double)steps * Hq);
-      r->touched = touched / steps;
-      r->p50_ms = pct(lat, steps, 0.5);
-      r->p99_ms = pct(lat, steps, 0.99);
-      if (o.progress)
-        fprintf(o.progress,
-                "bench fidelity: %s k=%u: rel_err %.3e, mass %.4f, touched %.3f%%, p99 %.2f ms\n",
-                r->spec, r->k, r->err_mean, r->mass_mean, 100 * r->touched, r->p99_ms);
+      if ((rc = frun_row(&R, kind, r))) goto done;
     }
   }
-  print_rows(&o, &f, steps, rows, nr, dense_p50, dense_p99, out);
+  print_rows(&o, &R.f, R.steps, rows, nr, dense_p50, dense_p99, out);
 
 done:
-  kvdex_indexer_destroy(ixr);
-  kvdex_search_result_free(&res);
-  kvdex_index_scratch_destroy(ixs);
-  kvdex_attend_scratch_destroy(as);
-  kvdex_seq_release(seq);
-  kvdex_store_destroy(store);
-  kvdex_pool_destroy(pool);
-  fdata_free(&f);
+  frun_free(&R);
   free(spec_buf);
-  free(q);
-  free(o_ref);
-  free(lse_ref);
-  free(o_st);
-  free(lse_st);
-  free(o_a);
-  free(lse_a);
-  free(ids);
-  free(idp);
-  free(n_ids);
-  free(st_ids);
-  free(st_p);
-  free(st_n);
-  free(lat);
-  free(errs);
   free(rows);
   return rc;
 }

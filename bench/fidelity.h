@@ -5,7 +5,7 @@
  * out-of-distribution generator (bench/gen.h, one generator run per kv head, its
  * prefill queries sent the way an engine sends them: kvdex_txn_append_q), or with
  * .npy data in `kvdex gen`'s layout (one kv head). For each index spec it builds the
- * layer's index with the indexer (workers/indexer.h: the code the server runs), then
+ * layer's index with the node engine (engine/node.h: the code the server runs), then
  * per decode step and per budget k:
  *   - the Attend part: the indexer's search for the top-k of [sinks, n - window) of
  *     every query head, then sparse attention over them (index/attend.h), timed

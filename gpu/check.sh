@@ -143,18 +143,18 @@ else
     fi
   done
 fi
-# ---- 4. the decode loop on the GPU: kvdex_gpu_worker (//gpu:kvdex_gpu_worker) ----
+# ---- 4. the decode loop on the GPU: kvdex_gpu_worker (//workers:kvdex_gpu_worker) ----
 # It links the whole client (gRPC, FAISS), so it is built with Bazel, or given prebuilt
 # as KVDEX_GPU_WORKER=path. Embedded store ("local:"), --index dense --check: the merged
 # output must equal dense attention within 1e-3; prints tokens/s and the time split.
 echo "== kvdex_gpu_worker (decode loop on the GPU, embedded store)"
 GW=${KVDEX_GPU_WORKER:-}
 if [ -z "$GW" ] && command -v bazel >/dev/null 2>&1; then
-  if timeout 600 bazel build //gpu:kvdex_gpu_worker >"$OUT/gpu_worker_build.log" 2>&1; then
-    GW=$(bazel cquery --output=files //gpu:kvdex_gpu_worker 2>/dev/null | head -1)
+  if timeout 600 bazel build //workers:kvdex_gpu_worker >"$OUT/gpu_worker_build.log" 2>&1; then
+    GW=$(bazel cquery --output=files //workers:kvdex_gpu_worker 2>/dev/null | head -1)
   else
     tail -20 "$OUT/gpu_worker_build.log"
-    echo "FAIL  build: //gpu:kvdex_gpu_worker"
+    echo "FAIL  build: //workers:kvdex_gpu_worker"
     rc=1
   fi
 fi

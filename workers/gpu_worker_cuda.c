@@ -1,5 +1,5 @@
 /* gpu_worker_cuda: the CUDA backend of the decode loop (gpu_worker.h) over the
- * kvdex_gpu_* kernels, and main() of the kvdex_gpu_worker binary (//gpu:kvdex_gpu_worker),
+ * kvdex_gpu_* kernels, and main() of the kvdex_gpu_worker binary (//workers:kvdex_gpu_worker),
  * which runs the `kvdex gpu-worker` command with it. Plain C: it calls gpu/gpu.h and
  * needs no CUDA header; it is only built where //gpu builds (nvcc present). All work
  * goes to the legacy default stream, so kvdex_gpu_copy (cudaMemcpy) orders after it.

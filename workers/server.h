@@ -1,7 +1,8 @@
 /* server: the kvdex gRPC server on the gRPC C core. Serves kvdex.v1.KVStore,
  * kvdex.v1.Retrieval and grpc.health.v1.Health over a kvdex_store, with one
  * completion queue per worker thread. It owns neither the store nor the pool; it
- * owns the indexer that runs BuildIndex in the background (workers/indexer.h).
+ * owns the node engine over them (engine/node.h), whose indexer runs BuildIndex in
+ * the background.
  * Signals and process lifetime belong to the caller (`kvdex serve` uses libuv).
  * From the first kvdex_server_start on, gRPC's own log lines go to KVDEX_LOG (its
  * errors at WARN, the rest at DEBUG).

@@ -1,5 +1,5 @@
 /* attend_op: the Attend and Retain operations of one layer of one sequence, as the
- * server (workers/server.c) and the embedded client (client/local.c) run them:
+ * node engine (engine/node.h) runs them for the server and the embedded client:
  * retrieval (the indexer's search, or the retained set) then sparse attention on the
  * CPU (index/attend.h), and SnapKV/InfiniRetri selection (index/retain.h) with an
  * optional retained set kept with the sequence.
@@ -22,7 +22,7 @@
 #include "index/index.h"
 #include "index/retain.h"
 #include "kvstore/kvstore.h"
-#include "workers/indexer.h"
+#include "engine/indexer.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -33,7 +33,7 @@ extern "C" {
 /* Most extra tokens one Attend may name. */
 #define KVDEX_ATTEND_MAX_EXTRA 65536
 
-/* Per-caller working memory (search result, id lists, scratches). */
+/* Per-caller working memory (search result, id lists, rows, the attention scratch). */
 typedef struct kvdex_attend_ctx kvdex_attend_ctx;
 int kvdex_attend_ctx_create(kvdex_attend_ctx **out /* OUT */);
 void kvdex_attend_ctx_destroy(kvdex_attend_ctx *ctx); /* NULL is a no-op */
@@ -57,6 +57,7 @@ typedef struct kvdex_attend_stats {
   uint64_t tokens;       /* committed tokens of the layer at the call */
   uint64_t attended;     /* tokens attended, summed over query heads */
   const char *used;      /* "exact", "dense", "retained" or the index kind (static) */
+  double seconds;        /* wall time of the call: retrieval + attention */
 } kvdex_attend_stats;
 
 /* One layer of one sequence: for every query head h (q f32 [n_q_heads][head_dim]) the
@@ -74,10 +75,12 @@ int kvdex_attend_layer(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const
                        float *lse /* OUT [n_q_heads] */, kvdex_attend_stats *stats /* OUT */);
 
 /* Search over the retained set: like kvdex_exact_search restricted to the retained
- * ids of each query head's kv head (minus sinks/window). KVDEX_ECONFLICT when the
- * layer has no retained set. */
+ * ids of each query head's kv head (minus sinks/window). ctx (may be NULL: one is
+ * made for the call) lends its row buffers. KVDEX_ECONFLICT when the layer has no
+ * retained set. */
 int kvdex_retained_search(kvdex_seq *seq, uint32_t layer, const float *q,
-                          const kvdex_search_opts *opts, kvdex_search_result *res /* OUT */);
+                          const kvdex_search_opts *opts, kvdex_attend_ctx *ctx,
+                          kvdex_search_result *res /* OUT */);
 
 /* Retain: kvdex_retain_select (index/retain.h) for one layer with q_obs f32
  * [n_obs][n_q_heads][head_dim]; ids OUT [n_kv_heads][budget] ascending per kv head,

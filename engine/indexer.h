@@ -11,8 +11,8 @@
  * KVDEX_INDEXER_SLOT_STATE, a small fixed record not counted against the cap, so that
  * a failed build leaves the accounting exactly as it was) records the state of the
  * layer's latest build.
- * Used by the gRPC server (workers/server.c) and the embedded client (client/local.c).
- * It owns its build threads, not the store or the pool. It never prints.
+ * Part of the node engine (engine/node.h), which the gRPC server and the embedded
+ * client call. It owns its build threads, not the store or the pool. It never prints.
  *
  * Threading: every function is thread-safe. A search holds a reference on the index
  * set it uses, so a rebuild or a delete never pulls it from under a search.
@@ -128,11 +128,11 @@ int kvdex_indexer_info_get(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer,
  * over query heads) plus the tail keys scanned (once per kv head). *used (may be
  * NULL) gets "exact" or the kind used (a static string). The kv heads are searched
  * in parallel on the indexer's pool, each task with an index scratch the indexer keeps
- * for reuse; `scratch` is no longer used (may be NULL). */
+ * for reuse. */
 int kvdex_indexer_search(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const float *q,
                          const kvdex_search_opts *opts, const char *index,
-                         const kvdex_index_params *params, kvdex_index_scratch *scratch,
-                         kvdex_search_result *res /* OUT */, const char **used /* OUT */);
+                         const kvdex_index_params *params, kvdex_search_result *res /* OUT */,
+                         const char **used /* OUT */);
 
 /* Checks a search's `index` argument without a sequence: 0 for NULL, "", "exact",
  * "auto" and known kinds, else KVDEX_EINVAL with a message. */

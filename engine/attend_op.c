@@ -1,16 +1,16 @@
 /* attend_op: Attend and Retain for one layer (see attend_op.h). */
-#include "workers/attend_op.h"
+#include "engine/attend_op.h"
 
 #include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "index/ann.h"
 #include "kvstore/base.h"
 
 struct kvdex_attend_ctx {
-  kvdex_index_scratch *ixs;
   kvdex_attend_scratch *as;
   kvdex_search_result res;
   uint64_t *ids;   /* [heads][cap_per] */
@@ -26,7 +26,7 @@ struct kvdex_attend_ctx {
 int kvdex_attend_ctx_create(kvdex_attend_ctx **out) {
   if (!out) return kvdex__seterr(KVDEX_EINVAL, "attend: NULL out");
   kvdex_attend_ctx *c = calloc(1, sizeof *c);
-  if (!c || kvdex_index_scratch_create(&c->ixs) || kvdex_attend_scratch_create(&c->as)) {
+  if (!c || kvdex_attend_scratch_create(&c->as)) {
     kvdex_attend_ctx_destroy(c);
     return kvdex__seterr(KVDEX_ENOMEM, "attend: out of memory");
   }
@@ -36,7 +36,6 @@ int kvdex_attend_ctx_create(kvdex_attend_ctx **out) {
 
 void kvdex_attend_ctx_destroy(kvdex_attend_ctx *c) {
   if (!c) return;
-  kvdex_index_scratch_destroy(c->ixs);
   kvdex_attend_scratch_destroy(c->as);
   kvdex_search_result_free(&c->res);
   free(c->ids);
@@ -200,28 +199,35 @@ oom:
 }
 
 int kvdex_retained_search(kvdex_seq *seq, uint32_t layer, const float *q,
-                          const kvdex_search_opts *opts, kvdex_search_result *res) {
+                          const kvdex_search_opts *opts, kvdex_attend_ctx *ctx,
+                          kvdex_search_result *res) {
   if (!seq) return kvdex__seterr(KVDEX_EINVAL, "search: NULL sequence");
-  kvdex_attend_ctx *c;
-  int rc = kvdex_attend_ctx_create(&c);
+  kvdex_attend_ctx *c = ctx;
+  int rc = c ? KVDEX_OK : kvdex_attend_ctx_create(&c);
   if (rc) return rc;
   uint32_t b = kvdex_retained_budget(seq, layer);
-  if ((rc = ctx_ids(c, 1, b ? b : 1))) {
-    kvdex_attend_ctx_destroy(c);
-    return kvdex__seterr(KVDEX_ENOMEM, "search: out of memory");
-  }
-  rc = retained_search(seq, layer, q, opts, c, res);
-  kvdex_attend_ctx_destroy(c);
+  if ((rc = ctx_ids(c, 1, b ? b : 1)))
+    rc = kvdex__seterr(KVDEX_ENOMEM, "search: out of memory");
+  else
+    rc = retained_search(seq, layer, q, opts, c, res);
+  if (c != ctx) kvdex_attend_ctx_destroy(c);
   return rc;
 }
 
 /* ---- Attend --------------------------------------------------------------------- */
+
+static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 int kvdex_attend_layer(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const float *q,
                        const kvdex_attend_req *req, kvdex_pool *pool, kvdex_attend_ctx *c,
                        float *o, float *lse, kvdex_attend_stats *stats) {
   if (!seq || !q || !req || !c || !o || !lse)
     return kvdex__seterr(KVDEX_EINVAL, "attend: NULL argument");
+  const double t0 = now_seconds();
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   if (layer >= sh->n_layers)
     return kvdex__seterr(KVDEX_EINVAL, "attend: layer %u out of [0, %u)", layer, sh->n_layers);
@@ -251,7 +257,7 @@ int kvdex_attend_layer(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const
       return kvdex__seterr(KVDEX_EINVAL, "attend: query element %zu (head %zu) is not finite", i,
                            i / d);
   kvdex_attend_opts ao = {.scale = req->scale};
-  kvdex_attend_stats st = {0, n, 0, "dense"};
+  kvdex_attend_stats st = {0, n, 0, "dense", 0};
   int rc;
   if (req->dense) {
     if ((rc = kvdex_attend_dense(seq, layer, q, lo, req->window, &ao, pool, c->as, o, lse)))
@@ -266,6 +272,7 @@ int kvdex_attend_layer(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const
         st.attended += eligible;
       }
     }
+    st.seconds = now_seconds() - t0;
     if (stats) *stats = st;
     return 0;
   }
@@ -283,8 +290,7 @@ int kvdex_attend_layer(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const
     rc = retained_search(seq, layer, q, &so, c, &c->res);
     st.used = "retained";
   } else {
-    rc = kvdex_indexer_search(ixr, seq, layer, q, &so, index, req->params, c->ixs, &c->res,
-                              &st.used);
+    rc = kvdex_indexer_search(ixr, seq, layer, q, &so, index, req->params, &c->res, &st.used);
   }
   if (rc) return rc;
   st.keys_touched = c->res.keys_scanned;
@@ -307,6 +313,7 @@ int kvdex_attend_layer(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const
   }
   if ((rc = kvdex_attend_ids(seq, layer, q, c->idp, c->n_ids, &ao, pool, c->as, o, lse)))
     return rc;
+  st.seconds = now_seconds() - t0;
   if (stats) *stats = st;
   return 0;
 }

@@ -14,7 +14,7 @@
  * layer's state fields. A request locks the states of its layers in ascending layer
  * order (all of them at once, to be all or nothing), never while holding ixr->mu.
  */
-#include "workers/indexer.h"
+#include "engine/indexer.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -772,8 +772,8 @@ int kvdex_indexer_check_index(const char *index) {
 
 int kvdex_indexer_search(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const float *q,
                          const kvdex_search_opts *opts, const char *index,
-                         const kvdex_index_params *params, kvdex_index_scratch *scratch,
-                         kvdex_search_result *res, const char **used) {
+                         const kvdex_index_params *params, kvdex_search_result *res,
+                         const char **used) {
   if (used) *used = "exact";
   if (!ixr || !seq || !q || !opts || !res)
     return kvdex__seterr(KVDEX_EINVAL, "search: NULL argument");
@@ -813,7 +813,6 @@ int kvdex_indexer_search(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, con
     kvdex_attachment_release(xatt);
     return kvdex_exact_search(seq, layer, q, opts, ixr->pool, res);
   }
-  (void)scratch; /* the per-kv-head tasks take theirs from the indexer's (kept for reuse) */
   rc = search_set(ixr, seq, layer, set, q, opts, params, res);
   if (!rc && used) *used = kvdex_index_kind(set->ix[0]);
   kvdex_attachment_release(xatt);
