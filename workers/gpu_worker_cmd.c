@@ -24,7 +24,7 @@ static const char USAGE[] =
     "store's Attend for the rest, merges the two partials by LSE, appends the new\n"
     "token's K/V to the store, and reports tokens/s and the time per phase. --cpu runs\n"
     "the same loop on the kernels' CPU twins; without it the CUDA build is needed\n"
-    "(bazel build //gpu:kvdex_gpu_worker). --check compares every output with dense\n"
+    "(bazel build //workers:kvdex_gpu_worker). --check compares every output with dense\n"
     "attention (f64); with --index dense it must match within --tolerance.\n"
     "Exit: 0 ok, 1 failure or --check over tolerance, 2 bad options, 3 no usable GPU.";
 
@@ -111,8 +111,8 @@ int kvdex_gpu_worker_main(int argc, char **argv, const kvdex_gw_backend *gpu,
     if (!gpu) {
       fprintf(stderr,
               "%s: GPU mode needs the CUDA build of the worker, which this binary does not "
-              "link: build and run kvdex_gpu_worker (bazel build //gpu:kvdex_gpu_worker; "
-              "bazel-bin/gpu/kvdex_gpu_worker gpu-worker ...), or pass --cpu to run the same "
+              "link: build and run kvdex_gpu_worker (bazel build //workers:kvdex_gpu_worker; "
+              "bazel-bin/workers/kvdex_gpu_worker gpu-worker ...), or pass --cpu to run the same "
               "loop on the CPU twins\n",
               prog);
       exit_code = 2;

@@ -1,7 +1,7 @@
 /* gpu_worker_cmd: the `kvdex gpu-worker` command around the decode loop of
  * gpu_worker.h — settings, connecting to the store, the report (tokens/s and the time
  * split), --check. Shared by the `kvdex` binary (CPU twins only, no CUDA linked) and
- * //gpu:kvdex_gpu_worker (the same command on the CUDA kernels).
+ * //workers:kvdex_gpu_worker (the same command on the CUDA kernels).
  */
 #ifndef KVDEX_GPU_WORKER_CMD_H
 #define KVDEX_GPU_WORKER_CMD_H

@@ -146,7 +146,7 @@ class GpuWorkerCliTest(unittest.TestCase):
         r = run("gpu-worker", "--uri", self.srv.uri, *SHAPE)
         self.assertEqual(r.returncode, 2)
         self.assertIn("GPU mode needs the CUDA build", r.stderr)
-        self.assertIn("//gpu:kvdex_gpu_worker", r.stderr)
+        self.assertIn("//workers:kvdex_gpu_worker", r.stderr)
         self.assertIn("--cpu", r.stderr)
 
     def test_help(self):
