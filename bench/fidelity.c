@@ -517,7 +517,7 @@ static int frun_reference(frun *R) {
 /* Builds spec (unless exact) and waits for it: *kind, the build's time and bytes
  * into r's template fields. */
 static int frun_build(frun *R, const char *spec, int si, int ns, const char **kind,
-                      kvdex_indexer_info *info, frow *tmpl) {
+                      kvdex_layer_index *info, frow *tmpl) {
   FILE *progress = R->o->progress;
   *kind = "exact";
   if (strncmp(spec, "exact", 5) == 0) return 0;
@@ -528,9 +528,9 @@ static int frun_build(frun *R, const char *spec, int si, int ns, const char **ki
     struct timespec ts = {0, 50 * 1000 * 1000};
     nanosleep(&ts, NULL);
     if ((rc = kvdex_node_index_info(R->node, R->seq, 0, info))) return rc;
-    if (info->state != KVDEX_INDEXER_BUILDING) break;
+    if (info->state != KVDEX_INDEX_BUILDING) break;
   }
-  if (info->state != KVDEX_INDEXER_READY)
+  if (info->state != KVDEX_INDEX_READY)
     return kvdex__seterr(KVDEX_EINVAL, "fidelity: building %s failed: %s", spec, info->error);
   *kind = info->kind;
   tmpl->build_s = info->build_seconds;
@@ -664,7 +664,7 @@ int kvdex_bench_fidelity(const kvdex_fidelity_opts *in, FILE *out) {
     fprintf(o.progress, "bench fidelity: dense reference over %u steps: p50 %.2f ms\n", R.steps,
             dense_p50);
   for (int si = 0; si < ns; si++) {
-    kvdex_indexer_info info;
+    kvdex_layer_index info;
     const char *kind;
     frow tmpl = {0};
     if ((rc = frun_build(&R, specs[si], si, ns, &kind, &info, &tmpl))) goto done;

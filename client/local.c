@@ -37,25 +37,9 @@ static int local_del(kvdex_db *db, const char *seq_id, uint64_t *bytes_freed) {
   return kvdex_node_delete_seq(node_of(db), db->ns, seq_id, bytes_freed);
 }
 
-/* The node's info as kvdex_seq_info: the per-layer arrays are handed over as they are,
- * the index states copied into the public struct. */
-static int info_to_public(kvdex_node_info *ni, kvdex_seq_info *info) {
-  kvdex_layer_index *ix = NULL;
-  if (ni->n_indexes && !(ix = calloc(ni->n_indexes, sizeof *ix)))
-    return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
-  for (uint32_t i = 0; i < ni->n_indexes; i++) {
-    const kvdex_indexer_info *ii = &ni->indexes[i].info;
-    kvdex_layer_index *li = &ix[i];
-    li->layer = ni->indexes[i].layer;
-    li->state = ii->state;
-    snprintf(li->spec, sizeof li->spec, "%s", ii->spec);
-    snprintf(li->error, sizeof li->error, "%s", ii->error);
-    snprintf(li->kind, sizeof li->kind, "%s", ii->kind);
-    snprintf(li->describe, sizeof li->describe, "%s", ii->describe);
-    li->build_seconds = ii->build_seconds;
-    li->memory_bytes = ii->memory_bytes;
-    li->tokens = ii->tokens;
-  }
+/* The node's info as kvdex_seq_info: the arrays are handed over as they are (the
+ * index records are the public kvdex_layer_index already). */
+static void info_to_public(kvdex_node_info *ni, kvdex_seq_info *info) {
   info->shape = ni->shape;
   info->bytes = ni->bytes;
   info->n_layers = ni->shape.n_layers;
@@ -63,9 +47,10 @@ static int info_to_public(kvdex_node_info *ni, kvdex_seq_info *info) {
   info->layer_query_tokens = ni->layer_query_tokens;
   info->layer_landmark_blocks = ni->layer_landmark_blocks;
   info->n_indexes = ni->n_indexes;
-  info->indexes = ix;
+  info->indexes = ni->indexes;
   ni->layer_tokens = ni->layer_query_tokens = ni->layer_landmark_blocks = NULL;
-  return KVDEX_OK;
+  ni->indexes = NULL;
+  ni->n_indexes = 0;
 }
 
 static int local_stat(kvdex_db *db, const char *seq_id, kvdex_seq_info *info) {
@@ -75,7 +60,7 @@ static int local_stat(kvdex_db *db, const char *seq_id, kvdex_seq_info *info) {
   kvdex_node_info ni;
   rc = kvdex_node_stat(node_of(db), seq, &ni);
   kvdex_seq_release(seq);
-  if (!rc) rc = info_to_public(&ni, info);
+  if (!rc) info_to_public(&ni, info);
   kvdex_node_info_free(&ni);
   return rc;
 }
@@ -205,7 +190,7 @@ static int local_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, c
   int rc = kvdex_node_open(node_of(db), db->ns, seq_id, 0, &seq);
   if (rc) return rc;
   rc = kvdex_node_build_index(node_of(db), seq,
-                              layer == KVDEX_ALL_LAYERS ? KVDEX_INDEXER_ALL_LAYERS : layer, spec,
+                              layer == KVDEX_ALL_LAYERS ? KVDEX_ALL_LAYERS : layer, spec,
                               NULL, NULL);
   kvdex_seq_release(seq);
   return rc;

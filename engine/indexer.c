@@ -46,7 +46,7 @@ static void ix_set_free(void *p) {
 
 typedef struct ix_state {
   pthread_mutex_t mu;
-  int state; /* kvdex_indexer_state */
+  int state; /* kvdex_index_state */
   bool busy; /* a build is queued or running */
   char spec[KVDEX_INDEXER_TEXT];
   char error[KVDEX_INDEXER_TEXT];
@@ -178,7 +178,7 @@ static int job_run(kvdex_indexer *ixr, ix_job *job, char *err, size_t err_len) {
                "%s: layer %u has no landmarks (landmark:mode=given indexes the blocks whose "
                "landmark keys were appended with their tokens, AppendKVRequest.landmarks)",
                status_name(KVDEX_ECONFLICT), job->layer);
-      return KVDEX_INDEXER_FAILED;
+      return KVDEX_INDEX_FAILED;
     }
     n = n_lm * B;
   }
@@ -186,13 +186,13 @@ static int job_run(kvdex_indexer *ixr, ix_job *job, char *err, size_t err_len) {
   if (n_lm && !(lms = malloc((size_t)n_lm * sh->head_dim * sizeof *lms))) {
     snprintf(err, err_len, "%s: out of memory for %llu landmarks", status_name(KVDEX_ENOMEM),
              (unsigned long long)n_lm);
-    return KVDEX_INDEXER_FAILED;
+    return KVDEX_INDEX_FAILED;
   }
   ix_set *set = calloc(1, sizeof *set + n_kv * sizeof(kvdex_index *));
   if (!set) {
     free(lms);
     snprintf(err, err_len, "%s: out of memory", status_name(KVDEX_ENOMEM));
-    return KVDEX_INDEXER_FAILED;
+    return KVDEX_INDEX_FAILED;
   }
   set->n_kv = n_kv;
   set->tokens = n;
@@ -203,7 +203,7 @@ static int job_run(kvdex_indexer *ixr, ix_job *job, char *err, size_t err_len) {
       snprintf(err, err_len, "CANCELLED: the indexer was stopped");
       free(lms);
       ix_set_free(set);
-      return KVDEX_INDEXER_FAILED;
+      return KVDEX_INDEX_FAILED;
     }
     kvdex_kv_view view;
     float *train = NULL;
@@ -234,7 +234,7 @@ static int job_run(kvdex_indexer *ixr, ix_job *job, char *err, size_t err_len) {
       snprintf(err, err_len, "%s: kv head %u: %s", status_name(rc), h, kvdex_errmsg());
       free(lms);
       ix_set_free(set);
-      return KVDEX_INDEXER_FAILED;
+      return KVDEX_INDEX_FAILED;
     }
     memory += kvdex_index_memory(set->ix[h]);
   }
@@ -249,17 +249,17 @@ static int job_run(kvdex_indexer *ixr, ix_job *job, char *err, size_t err_len) {
              status_name(rc), job->layer,
              (unsigned long long)memory, kvdex_errmsg());
     ix_set_free(set);
-    return KVDEX_INDEXER_FAILED;
+    return KVDEX_INDEX_FAILED;
   }
   KVDEX_LOG(KVDEX_LOG_DEBUG, "indexer: %s/%s layer %u: %s over %llu tokens in %.3f s, %llu bytes",
             kvdex_seq_namespace(seq), kvdex_seq_id(seq), job->layer, set->describe,
             (unsigned long long)n, set->build_seconds, (unsigned long long)memory);
-  return KVDEX_INDEXER_READY;
+  return KVDEX_INDEX_READY;
 discard: /* the sequence was deleted: nobody will look at the state again */
   free(lms);
   ix_set_free(set);
   snprintf(err, err_len, "NOT_FOUND: discarded, the sequence was deleted");
-  return KVDEX_INDEXER_FAILED;
+  return KVDEX_INDEX_FAILED;
 }
 
 static void *builder_main(void *arg) {
@@ -314,7 +314,7 @@ void kvdex_indexer_destroy(kvdex_indexer *ixr) {
   pthread_mutex_unlock(&ixr->mu);
   while (queued) {
     ix_job *next = queued->next;
-    job_finish(queued, KVDEX_INDEXER_FAILED, "CANCELLED: the indexer was stopped");
+    job_finish(queued, KVDEX_INDEX_FAILED, "CANCELLED: the indexer was stopped");
     queued = next;
   }
   for (unsigned i = 0; i < ixr->n_threads; i++) pthread_join(ixr->threads[i], NULL);
@@ -374,7 +374,7 @@ int kvdex_indexer_build(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, cons
   if (rc) return kvdex__preerr(rc, "build_index");
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   uint32_t lo = layer, hi = layer + 1;
-  if (layer == KVDEX_INDEXER_ALL_LAYERS) {
+  if (layer == KVDEX_ALL_LAYERS) {
     lo = 0;
     hi = sh->n_layers;
   } else if (layer >= sh->n_layers) {
@@ -445,7 +445,7 @@ int kvdex_indexer_build(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, cons
       ix_state *st = kvdex_attachment_obj(u->satt);
       if (!rc) {
         st->busy = true;
-        st->state = KVDEX_INDEXER_BUILDING;
+        st->state = KVDEX_INDEX_BUILDING;
         snprintf(st->spec, sizeof st->spec, "%s", spec);
         st->error[0] = 0;
       }
@@ -476,7 +476,7 @@ int kvdex_indexer_build(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, cons
   if (stop) {
     while (jobs) {
       ix_job *next = jobs->next;
-      job_finish(jobs, KVDEX_INDEXER_FAILED, "CANCELLED: the indexer was stopped");
+      job_finish(jobs, KVDEX_INDEX_FAILED, "CANCELLED: the indexer was stopped");
       jobs = next;
     }
     return kvdex__seterr(KVDEX_EUNAVAIL, "build_index: the indexer is stopping");
@@ -488,9 +488,10 @@ int kvdex_indexer_build(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, cons
 /* ---- state --------------------------------------------------------------------------- */
 
 int kvdex_indexer_info_get(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer,
-                           kvdex_indexer_info *out) {
+                           kvdex_layer_index *out) {
   if (!out) return kvdex__seterr(KVDEX_EINVAL, "index_info: out is NULL");
   memset(out, 0, sizeof *out);
+  out->layer = layer;
   if (!seq) return kvdex__seterr(KVDEX_EINVAL, "index_info: sequence is NULL");
   kvdex_attachment *satt = NULL, *xatt = NULL;
   int rc = kvdex_attachment_get(seq, layer, KVDEX_INDEXER_SLOT_STATE, &satt);
@@ -509,7 +510,7 @@ int kvdex_indexer_info_get(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer,
   }
   if (xatt) {
     const ix_set *set = kvdex_attachment_obj(xatt);
-    if (out->state == KVDEX_INDEXER_NONE) out->state = KVDEX_INDEXER_READY;
+    if (out->state == KVDEX_INDEX_NONE) out->state = KVDEX_INDEX_READY;
     snprintf(out->kind, sizeof out->kind, "%s", kvdex_index_kind(set->ix[0]));
     memcpy(out->describe, set->describe, sizeof out->describe);
     out->build_seconds = set->build_seconds;
@@ -797,7 +798,7 @@ int kvdex_indexer_search(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, con
     if ((rc = kvdex_indexer_check_index(index)) != KVDEX_OK) {
       rc = kvdex__preerr(rc, "search");
     } else {
-      kvdex_indexer_info info;
+      kvdex_layer_index info;
       kvdex_indexer_info_get(ixr, seq, layer, &info);
       static const char *const names[] = {"none", "building", "ready", "failed"};
       rc = kvdex__seterr(KVDEX_ECONFLICT,

@@ -35,10 +35,9 @@ extern "C" {
 #define KVDEX_INDEXER_SLOT_SET 0   /* the ready index set: what searches use */
 #define KVDEX_INDEXER_SLOT_STATE 1 /* the state of the latest build */
 
-/* `layer` value of kvdex_indexer_build meaning every layer that has tokens. */
-#define KVDEX_INDEXER_ALL_LAYERS UINT32_MAX
 
-/* Longest spec accepted (index/ann.c's limit), and the size of the text fields below. */
+/* Longest spec accepted (index/ann.c's limit) plus its NUL: the size of
+ * kvdex_layer_index's text fields. */
 #define KVDEX_INDEXER_TEXT 512
 
 typedef struct kvdex_indexer kvdex_indexer;
@@ -58,7 +57,7 @@ int kvdex_indexer_create(kvdex_pool *pool, unsigned n_threads, kvdex_indexer **o
 void kvdex_indexer_destroy(kvdex_indexer *ixr);
 
 /* Queues a build of `layer` (or of every layer with tokens, for
- * KVDEX_INDEXER_ALL_LAYERS) of seq with `spec` (ann.h: "graph:degree=32",
+ * KVDEX_ALL_LAYERS) of seq with `spec` (ann.h: "graph:degree=32",
  * "ivf:nlist=256", "hnsw:M=32", "landmark:mode=minmax", ...) and returns at once; the
  * layers show BUILDING from here on. The build covers the tokens committed when it
  * starts, except "landmark:mode=given": it covers the complete blocks that have
@@ -82,35 +81,12 @@ int kvdex_indexer_build(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, cons
                         uint32_t *layers /* OUT, room for n_layers, may be NULL */,
                         uint32_t *n_queued /* OUT, may be NULL */);
 
-/* States of a layer's latest build (values equal the wire enum kvdex.v1.IndexState). */
-typedef enum kvdex_indexer_state {
-  KVDEX_INDEXER_NONE = 0,     /* never built */
-  KVDEX_INDEXER_BUILDING = 1, /* queued or running */
-  KVDEX_INDEXER_READY = 2,
-  KVDEX_INDEXER_FAILED = 3,
-} kvdex_indexer_state;
 
-typedef struct kvdex_indexer_info {
-  int state;                        /* kvdex_indexer_state of the latest build */
-  char spec[KVDEX_INDEXER_TEXT];    /* the latest build's spec, as requested */
-  char error[KVDEX_INDEXER_TEXT];   /* FAILED: why, after a status name ("INVALID_ARGUMENT:
-                                       kv head 0: ...", "RESOURCE_EXHAUSTED: ...",
-                                       "CANCELLED: ...") */
-  /* The ready index set searches use ("" / 0 when none; during a rebuild, or after a
-   * failed one, the previous set): */
-  char kind[32];                    /* "graph", "ivf", ... */
-  char describe[KVDEX_INDEXER_TEXT];/* kvdex_index_describe of kv head 0: normalised
-                                       spec and build notes */
-  double build_seconds;             /* wall time of its build */
-  uint64_t memory_bytes;            /* bytes it holds (all kv heads), as accounted */
-  uint64_t tokens;                  /* tokens it covers (the layer's length at build;
-                                       landmark:mode=given: its blocks with landmarks) */
-} kvdex_indexer_info;
-
-/* Fills *out for one layer (zeroed, state NONE, when nothing was ever built).
- * KVDEX_EINVAL for a bad layer. */
+/* Fills *out for one layer (kvdex_layer_index of <kvdex/kvdex_base.h>, the record
+ * kvdex_stat reports: zeroed but for `layer`, state KVDEX_INDEX_NONE, when nothing was
+ * ever built). KVDEX_EINVAL for a bad layer. */
 int kvdex_indexer_info_get(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer,
-                           kvdex_indexer_info *out /* OUT */);
+                           kvdex_layer_index *out /* OUT */);
 
 /* Top-k for all query heads of one layer, like kvdex_exact_search (same q layout,
  * options, result and errors), choosing how by `index`:

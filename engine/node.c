@@ -190,13 +190,11 @@ int kvdex_node_stat(kvdex_node *node, kvdex_seq *seq, kvdex_node_info *out) {
   }
   /* Layers that have had a build; the array is sized at the first of them. */
   for (uint32_t l = 0; l < nl; l++) {
-    kvdex_indexer_info ii;
-    if (kvdex_indexer_info_get(node->indexer, seq, l, &ii) || ii.state == KVDEX_INDEXER_NONE)
+    kvdex_layer_index ii;
+    if (kvdex_indexer_info_get(node->indexer, seq, l, &ii) || ii.state == KVDEX_INDEX_NONE)
       continue;
     if (!out->indexes && !(out->indexes = malloc((nl - l) * sizeof *out->indexes))) goto oom;
-    out->indexes[out->n_indexes].layer = l;
-    out->indexes[out->n_indexes].info = ii;
-    out->n_indexes++;
+    out->indexes[out->n_indexes++] = ii;
   }
   out->bytes = kvdex_seq_bytes(seq);
   out->importing = kvdex_seq_importing(seq) != 0;
@@ -374,7 +372,7 @@ int kvdex_node_build_index(kvdex_node *node, kvdex_seq *seq, uint32_t layer, con
 }
 
 int kvdex_node_index_info(kvdex_node *node, kvdex_seq *seq, uint32_t layer,
-                          kvdex_indexer_info *out) {
+                          kvdex_layer_index *out) {
   return kvdex_indexer_info_get(node->indexer, seq, layer, out);
 }
 

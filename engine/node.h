@@ -94,12 +94,6 @@ int kvdex_node_open(kvdex_node *node, const char *ns, const char *seq_id, int hi
 /* Makes a hidden sequence visible (a no-op for a visible one). */
 void kvdex_node_publish(kvdex_node *node, kvdex_seq *seq);
 
-/* The index state of one layer, in kvdex_node_info. */
-typedef struct kvdex_node_layer_index {
-  uint32_t layer;
-  kvdex_indexer_info info;
-} kvdex_node_layer_index;
-
 /* What kvdex_node_stat tells of a sequence. The arrays are malloc'd and owned by the
  * info (kvdex_node_info_free), so a caller may take one over and set it to NULL. */
 typedef struct kvdex_node_info {
@@ -110,7 +104,7 @@ typedef struct kvdex_node_info {
   uint64_t *layer_query_tokens;    /* shape.n_layers: tokens whose prefill queries are kept */
   uint64_t *layer_landmark_blocks; /* shape.n_layers: blocks with landmark keys */
   uint32_t n_indexes;
-  kvdex_node_layer_index *indexes; /* layers that have had a build, ascending (or NULL) */
+  kvdex_layer_index *indexes;       /* layers that have had a build, ascending (or NULL) */
 } kvdex_node_info;
 
 /* Fills *out (zeroed first). KVDEX_ENOMEM (nothing to free then). */
@@ -178,14 +172,14 @@ int kvdex_node_read_landmarks(kvdex_node *node, kvdex_seq *seq, uint32_t layer,
 /* ---- retrieval -------------------------------------------------------------------- */
 
 /* Queues an index build: kvdex_indexer_build (engine/indexer.h) on the node's indexer,
- * same layers (KVDEX_INDEXER_ALL_LAYERS = every layer with tokens), OUTs and errors. */
+ * same layers (KVDEX_ALL_LAYERS = every layer with tokens), OUTs and errors. */
 int kvdex_node_build_index(kvdex_node *node, kvdex_seq *seq, uint32_t layer, const char *spec,
                            uint32_t *layers /* OUT, room for n_layers, may be NULL */,
                            uint32_t *n_queued /* OUT, may be NULL */);
 
 /* The state of a layer's latest build (kvdex_indexer_info_get). */
 int kvdex_node_index_info(kvdex_node *node, kvdex_seq *seq, uint32_t layer,
-                          kvdex_indexer_info *out /* OUT */);
+                          kvdex_layer_index *out /* OUT */);
 
 /* Checks a search/attend `index` argument before any sequence is looked at: NULL, "",
  * "exact", "auto", "retained" and known kinds pass; KVDEX_EINVAL otherwise. */

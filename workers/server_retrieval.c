@@ -24,18 +24,18 @@ void kvdex__srv_do_pending_sweep(kvdex_server *srv) {
   for (kvdex__pending **pp = &srv->pending; *pp;) {
     kvdex__pending *p = *pp;
     kvdex_seq *seq = NULL;
-    kvdex_indexer_info ii;
-    int state = KVDEX_INDEXER_NONE;
+    kvdex_layer_index ii;
+    int state = KVDEX_INDEX_NONE;
     if (kvdex_node_open(srv->node, p->ns, p->id, 1, &seq) == KVDEX_OK &&
         kvdex_node_index_info(srv->node, seq, p->layer, &ii) == KVDEX_OK)
       state = ii.state;
     kvdex_seq_release(seq);
-    if (state == KVDEX_INDEXER_BUILDING) {
+    if (state == KVDEX_INDEX_BUILDING) {
       pp = &p->next;
       continue;
     }
-    if (state == KVDEX_INDEXER_READY) ready++;
-    if (state == KVDEX_INDEXER_FAILED) failed++;
+    if (state == KVDEX_INDEX_READY) ready++;
+    if (state == KVDEX_INDEX_FAILED) failed++;
     *pp = p->next;
     free(p->ns);
     free(p->id);
@@ -264,8 +264,8 @@ int kvdex__srv_do_build(kvdex__call *c) {
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
   int rc = kvdex__srv_open(c->w, req->seq, "seq", 1, &seq);
-  uint32_t layer = req->all_layers ? KVDEX_INDEXER_ALL_LAYERS : req->layer;
-  if (!rc && !req->all_layers && req->layer == KVDEX_INDEXER_ALL_LAYERS)
+  uint32_t layer = req->all_layers ? KVDEX_ALL_LAYERS : req->layer;
+  if (!rc && !req->all_layers && req->layer == KVDEX_ALL_LAYERS)
     rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (set all_layers for every layer)",
                        req->layer);
   uint32_t n = 0, *layers = NULL;

@@ -45,11 +45,11 @@ static int kvdex__info_to_pb(kvdex__arena *a, kvdex_seq *seq, const kvdex_node_i
       !(info->indexes = kvdex__srv_arena_alloc(a, sizeof(*info->indexes) * ni->n_indexes)))
     return KVDEX_ENOMEM;
   for (uint32_t i = 0; i < ni->n_indexes; i++) {
-    const kvdex_indexer_info *ii = &ni->indexes[i].info;
+    const kvdex_layer_index *ii = &ni->indexes[i];
     Kvdex__V1__LayerIndex *li = kvdex__srv_arena_alloc(a, sizeof *li);
     if (!li) return KVDEX_ENOMEM;
     kvdex__v1__layer_index__init(li);
-    li->layer = ni->indexes[i].layer;
+    li->layer = ii->layer;
     li->state = (Kvdex__V1__IndexState)ii->state;
     li->spec = kvdex__srv_arena_strdup(a, ii->spec);
     li->error = kvdex__srv_arena_strdup(a, ii->error);
