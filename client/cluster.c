@@ -150,7 +150,8 @@ typedef int (*write_fn)(kvdex_db *sub, void *arg, int first);
 /* Runs fn on every owner of seq_id. Unreachable owners, and owners that answer
  * NOT_FOUND while another owner succeeds (a restarted node), are skipped and hinted;
  * any other refusal is the call's error. */
-static int write_owners(kvdex__cluster *c, const char *what, const char *id, write_fn fn, void *arg) {
+static int write_owners(kvdex__cluster *c, const char *what, const char *id, write_fn fn,
+                        void *arg) {
   kvdex__cl_node *r[KVDEX__MAX_NODES];
   size_t n = kvdex__cl_rank(c, c->base.ns, id, r), owners = kvdex__cl_n_owners(c, n);
   int64_t now = kvdex__cl_now_ms();
@@ -369,7 +370,8 @@ static int lagging(int rc) {
   /* EBUSY: another stream holds the owner's copy (e.g. a repair copying into it); the
    * others take this one and the owner is repaired again later. Two writers of one
    * sequence get EBUSY from every owner, which fails the stream as it should. */
-  return kvdex__cl_is_transport(rc) || rc == KVDEX_ENOTFOUND || rc == KVDEX_ECONFLICT || rc == KVDEX_EBUSY;
+  return kvdex__cl_is_transport(rc) || rc == KVDEX_ENOTFOUND || rc == KVDEX_ECONFLICT ||
+         rc == KVDEX_EBUSY;
 }
 
 static int cl_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **out) {
@@ -933,8 +935,10 @@ static int parse_params(kvdex__cluster *c, const char *q, const char *uri) {
       if (v > 1) return kvdex__seterr(KVDEX_EINVAL, "tls=%llu must be 0 or 1", v);
       c->tls = (int)v;
     } else {
-      return kvdex__seterr(KVDEX_EINVAL, "unknown parameter \"%s\" in \"%.200s\" "
-                           "(known: replicas, auto_repair_ms%s)", kv, uri, c->dns ? ", resolve_ms, tls" : "");
+      return kvdex__seterr(KVDEX_EINVAL,
+                           "unknown parameter \"%s\" in \"%.200s\" "
+                           "(known: replicas, auto_repair_ms%s)",
+                           kv, uri, c->dns ? ", resolve_ms, tls" : "");
     }
     q = amp ? amp + 1 : NULL;
   }

@@ -82,7 +82,9 @@ static int repair_hint(kvdex__cluster *c, const kvdex__cl_hint *h) {
   size_t n = kvdex__cl_rank(c, h->ns, h->id, r);
   int tried = 0, missing = 0;
   for (size_t i = 0; i < n; i++) {
-    if (r[i] == dst || kvdex__cl_node_skipped(r[i], kvdex__cl_now_ms()) || kvdex__cl_hint_has(c, r[i], h->ns, h->id)) continue;
+    if (r[i] == dst || kvdex__cl_node_skipped(r[i], kvdex__cl_now_ms()) ||
+        kvdex__cl_hint_has(c, r[i], h->ns, h->id))
+      continue;
     tried++;
     int rc = kvdex__grpc_copy_seq(r[i]->db, dst->db, h->ns, h->id, NULL, NULL, NULL);
     if (rc == KVDEX_OK) {
@@ -211,7 +213,8 @@ static int snapshot_take(kvdex__cluster *c, snapshot *s) {
   s->copies = malloc((total ? total : 1) * sizeof *s->copies);
   if (!s->copies) goto oom;
   for (size_t i = 0; i < s->n; i++)
-    for (size_t j = 0; j < s->lists[i].n; j++) s->copies[s->n_copies++] = (copy_at){&s->lists[i].seqs[j], i};
+    for (size_t j = 0; j < s->lists[i].n; j++)
+      s->copies[s->n_copies++] = (copy_at){&s->lists[i].seqs[j], i};
   qsort(s->copies, s->n_copies, sizeof *s->copies, cmp_copy);
   return KVDEX_OK;
 oom:
@@ -303,7 +306,8 @@ void kvdex_cluster_report_free(kvdex_cluster_report *r) {
 }
 
 /* Fills out from a snapshot (verify: checksum complete copies). */
-static int report_fill(kvdex__cluster *c, const snapshot *s, int verify, kvdex_cluster_report *out) {
+static int report_fill(kvdex__cluster *c, const snapshot *s, int verify,
+                       kvdex_cluster_report *out) {
   memset(out, 0, sizeof *out);
   out->nodes = calloc(s->n + 1, sizeof *out->nodes);
   size_t runs = count_runs(s);

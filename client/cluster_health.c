@@ -20,6 +20,8 @@
 #define BREAKER_BASE_MS 200
 #define BREAKER_MAX_MS 10000
 
+/* ---- clock and circuit breaker ------------------------------------------------------ */
+
 int64_t kvdex__cl_now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -46,7 +48,6 @@ void kvdex__cl_node_result(kvdex__cl_node *nd, int rc) {
     atomic_store(&nd->open_until, kvdex__cl_now_ms() + ms);
   }
 }
-
 
 kvdex__cl_node *kvdex__cl_node_by_addr(kvdex__cluster *c, const char *addr) {
   kvdex__cl_node *found = NULL;
@@ -149,7 +150,8 @@ void kvdex__cl_maybe_resolve(kvdex__cluster *c) {
     size_t n = 0;
     if (!addrs) {
       KVDEX_LOG(KVDEX_LOG_WARN, "kvdex cluster: out of memory re-resolving %s", c->dns_host);
-    } else if (kvdex__cl_resolve(c, addrs, &n) != KVDEX_OK || kvdex__cl_set_nodes(c, addrs, n) != KVDEX_OK) {
+    } else if (kvdex__cl_resolve(c, addrs, &n) != KVDEX_OK ||
+               kvdex__cl_set_nodes(c, addrs, n) != KVDEX_OK) {
       KVDEX_LOG(KVDEX_LOG_WARN, "kvdex cluster: keeping the node list: %s", kvdex_errmsg());
     }
     free(addrs);

@@ -113,7 +113,8 @@ int kvdex__grpc_stat_ns(kvdex__grpc_db *g, const char *ns, const char *seq_id,
   req.seq = &ref;
   req.include_importing = include_importing != 0;
   ProtobufCMessage *msg;
-  int rc = kvdex__grpc_unary(g, KVDEX_RPC_STAT, &req.base, &kvdex__v1__stat_sequence_response__descriptor, &msg);
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_STAT, &req.base,
+                             &kvdex__v1__stat_sequence_response__descriptor, &msg);
   if (rc) return rc;
   Kvdex__V1__StatSequenceResponse *resp = (Kvdex__V1__StatSequenceResponse *)msg;
   if (!resp->info || !resp->info->shape) {
@@ -170,7 +171,8 @@ int kvdex__grpc_stat_ns(kvdex__grpc_db *g, const char *ns, const char *seq_id,
 }
 
 /* StatSequence in the handle's namespace. Refreshes the cache. */
-static int stat_call(kvdex__grpc_db *g, const char *seq_id, kvdex_shape *shape, kvdex_seq_info *info) {
+static int stat_call(kvdex__grpc_db *g, const char *seq_id, kvdex_shape *shape,
+                     kvdex_seq_info *info) {
   int rc = kvdex__grpc_stat_ns(g, g->base.ns, seq_id, 0, shape, info, NULL);
   if (rc == KVDEX_ENOTFOUND) kvdex__grpc_cache_drop(g, seq_id);
   if (rc == KVDEX_OK) cache_put(g, seq_id, shape);
@@ -193,7 +195,8 @@ static int grpc_list(kvdex_db *db, char ***ids, size_t *n) {
   Kvdex__V1__ListSequencesRequest req = KVDEX__V1__LIST_SEQUENCES_REQUEST__INIT;
   req.namespace_ = (char *)db->ns;
   ProtobufCMessage *msg;
-  int rc = kvdex__grpc_unary(g, KVDEX_RPC_LIST, &req.base, &kvdex__v1__list_sequences_response__descriptor, &msg);
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_LIST, &req.base,
+                             &kvdex__v1__list_sequences_response__descriptor, &msg);
   if (rc) return rc;
   Kvdex__V1__ListSequencesResponse *resp = (Kvdex__V1__ListSequencesResponse *)msg;
   char **out = calloc(resp->n_sequences ? resp->n_sequences : 1, sizeof *out);
@@ -245,7 +248,7 @@ static void grpc_appender_free(grpc_appender *ap) {
 
 /* Opens an AppendKV stream for ns/seq_id whose shape the caller knows. */
 int kvdex__grpc_append_begin_ns(kvdex__grpc_db *g, const char *ns, const char *seq_id,
-                           const kvdex_shape *shape, kvdex_appender **out) {
+                                const kvdex_shape *shape, kvdex_appender **out) {
   grpc_appender *ap = calloc(1, sizeof *ap);
   if (!ap) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   ap->base.db = &g->base;
@@ -413,7 +416,8 @@ static int grpc_append_commit(kvdex_appender *base, uint64_t *tokens_appended) {
       protobuf_c_message_free_unpacked(msg, NULL);
     }
   }
-  if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL) kvdex__grpc_cache_drop(kvdex__grpc_as(base->db), ap->seq_id);
+  if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL)
+    kvdex__grpc_cache_drop(kvdex__grpc_as(base->db), ap->seq_id);
   if (recv) grpc_byte_buffer_destroy(recv);
   grpc_appender_free(ap);
   return rc;
@@ -632,7 +636,8 @@ static int grpc_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *sre
   req.n_queries = n_seqs;
   req.queries = qptrs;
   ProtobufCMessage *msg;
-  rc = kvdex__grpc_unary(g, KVDEX_RPC_SEARCH, &req.base, &kvdex__v1__search_response__descriptor, &msg);
+  rc = kvdex__grpc_unary(g, KVDEX_RPC_SEARCH, &req.base, &kvdex__v1__search_response__descriptor,
+                         &msg);
   if (rc) {
     /* Which entry failed is in the server's message; forget the shapes so that a
      * recreated sequence is asked again next time. */
@@ -701,7 +706,8 @@ static int grpc_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, co
   req.layer = req.all_layers ? 0 : layer;
   req.spec = (char *)spec;
   ProtobufCMessage *resp;
-  int rc = kvdex__grpc_unary(g, KVDEX_RPC_BUILD, &req.base, &kvdex__v1__build_index_response__descriptor, &resp);
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_BUILD, &req.base,
+                             &kvdex__v1__build_index_response__descriptor, &resp);
   if (rc) {
     if (rc == KVDEX_ENOTFOUND) kvdex__grpc_cache_drop(g, seq_id);
     return rc;
@@ -781,7 +787,8 @@ static int grpc_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options 
   req.scale = aopts->scale;
   req.dense = aopts->dense ? 1 : 0;
   ProtobufCMessage *msg;
-  rc = kvdex__grpc_unary(g, KVDEX_RPC_ATTEND, &req.base, &kvdex__v1__attend_response__descriptor, &msg);
+  rc = kvdex__grpc_unary(g, KVDEX_RPC_ATTEND, &req.base, &kvdex__v1__attend_response__descriptor,
+                         &msg);
   free(streaming);
   if (rc) {
     if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL)
@@ -841,7 +848,8 @@ static int grpc_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const f
   req.scale = opts->scale;
   req.materialize = opts->materialize ? 1 : 0;
   ProtobufCMessage *msg;
-  rc = kvdex__grpc_unary(g, KVDEX_RPC_RETAIN, &req.base, &kvdex__v1__retain_response__descriptor, &msg);
+  rc = kvdex__grpc_unary(g, KVDEX_RPC_RETAIN, &req.base, &kvdex__v1__retain_response__descriptor,
+                         &msg);
   if (rc) {
     if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL) kvdex__grpc_cache_drop(g, seq_id);
     return rc;
@@ -858,7 +866,8 @@ static int grpc_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const f
   for (uint32_t h = 0; h < sh.n_kv_heads && rc == KVDEX_OK; h++) {
     const Kvdex__V1__RetainedHead *rh = resp->heads[h];
     memcpy(ids + (size_t)h * opts->budget, rh->ids, opts->budget * sizeof *ids);
-    if (scores) memcpy(scores + (size_t)h * opts->budget, rh->scores, opts->budget * sizeof *scores);
+    if (scores)
+      memcpy(scores + (size_t)h * opts->budget, rh->scores, opts->budget * sizeof *scores);
   }
   protobuf_c_message_free_unpacked(msg, NULL);
   return rc;

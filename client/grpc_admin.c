@@ -23,7 +23,8 @@ int kvdex__grpc_list_node(kvdex_db *db, const char *ns, kvdex__node_list *out) {
   Kvdex__V1__ListSequencesRequest req = KVDEX__V1__LIST_SEQUENCES_REQUEST__INIT;
   req.namespace_ = (char *)(ns ? ns : "");
   ProtobufCMessage *msg;
-  int rc = kvdex__grpc_unary(g, KVDEX_RPC_LIST, &req.base, &kvdex__v1__list_sequences_response__descriptor, &msg);
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_LIST, &req.base,
+                             &kvdex__v1__list_sequences_response__descriptor, &msg);
   if (rc) return rc;
   Kvdex__V1__ListSequencesResponse *resp = (Kvdex__V1__ListSequencesResponse *)msg;
   out->seqs = calloc(resp->n_sequences ? resp->n_sequences : 1, sizeof *out->seqs);
@@ -31,8 +32,7 @@ int kvdex__grpc_list_node(kvdex_db *db, const char *ns, kvdex__node_list *out) {
   for (size_t i = 0; rc == KVDEX_OK && i < resp->n_sequences; i++) {
     const Kvdex__V1__SequenceInfo *si = resp->sequences[i];
     if (!si || !si->seq || !si->seq->sequence_id || !si->shape) continue;
-    const char *sns = si->seq->namespace_ && si->seq->namespace_[0] ? si->seq->namespace_
-                                                                     : KVDEX_DEFAULT_NAMESPACE;
+    const char *sns = kvdex_wire_namespace(si->seq->namespace_);
     kvdex__node_seq *q = &out->seqs[out->n];
     kvdex_wire_shape_from_pb(si->shape, &q->shape);
     if (strlen(sns) > KVDEX_MAX_NAMESPACE || strlen(si->seq->sequence_id) > KVDEX_MAX_SEQ_ID ||
@@ -71,13 +71,13 @@ int kvdex__grpc_delete_ns(kvdex_db *db, const char *ns, const char *seq_id, uint
   req.seq = &ref;
   if (!strcmp(ns, db->ns)) kvdex__grpc_cache_drop(g, seq_id);
   ProtobufCMessage *resp;
-  int rc = kvdex__grpc_unary(g, KVDEX_RPC_DELETE, &req.base, &kvdex__v1__delete_sequence_response__descriptor, &resp);
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_DELETE, &req.base,
+                             &kvdex__v1__delete_sequence_response__descriptor, &resp);
   if (rc) return rc;
   if (bytes_freed) *bytes_freed = ((Kvdex__V1__DeleteSequenceResponse *)resp)->bytes_freed;
   protobuf_c_message_free_unpacked(resp, NULL);
   return KVDEX_OK;
 }
-
 
 static int publish_ns(kvdex__grpc_db *g, const char *ns, const char *seq_id) {
   Kvdex__V1__SequenceRef ref;
@@ -85,8 +85,8 @@ static int publish_ns(kvdex__grpc_db *g, const char *ns, const char *seq_id) {
   kvdex__grpc_seq_ref_ns(&ref, ns, seq_id);
   req.seq = &ref;
   ProtobufCMessage *resp;
-  int rc =
-      kvdex__grpc_unary(g, KVDEX_RPC_PUBLISH, &req.base, &kvdex__v1__publish_sequence_response__descriptor, &resp);
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_PUBLISH, &req.base,
+                             &kvdex__v1__publish_sequence_response__descriptor, &resp);
   if (rc == KVDEX_OK) protobuf_c_message_free_unpacked(resp, NULL);
   return rc;
 }
@@ -100,7 +100,8 @@ static int build_ns(kvdex__grpc_db *g, const char *ns, const char *seq_id, uint3
   req.layer = layer;
   req.spec = (char *)spec;
   ProtobufCMessage *resp;
-  int rc = kvdex__grpc_unary(g, KVDEX_RPC_BUILD, &req.base, &kvdex__v1__build_index_response__descriptor, &resp);
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_BUILD, &req.base,
+                             &kvdex__v1__build_index_response__descriptor, &resp);
   if (rc == KVDEX_OK) protobuf_c_message_free_unpacked(resp, NULL);
   return rc;
 }
@@ -191,8 +192,8 @@ static int copy_msg(void *ctx, const Kvdex__V1__ReadKVResponse *m) {
     if (m->token_ids[j] != cc->next + j)
       return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: token %llu out of order",
                            (unsigned long long)m->token_ids[j]);
-  int rc = cc->ap->db->vt->append_kv(cc->ap, cc->layer, cc->next, (uint32_t)t, m->k.data, m->v.data, NULL,
-                          NULL);
+  int rc = cc->ap->db->vt->append_kv(cc->ap, cc->layer, cc->next, (uint32_t)t, m->k.data, m->v.data,
+                                     NULL, NULL);
   if (rc) return rc;
   cc->next += t;
   cc->done += t;
@@ -249,8 +250,8 @@ static int copy_replays(kvdex__grpc_db *src, const char *ns, const char *seq_id,
   cc->got = 0;
   cc->want = u;
   if (!rc)
-    rc = kvdex__grpc_read_stream(src, ns, seq_id, cc->layer, 0, 0, ids, u, 0, 0, kvdex__grpc_kv_per_msg(s),
-                     replay_msg, cc);
+    rc = kvdex__grpc_read_stream(src, ns, seq_id, cc->layer, 0, 0, ids, u, 0, 0,
+                                 kvdex__grpc_kv_per_msg(s), replay_msg, cc);
   if (!rc && cc->got != u)
     rc = kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: %zu of %zu replayed tokens", cc->got, u);
   /* Token t's rows: its column of kbuf/vbuf. */
@@ -313,7 +314,8 @@ int kvdex__grpc_copy_seq(kvdex_db *src_db, kvdex_db *dst_db, const char *ns, con
     uint64_t have = di.layer_tokens ? di.layer_tokens[l] : 0;
     uint64_t dq = di.layer_query_tokens ? di.layer_query_tokens[l] : 0;
     uint64_t dlm = di.layer_landmark_blocks ? di.layer_landmark_blocks[l] : 0;
-    int need_q = si.layer_query_tokens[l] > dq || (si.layer_query_tokens[l] && have < si.layer_tokens[l]);
+    int need_q =
+        si.layer_query_tokens[l] > dq || (si.layer_query_tokens[l] && have < si.layer_tokens[l]);
     int need_lm = si.layer_landmark_blocks[l] > dlm;
     if (si.layer_tokens[l] <= have && !need_q && !need_lm) continue;
     cc.layer = l;
@@ -323,7 +325,7 @@ int kvdex__grpc_copy_seq(kvdex_db *src_db, kvdex_db *dst_db, const char *ns, con
     rc = kvdex__grpc_append_begin_ns(dst, ns, seq_id, &shape, &cc.ap);
     if (rc) break;
     rc = kvdex__grpc_read_stream(src, ns, seq_id, l, have, cc.end, NULL, 0, need_q, need_lm,
-                     kvdex__grpc_kv_per_msg(&shape), copy_msg, &cc);
+                                 kvdex__grpc_kv_per_msg(&shape), copy_msg, &cc);
     if (!rc && cc.next != cc.end)
       rc = kvdex__seterr(KVDEX_EINTERNAL, "copy: layer %u: %llu of %llu tokens arrived", l,
                          (unsigned long long)(cc.next - have),
@@ -397,7 +399,7 @@ int kvdex__grpc_checksum(kvdex_db *db, const char *ns, const char *seq_id, uint6
     sc.next = 0;
     if (info.layer_tokens[l])
       rc = kvdex__grpc_read_stream(g, ns, seq_id, l, 0, info.layer_tokens[l], NULL, 0, 0, 0,
-                       kvdex__grpc_kv_per_msg(&shape), sum_msg, &sc);
+                                   kvdex__grpc_kv_per_msg(&shape), sum_msg, &sc);
     if (!rc && sc.next != info.layer_tokens[l])
       rc = kvdex__seterr(KVDEX_EINTERNAL, "checksum: layer %u: %llu of %llu tokens", l,
                          (unsigned long long)sc.next, (unsigned long long)info.layer_tokens[l]);

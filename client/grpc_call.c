@@ -156,7 +156,6 @@ void kvdex__grpc_call_end(kvdex__grpc_call *r) {
   r->error_string = NULL;
 }
 
-
 int kvdex__grpc_unpack(kvdex__grpc_call *r, grpc_byte_buffer *bb,
                        const ProtobufCMessageDescriptor *desc, ProtobufCMessage **out) {
   *out = kvdex_rpc_unpack(desc, bb);

@@ -1,7 +1,7 @@
 /* kvdex.c — the public entry points of the C client: URI parsing, kvdex_open/close,
  * argument checks that need no knowledge of the sequence, and dispatch through the
- * transport vtable (client_int.h) to local.c or grpc.c. The free functions of the
- * public result structs live here too. No I/O and no transport logic here.
+ * transport vtable (client_int.h) to local.c, grpc.c or cluster.c. The free functions
+ * of the public result structs live here too. No I/O and no transport logic here.
  */
 #include <stdio.h>
 #include <stdlib.h>
