@@ -1,7 +1,8 @@
 /* client_int.h — private to client/: the transport vtable behind kvdex_db.
  * kvdex.c validates every public argument that needs no shape knowledge and then
- * dispatches through db->vt; local.c (embedded store) and grpc.c (remote server)
- * implement it. Nothing here is part of the public API.
+ * dispatches through db->vt; local.c (the embedded engine, //client:kvdex only),
+ * grpc.c (one remote server) and cluster.c (many) implement it. Nothing here is
+ * part of the public API.
  */
 #ifndef KVDEX_CLIENT_INT_H
 #define KVDEX_CLIENT_INT_H
@@ -10,7 +11,7 @@
 #include <stdint.h>
 
 #include "client/kvdex.h"
-#include "kvstore/kvstore.h"
+#include "kvstore/base.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -64,8 +65,8 @@ struct kvdex__vt {
   /* spec non-empty; layer is checked by the transport (it needs the shape). */
   int (*build_index)(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec);
   /* n_items > 0, items' seq_id, q non-NULL, o[i], lse[i] non-NULL, k in range unless
-   * dense, extras <= KVDEX__MAX_EXTRA: checked by kvdex.c. info: n_items zeroed
-   * entries, or NULL. Shapes, layer, index, extras' values: the transport. */
+   * dense, extras <= KVDEX_RPC_MAX_EXTRA_TOKENS: checked by kvdex.c. info: n_items
+   * zeroed entries, or NULL. Shapes, layer, index, extras' values: the transport. */
   int (*attend)(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts, size_t n_items,
                 const kvdex_attend_item *items, float *const *o, float *const *lse,
                 kvdex_attend_info *info);
@@ -74,7 +75,9 @@ struct kvdex__vt {
                 uint32_t n_obs, const kvdex_retain_options *opts, uint64_t *ids, float *scores);
 };
 
-/* Transport constructors. `target` is the grpc "host:port" (already validated). */
+/* Transport constructors. `target` is the grpc "host:port" (already validated).
+ * kvdex__local_open is local.c's in //client:kvdex and local_unavailable.c's
+ * (KVDEX_EUNIMPL) in //client:kvdex_remote. */
 int kvdex__local_open(const kvdex_open_opts *opts, kvdex_db **out /* OUT */);
 int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts,
                      kvdex_db **out /* OUT */);

@@ -1,4 +1,6 @@
-/* cluster.c — the cluster transport: one kvdex_db over many kvdex nodes.
+/* cluster.c — the cluster transport: one kvdex_db over many kvdex nodes; this file
+ * routes (the nodes and their health are cluster_health.c, hints, repair, rebalance
+ * and status cluster_admin.c).
  *
  * Placement is rendezvous hashing: every node scores hash(node, namespace, sequence)
  * and the `replicas` best are the sequence's owners. Nothing about placement is
@@ -6,10 +8,7 @@
  * and adding or removing a node moves only the sequences whose top-R set changed.
  *
  * Each node is a grpc handle (grpc.c) opened once and reused, so a node is one
- * channel. Health is judged per node from call results: a transport failure
- * (UNAVAILABLE, DEADLINE_EXCEEDED) counts, any answer from the server (even an error)
- * resets the count; after BREAKER_FAILS failures in a row the node is skipped until
- * a back-off passes, and then the next call tries it once (circuit breaker).
+ * channel; a node whose circuit breaker is open is tried last or skipped.
  *
  * Writes go to every owner and tolerate owners that cannot take them (unreachable,
  * or lacking or lagging the sequence after a restart): those are remembered as
@@ -19,101 +18,17 @@
  * copy is complete, and answer NOT_FOUND until then).
  */
 
-#include <arpa/inet.h>
-#include <netdb.h>
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <time.h>
 
-#include "client/client_int.h"
 #include "client/cluster_int.h"
 
-#define BREAKER_FAILS 3
-#define BREAKER_BASE_MS 200
-#define BREAKER_MAX_MS 10000
 #define DEFAULT_REPLICAS 2
 #define DEFAULT_RESOLVE_MS 30000
 #define DEFAULT_TIMEOUT_MS 30000
 #define DEFAULT_AUTO_REPAIR_MS 2000
-#define ADDR_MAX 300
-
-/* ---- nodes ------------------------------------------------------------------------ */
-
-typedef struct node {
-  char addr[ADDR_MAX];      /* identity for hashing, and the grpc target */
-  kvdex_db *db;             /* its grpc handle; NULL when it could not be opened */
-  char open_err[256];
-  atomic_int fails;         /* transport failures in a row */
-  atomic_llong open_until;  /* breaker: skipped until this monotonic ms */
-  struct node *next_all;    /* every node this handle ever had, freed at close */
-} node;
-
-typedef struct hint {       /* a replica that missed a write */
-  char addr[ADDR_MAX];
-  char ns[KVDEX_MAX_NAMESPACE + 1];
-  char id[KVDEX_MAX_SEQ_ID + 1];
-} hint;
-
-typedef struct cluster_db {
-  kvdex_db base;
-  pthread_rwlock_t mu;      /* guards nodes / n_nodes (DNS re-resolution swaps them) */
-  node **nodes;             /* the current ring, sorted by addr */
-  size_t n_nodes;
-  node *all;
-  uint32_t replicas;
-  int tls;
-  uint32_t timeout_ms;
-  kvdex_open_opts opts;     /* for opening nodes found later; strings below */
-  char *ns, *ca, *cert, *key, *token;
-  /* dns:/// */
-  int dns;
-  char dns_host[256], dns_port[8];
-  int64_t resolve_ms;
-  atomic_llong next_resolve;
-  pthread_mutex_t resolve_mu;
-  /* under-replication hints, and the thread that repairs them (auto_repair_ms) */
-  pthread_mutex_t hint_mu;
-  hint *hints;
-  size_t n_hints, cap_hints;
-  int64_t auto_repair_ms;   /* 0 = off */
-  pthread_cond_t repair_cv; /* with hint_mu */
-  pthread_t repair_th;
-  int repair_started, closing;
-} cluster_db;
-
-static cluster_db *as_cluster(kvdex_db *db) { return (cluster_db *)db; }
-
-static int64_t now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int is_transport(int rc) { return rc == KVDEX_EUNAVAIL || rc == KVDEX_ETIMEDOUT; }
-
-static int node_skipped(node *nd, int64_t now) {
-  return !nd->db || atomic_load(&nd->open_until) > now;
-}
-
-/* Feeds the breaker with a call's result. */
-static void node_result(node *nd, int rc) {
-  if (!is_transport(rc)) {
-    atomic_store(&nd->fails, 0);
-    atomic_store(&nd->open_until, 0);
-    return;
-  }
-  int f = atomic_fetch_add(&nd->fails, 1) + 1;
-  if (f >= BREAKER_FAILS) {
-    int shift = f - BREAKER_FAILS;
-    int64_t ms = shift >= 6 ? BREAKER_MAX_MS : (int64_t)BREAKER_BASE_MS << shift;
-    if (ms > BREAKER_MAX_MS) ms = BREAKER_MAX_MS;
-    atomic_store(&nd->open_until, now_ms() + ms);
-  }
-}
 
 /* ---- rendezvous hashing ---------------------------------------------------------- */
 
@@ -136,7 +51,7 @@ static uint64_t rdv_score(const char *addr, const char *ns, const char *id) {
 }
 
 typedef struct ranked {
-  node *nd;
+  kvdex__cl_node *nd;
   uint64_t score;
 } ranked;
 
@@ -146,8 +61,7 @@ static int cmp_ranked(const void *a, const void *b) {
   return strcmp(x->nd->addr, y->nd->addr);
 }
 
-/* The current nodes in rank order for (ns, id); returns how many (<= KVDEX__MAX_NODES). */
-static size_t rank_nodes(cluster_db *c, const char *ns, const char *id, node **out) {
+size_t kvdex__cl_rank(kvdex__cluster *c, const char *ns, const char *id, kvdex__cl_node **out) {
   ranked r[KVDEX__MAX_NODES];
   pthread_rwlock_rdlock(&c->mu);
   size_t n = c->n_nodes;
@@ -158,260 +72,22 @@ static size_t rank_nodes(cluster_db *c, const char *ns, const char *id, node **o
   return n;
 }
 
-static size_t n_owners(const cluster_db *c, size_t n_nodes) {
+size_t kvdex__cl_n_owners(const kvdex__cluster *c, size_t n_nodes) {
   return n_nodes < c->replicas ? n_nodes : c->replicas;
-}
-
-/* ---- hints ------------------------------------------------------------------------ */
-
-static void *repair_main(void *arg);
-
-static void hint_add(cluster_db *c, const node *nd, const char *ns, const char *id) {
-  pthread_mutex_lock(&c->hint_mu);
-  for (size_t i = 0; i < c->n_hints; i++) {
-    hint *h = &c->hints[i];
-    if (!strcmp(h->addr, nd->addr) && !strcmp(h->ns, ns) && !strcmp(h->id, id)) goto out;
-  }
-  if (c->n_hints == c->cap_hints) {
-    size_t cap = c->cap_hints ? c->cap_hints * 2 : 16;
-    hint *grown = realloc(c->hints, cap * sizeof *grown);
-    if (!grown) goto out; /* a lost hint only delays a repair that status finds anyway */
-    c->hints = grown;
-    c->cap_hints = cap;
-  }
-  hint *h = &c->hints[c->n_hints++];
-  snprintf(h->addr, sizeof h->addr, "%s", nd->addr);
-  snprintf(h->ns, sizeof h->ns, "%s", ns);
-  snprintf(h->id, sizeof h->id, "%s", id);
-  if (c->auto_repair_ms && !c->repair_started && !c->closing)
-    c->repair_started = pthread_create(&c->repair_th, NULL, repair_main, c) == 0;
-out:
-  pthread_mutex_unlock(&c->hint_mu);
-}
-
-static int hint_has(cluster_db *c, const node *nd, const char *ns, const char *id) {
-  int found = 0;
-  pthread_mutex_lock(&c->hint_mu);
-  for (size_t i = 0; i < c->n_hints && !found; i++) {
-    const hint *h = &c->hints[i];
-    found = !strcmp(h->addr, nd->addr) && !strcmp(h->ns, ns) && !strcmp(h->id, id);
-  }
-  pthread_mutex_unlock(&c->hint_mu);
-  return found;
-}
-
-/* Drops the hints of (ns, id); addr NULL = of every node. */
-static void hint_drop(cluster_db *c, const char *addr, const char *ns, const char *id) {
-  pthread_mutex_lock(&c->hint_mu);
-  size_t w = 0;
-  for (size_t i = 0; i < c->n_hints; i++) {
-    const hint *h = &c->hints[i];
-    int match = (!addr || !strcmp(h->addr, addr)) && !strcmp(h->ns, ns) && !strcmp(h->id, id);
-    if (!match) c->hints[w++] = c->hints[i];
-  }
-  c->n_hints = w;
-  pthread_mutex_unlock(&c->hint_mu);
-}
-
-/* A write an owner missed: remembered for reads (they avoid that copy) and repair. */
-static void replica_missed(cluster_db *c, node *nd, const char *what, const char *id, int rc,
-                           const char *why) {
-  hint_add(c, nd, c->base.ns, id);
-  KVDEX_LOG(KVDEX_LOG_WARN,
-            "kvdex cluster: replica %s missed %s of %s/%s (%s); the sequence is "
-            "under-replicated until `kvdex cluster repair`",
-            nd->addr, what, c->base.ns, id, why ? why : kvdex_errmsg());
-  (void)rc;
-}
-
-static node *node_by_addr(cluster_db *c, const char *addr) {
-  node *found = NULL;
-  pthread_rwlock_rdlock(&c->mu);
-  for (size_t i = 0; i < c->n_nodes && !found; i++)
-    if (!strcmp(c->nodes[i]->addr, addr)) found = c->nodes[i];
-  pthread_rwlock_unlock(&c->mu);
-  return found;
-}
-
-static size_t rank_nodes(cluster_db *c, const char *ns, const char *id, node **out);
-
-/* Re-sends one hinted sequence to the owner that missed writes, from another owner
- * that has it (the copy brings a lagging copy up to date, or makes a new one hidden
- * until complete). 1 = done (or nothing left to do), 0 = try again later. */
-static int repair_hint(cluster_db *c, const hint *h) {
-  node *dst = node_by_addr(c, h->addr);
-  if (!dst) return 1; /* no longer a node (DNS): nothing to repair there */
-  if (node_skipped(dst, now_ms())) return 0;
-  node *r[KVDEX__MAX_NODES];
-  size_t n = rank_nodes(c, h->ns, h->id, r);
-  int tried = 0, missing = 0;
-  for (size_t i = 0; i < n; i++) {
-    if (r[i] == dst || node_skipped(r[i], now_ms()) || hint_has(c, r[i], h->ns, h->id)) continue;
-    tried++;
-    int rc = kvdex__grpc_copy_seq(r[i]->db, dst->db, h->ns, h->id, NULL, NULL, NULL);
-    if (rc == KVDEX_OK) {
-      KVDEX_LOG(KVDEX_LOG_INFO, "kvdex cluster: repaired %s/%s on %s from %s", h->ns, h->id,
-                dst->addr, r[i]->addr);
-      return 1;
-    }
-    if (rc == KVDEX_ENOTFOUND && strstr(kvdex_errmsg(), "source")) {
-      missing++;
-      continue;
-    }
-    KVDEX_LOG(KVDEX_LOG_DEBUG, "kvdex cluster: repair of %s/%s on %s: %s", h->ns, h->id,
-              dst->addr, kvdex_errmsg());
-    return 0;
-  }
-  return tried > 0 && missing == tried; /* deleted everywhere: drop the hint */
-}
-
-/* The repair thread: every auto_repair_ms, re-sends the hinted sequences whose owner
- * answers again. Started with the first hint, stopped by close. */
-static void *repair_main(void *arg) {
-  cluster_db *c = arg;
-  pthread_mutex_lock(&c->hint_mu);
-  while (!c->closing) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    int64_t ns = ts.tv_nsec + (c->auto_repair_ms % 1000) * 1000000;
-    ts.tv_sec += c->auto_repair_ms / 1000 + ns / 1000000000;
-    ts.tv_nsec = ns % 1000000000;
-    pthread_cond_timedwait(&c->repair_cv, &c->hint_mu, &ts);
-    if (c->closing || c->n_hints == 0) continue;
-    size_t n = c->n_hints;
-    hint *pending = malloc(n * sizeof *pending);
-    if (!pending) continue;
-    memcpy(pending, c->hints, n * sizeof *pending);
-    pthread_mutex_unlock(&c->hint_mu);
-    for (size_t i = 0; i < n; i++) {
-      pthread_mutex_lock(&c->hint_mu);
-      int closing = c->closing;
-      pthread_mutex_unlock(&c->hint_mu);
-      if (closing) break;
-      const hint *h = &pending[i];
-      if (repair_hint(c, h)) hint_drop(c, h->addr, h->ns, h->id);
-    }
-    free(pending);
-    pthread_mutex_lock(&c->hint_mu);
-  }
-  pthread_mutex_unlock(&c->hint_mu);
-  return NULL;
-}
-
-/* ---- node list: static and DNS ------------------------------------------------------ */
-
-static int cmp_node_addr(const void *a, const void *b) {
-  return strcmp((*(node *const *)a)->addr, (*(node *const *)b)->addr);
-}
-
-static node *node_new(cluster_db *c, const char *addr) {
-  node *nd = calloc(1, sizeof *nd);
-  if (!nd) return NULL;
-  snprintf(nd->addr, sizeof nd->addr, "%s", addr);
-  char uri[ADDR_MAX + 16];
-  snprintf(uri, sizeof uri, "%s://%s", c->tls ? "grpcs" : "grpc", addr);
-  if (kvdex_open(uri, &c->opts, &nd->db) != KVDEX_OK) {
-    snprintf(nd->open_err, sizeof nd->open_err, "%s", kvdex_errmsg());
-    nd->db = NULL;
-  }
-  nd->next_all = c->all;
-  c->all = nd;
-  return nd;
-}
-
-/* Replaces the ring with `addrs` (n of them), reusing the nodes already known. */
-static int set_nodes(cluster_db *c, char (*addrs)[ADDR_MAX], size_t n) {
-  node **ring = calloc(n ? n : 1, sizeof *ring);
-  if (!ring) return kvdex__seterr(KVDEX_ENOMEM, "cluster: out of memory");
-  pthread_rwlock_wrlock(&c->mu);
-  for (size_t i = 0; i < n; i++) {
-    node *nd = c->all;
-    while (nd && strcmp(nd->addr, addrs[i])) nd = nd->next_all;
-    if (!nd) nd = node_new(c, addrs[i]);
-    if (!nd) {
-      pthread_rwlock_unlock(&c->mu);
-      free(ring);
-      return kvdex__seterr(KVDEX_ENOMEM, "cluster: out of memory");
-    }
-    ring[i] = nd;
-  }
-  qsort(ring, n, sizeof *ring, cmp_node_addr);
-  node **old = c->nodes;
-  c->nodes = ring;
-  c->n_nodes = n;
-  pthread_rwlock_unlock(&c->mu);
-  free(old);
-  return KVDEX_OK;
-}
-
-/* Resolves dns_host:dns_port into node addresses. A name found by reverse lookup
- * (a StatefulSet pod behind a headless Service has one: kvdex-0.kvdex-headless...)
- * is preferred over the IP, because it survives a pod restart and so keeps the
- * pod's sequences placed on it. */
-static int resolve(cluster_db *c, char (*addrs)[ADDR_MAX], size_t *n) {
-  struct addrinfo hints = {0}, *res = NULL;
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  int e = getaddrinfo(c->dns_host, c->dns_port, &hints, &res);
-  if (e)
-    return kvdex__seterr(KVDEX_EUNAVAIL, "cluster: cannot resolve \"%s\": %s", c->dns_host,
-                         gai_strerror(e));
-  size_t k = 0;
-  for (struct addrinfo *a = res; a && k < KVDEX__MAX_NODES; a = a->ai_next) {
-    char host[NI_MAXHOST], addr[ADDR_MAX];
-    if (getnameinfo(a->ai_addr, a->ai_addrlen, host, sizeof host, NULL, 0, NI_NAMEREQD) == 0) {
-      snprintf(addr, sizeof addr, "%s:%s", host, c->dns_port);
-    } else if (getnameinfo(a->ai_addr, a->ai_addrlen, host, sizeof host, NULL, 0,
-                           NI_NUMERICHOST) == 0) {
-      if (a->ai_family == AF_INET6)
-        snprintf(addr, sizeof addr, "[%s]:%s", host, c->dns_port);
-      else
-        snprintf(addr, sizeof addr, "%s:%s", host, c->dns_port);
-    } else {
-      continue;
-    }
-    int dup = 0;
-    for (size_t i = 0; i < k && !dup; i++) dup = !strcmp(addrs[i], addr);
-    if (!dup) snprintf(addrs[k++], ADDR_MAX, "%s", addr);
-  }
-  freeaddrinfo(res);
-  if (k == 0)
-    return kvdex__seterr(KVDEX_EUNAVAIL, "cluster: \"%s\" resolved to no address", c->dns_host);
-  *n = k;
-  return KVDEX_OK;
-}
-
-/* Re-resolves a dns:/// cluster when its period has passed. One caller does it; the
- * others go on with the current ring. A failed lookup keeps the ring. */
-static void maybe_resolve(cluster_db *c) {
-  if (!c->dns || now_ms() < atomic_load(&c->next_resolve)) return;
-  if (pthread_mutex_trylock(&c->resolve_mu) != 0) return;
-  if (now_ms() >= atomic_load(&c->next_resolve)) {
-    char (*addrs)[ADDR_MAX] = malloc(KVDEX__MAX_NODES * sizeof *addrs);
-    size_t n = 0;
-    if (!addrs) {
-      KVDEX_LOG(KVDEX_LOG_WARN, "kvdex cluster: out of memory re-resolving %s", c->dns_host);
-    } else if (resolve(c, addrs, &n) != KVDEX_OK || set_nodes(c, addrs, n) != KVDEX_OK) {
-      KVDEX_LOG(KVDEX_LOG_WARN, "kvdex cluster: keeping the node list: %s", kvdex_errmsg());
-    }
-    free(addrs);
-    atomic_store(&c->next_resolve, now_ms() + c->resolve_ms);
-  }
-  pthread_mutex_unlock(&c->resolve_mu);
 }
 
 /* ---- reads: first healthy owner, then fail over --------------------------------------- */
 
 /* The order in which reads try nodes: owners before the others; within each, nodes
  * with an open breaker and copies known to have missed writes come last. */
-static size_t read_order(cluster_db *c, const char *ns, const char *id, node **out) {
-  node *r[KVDEX__MAX_NODES];
-  size_t n = rank_nodes(c, ns, id, r), owners = n_owners(c, n), k = 0;
-  int64_t now = now_ms();
+static size_t read_order(kvdex__cluster *c, const char *ns, const char *id, kvdex__cl_node **out) {
+  kvdex__cl_node *r[KVDEX__MAX_NODES];
+  size_t n = kvdex__cl_rank(c, ns, id, r), owners = kvdex__cl_n_owners(c, n), k = 0;
+  int64_t now = kvdex__cl_now_ms();
   for (int part = 0; part < 4; part++) {
     size_t lo = part < 2 ? 0 : owners, hi = part < 2 ? owners : n;
     for (size_t i = lo; i < hi; i++) {
-      int bad = node_skipped(r[i], now) || hint_has(c, r[i], ns, id);
+      int bad = kvdex__cl_node_skipped(r[i], now) || kvdex__cl_hint_has(c, r[i], ns, id);
       if (bad == (part % 2)) out[k++] = r[i];
     }
   }
@@ -423,26 +99,26 @@ typedef int (*read_fn)(kvdex_db *sub, void *arg);
 /* Runs fn on the nodes of seq_id in read order until one answers. NOT_FOUND and
  * transport failures move on; any other answer is final. Every attempt's timeout is
  * cut to what is left of the handle's timeout (kvdex__grpc_set_deadline). */
-static int read_try_in(cluster_db *c, const char *what, const char *id, read_fn fn, void *arg,
+static int read_try_in(kvdex__cluster *c, const char *what, const char *id, read_fn fn, void *arg,
                        int64_t deadline) {
-  node *order[KVDEX__MAX_NODES];
+  kvdex__cl_node *order[KVDEX__MAX_NODES];
   size_t n = read_order(c, c->base.ns, id, order);
   int transport_rc = 0;
   char transport_why[400] = "", nf_why[400] = "";
   size_t tried = 0;
   for (size_t i = 0; i < n; i++) {
-    node *nd = order[i];
+    kvdex__cl_node *nd = order[i];
     if (!nd->db) continue;
-    if (tried > 0 && now_ms() >= deadline) {
+    if (tried > 0 && kvdex__cl_now_ms() >= deadline) {
       return kvdex__seterr(KVDEX_ETIMEDOUT,
                            "%s %s: the deadline of %u ms passed after %zu nodes; last: %s", what,
                            id, c->timeout_ms, tried, transport_why[0] ? transport_why : nf_why);
     }
     tried++;
     int rc = fn(nd->db, arg);
-    node_result(nd, rc);
+    kvdex__cl_node_result(nd, rc);
     if (rc == KVDEX_OK) return KVDEX_OK;
-    if (is_transport(rc)) {
+    if (kvdex__cl_is_transport(rc)) {
       transport_rc = rc;
       snprintf(transport_why, sizeof transport_why, "%s", kvdex_errmsg());
     } else if (rc == KVDEX_ENOTFOUND) {
@@ -459,8 +135,8 @@ static int read_try_in(cluster_db *c, const char *what, const char *id, read_fn 
   return kvdex__seterr(KVDEX_ENOTFOUND, "%s", nf_why);
 }
 
-static int read_try(cluster_db *c, const char *what, const char *id, read_fn fn, void *arg) {
-  int64_t deadline = now_ms() + c->timeout_ms;
+static int read_try(kvdex__cluster *c, const char *what, const char *id, read_fn fn, void *arg) {
+  int64_t deadline = kvdex__cl_now_ms() + c->timeout_ms;
   kvdex__grpc_set_deadline(deadline);
   int rc = read_try_in(c, what, id, fn, arg, deadline);
   kvdex__grpc_set_deadline(0);
@@ -474,35 +150,35 @@ typedef int (*write_fn)(kvdex_db *sub, void *arg, int first);
 /* Runs fn on every owner of seq_id. Unreachable owners, and owners that answer
  * NOT_FOUND while another owner succeeds (a restarted node), are skipped and hinted;
  * any other refusal is the call's error. */
-static int write_owners(cluster_db *c, const char *what, const char *id, write_fn fn, void *arg) {
-  node *r[KVDEX__MAX_NODES];
-  size_t n = rank_nodes(c, c->base.ns, id, r), owners = n_owners(c, n);
-  int64_t now = now_ms();
+static int write_owners(kvdex__cluster *c, const char *what, const char *id, write_fn fn,
+                        void *arg) {
+  kvdex__cl_node *r[KVDEX__MAX_NODES];
+  size_t n = kvdex__cl_rank(c, c->base.ns, id, r), owners = kvdex__cl_n_owners(c, n);
+  int64_t now = kvdex__cl_now_ms();
   size_t ok = 0, down = 0;
   int fatal = 0;
   char fatal_why[400] = "", nf_why[400] = "", down_why[400] = "";
-  node *missed[KVDEX__MAX_REPLICAS];
-  int missed_rc[KVDEX__MAX_REPLICAS];
+  kvdex__cl_node *missed[KVDEX__MAX_REPLICAS];
   char missed_why[KVDEX__MAX_REPLICAS][200];
   size_t n_missed = 0;
   int any_healthy = 0; /* with every owner's breaker open, try them all anyway */
-  for (size_t i = 0; i < owners; i++) any_healthy |= !node_skipped(r[i], now);
+  for (size_t i = 0; i < owners; i++) any_healthy |= !kvdex__cl_node_skipped(r[i], now);
   for (size_t i = 0; i < owners; i++) {
-    node *nd = r[i];
+    kvdex__cl_node *nd = r[i];
     int rc;
-    if (!nd->db || (any_healthy && node_skipped(nd, now))) {
+    if (!nd->db || (any_healthy && kvdex__cl_node_skipped(nd, now))) {
       rc = KVDEX_EUNAVAIL;
       kvdex__seterr(rc, "node %s is skipped after repeated failures (circuit breaker)%s%s",
                     nd->addr, nd->open_err[0] ? ": " : "", nd->open_err);
     } else {
       rc = fn(nd->db, arg, ok == 0);
-      node_result(nd, rc);
+      kvdex__cl_node_result(nd, rc);
     }
     if (rc == KVDEX_OK) {
       ok++;
       continue;
     }
-    if (is_transport(rc) || rc == KVDEX_ENOTFOUND) {
+    if (kvdex__cl_is_transport(rc) || rc == KVDEX_ENOTFOUND) {
       if (rc == KVDEX_ENOTFOUND) {
         snprintf(nf_why, sizeof nf_why, "%s", kvdex_errmsg());
       } else {
@@ -510,7 +186,6 @@ static int write_owners(cluster_db *c, const char *what, const char *id, write_f
         snprintf(down_why, sizeof down_why, "%s", kvdex_errmsg());
       }
       missed[n_missed] = nd;
-      missed_rc[n_missed] = rc;
       snprintf(missed_why[n_missed], sizeof missed_why[0], "%s", kvdex_errmsg());
       n_missed++;
       continue;
@@ -529,7 +204,7 @@ static int write_owners(cluster_db *c, const char *what, const char *id, write_f
     return kvdex__seterr(KVDEX_ENOTFOUND, "%s", nf_why);
   }
   for (size_t i = 0; i < n_missed; i++)
-    replica_missed(c, missed[i], what, id, missed_rc[i], missed_why[i]);
+    kvdex__cl_replica_missed(c, missed[i], what, id, missed_why[i]);
   return KVDEX_OK;
 }
 
@@ -542,20 +217,20 @@ static int w_create(kvdex_db *sub, void *arg, int first) {
 }
 
 static int cl_create(kvdex_db *db, const char *seq_id, const kvdex_shape *shape) {
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_maybe_resolve(c);
   const void *a[2] = {seq_id, shape};
   int rc = write_owners(c, "create", seq_id, w_create, a);
-  if (rc == KVDEX_OK) hint_drop(c, NULL, c->base.ns, seq_id);
+  if (rc == KVDEX_OK) kvdex__cl_hint_drop(c, NULL, c->base.ns, seq_id);
   return rc;
 }
 
 /* Delete goes to every node: copies left behind by a rebalance go too. */
 static int cl_del(kvdex_db *db, const char *seq_id, uint64_t *bytes_freed) {
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
-  node *r[KVDEX__MAX_NODES];
-  size_t n = rank_nodes(c, c->base.ns, seq_id, r);
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_maybe_resolve(c);
+  kvdex__cl_node *r[KVDEX__MAX_NODES];
+  size_t n = kvdex__cl_rank(c, c->base.ns, seq_id, r);
   size_t ok = 0, down = 0;
   uint64_t freed = 0;
   char why[400] = "";
@@ -563,11 +238,11 @@ static int cl_del(kvdex_db *db, const char *seq_id, uint64_t *bytes_freed) {
     if (!r[i]->db) continue;
     uint64_t b = 0;
     int rc = r[i]->db->vt->del(r[i]->db, seq_id, &b);
-    node_result(r[i], rc);
+    kvdex__cl_node_result(r[i], rc);
     if (rc == KVDEX_OK) {
       ok++;
       if (b > freed) freed = b;
-    } else if (is_transport(rc)) {
+    } else if (kvdex__cl_is_transport(rc)) {
       down++;
       snprintf(why, sizeof why, "%s", kvdex_errmsg());
       KVDEX_LOG(KVDEX_LOG_WARN,
@@ -580,7 +255,7 @@ static int cl_del(kvdex_db *db, const char *seq_id, uint64_t *bytes_freed) {
   }
   if (bytes_freed) *bytes_freed = freed;
   if (ok) {
-    hint_drop(c, NULL, c->base.ns, seq_id);
+    kvdex__cl_hint_drop(c, NULL, c->base.ns, seq_id);
     return KVDEX_OK;
   }
   if (down) return kvdex__seterr(KVDEX_EUNAVAIL, "delete %s: not found on the nodes that "
@@ -595,8 +270,8 @@ static int r_stat(kvdex_db *sub, void *arg) {
 }
 
 static int cl_stat(kvdex_db *db, const char *seq_id, kvdex_seq_info *info) {
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_maybe_resolve(c);
   void *a[2] = {(void *)seq_id, info};
   return read_try(c, "stat", seq_id, r_stat, a);
 }
@@ -607,19 +282,19 @@ static int cmp_cstr(const void *a, const void *b) {
 
 /* The union of every node's visible sequences of the namespace. */
 static int cl_list(kvdex_db *db, char ***ids, size_t *n) {
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
-  node *r[KVDEX__MAX_NODES];
-  size_t nn = rank_nodes(c, c->base.ns, "", r), up = 0, count = 0, cap = 0;
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_maybe_resolve(c);
+  kvdex__cl_node *r[KVDEX__MAX_NODES];
+  size_t nn = kvdex__cl_rank(c, c->base.ns, "", r), up = 0, count = 0, cap = 0;
   char **all = NULL, why[400] = "";
   int rc = KVDEX_OK;
   for (size_t i = 0; i < nn && rc == KVDEX_OK; i++) {
     if (!r[i]->db) continue;
     kvdex__node_list l = {0};
     int e = kvdex__grpc_list_node(r[i]->db, c->base.ns, &l);
-    node_result(r[i], e);
+    kvdex__cl_node_result(r[i], e);
     if (e) {
-      if (!is_transport(e)) rc = e;
+      if (!kvdex__cl_is_transport(e)) rc = e;
       snprintf(why, sizeof why, "%s", kvdex_errmsg());
       continue;
     }
@@ -670,7 +345,7 @@ static int cl_list(kvdex_db *db, char ***ids, size_t *n) {
 /* ---- append: one stream per owner ------------------------------------------------------ */
 
 typedef struct sub_ap {
-  node *nd;
+  kvdex__cl_node *nd;
   kvdex_appender *ap;
 } sub_ap;
 
@@ -682,10 +357,10 @@ typedef struct cluster_appender {
 } cluster_appender;
 
 /* Drops stream i: the owner misses this append and is hinted. */
-static void ap_drop(cluster_appender *cap, size_t i, int rc, int abort_it) {
-  cluster_db *c = as_cluster(cap->base.db);
+static void ap_drop(cluster_appender *cap, size_t i, int abort_it) {
+  kvdex__cluster *c = kvdex__cluster_as(cap->base.db);
   if (abort_it) cap->sub[i].nd->db->vt->append_abort(cap->sub[i].ap);
-  replica_missed(c, cap->sub[i].nd, "append", cap->id, rc, NULL);
+  kvdex__cl_replica_missed(c, cap->sub[i].nd, "append", cap->id, NULL);
   cap->sub[i] = cap->sub[--cap->n];
 }
 
@@ -695,41 +370,42 @@ static int lagging(int rc) {
   /* EBUSY: another stream holds the owner's copy (e.g. a repair copying into it); the
    * others take this one and the owner is repaired again later. Two writers of one
    * sequence get EBUSY from every owner, which fails the stream as it should. */
-  return is_transport(rc) || rc == KVDEX_ENOTFOUND || rc == KVDEX_ECONFLICT || rc == KVDEX_EBUSY;
+  return kvdex__cl_is_transport(rc) || rc == KVDEX_ENOTFOUND || rc == KVDEX_ECONFLICT ||
+         rc == KVDEX_EBUSY;
 }
 
 static int cl_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **out) {
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_maybe_resolve(c);
   cluster_appender *cap = calloc(1, sizeof *cap);
   if (!cap) return kvdex__seterr(KVDEX_ENOMEM, "append: out of memory");
   cap->base.db = db;
   snprintf(cap->id, sizeof cap->id, "%s", seq_id);
-  node *r[KVDEX__MAX_NODES];
-  size_t n = rank_nodes(c, c->base.ns, seq_id, r), owners = n_owners(c, n);
-  int64_t now = now_ms();
+  kvdex__cl_node *r[KVDEX__MAX_NODES];
+  size_t n = kvdex__cl_rank(c, c->base.ns, seq_id, r), owners = kvdex__cl_n_owners(c, n);
+  int64_t now = kvdex__cl_now_ms();
   int fatal = 0, saw_down = 0;
   char why[400] = "";
-  node *missed[KVDEX__MAX_REPLICAS];
+  kvdex__cl_node *missed[KVDEX__MAX_REPLICAS];
   char missed_why[KVDEX__MAX_REPLICAS][200];
   size_t n_missed = 0;
   int any_healthy = 0; /* as write_owners */
-  for (size_t i = 0; i < owners; i++) any_healthy |= !node_skipped(r[i], now);
+  for (size_t i = 0; i < owners; i++) any_healthy |= !kvdex__cl_node_skipped(r[i], now);
   for (size_t i = 0; i < owners && !fatal; i++) {
-    node *nd = r[i];
+    kvdex__cl_node *nd = r[i];
     kvdex_appender *ap = NULL;
     int rc;
-    if (!nd->db || (any_healthy && node_skipped(nd, now))) {
+    if (!nd->db || (any_healthy && kvdex__cl_node_skipped(nd, now))) {
       rc = kvdex__seterr(KVDEX_EUNAVAIL, "node %s is skipped after repeated failures", nd->addr);
     } else {
       rc = nd->db->vt->append_begin(nd->db, seq_id, &ap);
-      node_result(nd, rc);
+      kvdex__cl_node_result(nd, rc);
     }
     if (rc == KVDEX_OK) {
       if (cap->n == 0) cap->base.shape = ap->shape;
       cap->sub[cap->n++] = (sub_ap){nd, ap};
-    } else if (is_transport(rc) || rc == KVDEX_ENOTFOUND) {
-      saw_down |= is_transport(rc);
+    } else if (kvdex__cl_is_transport(rc) || rc == KVDEX_ENOTFOUND) {
+      saw_down |= kvdex__cl_is_transport(rc);
       snprintf(why, sizeof why, "%s", kvdex_errmsg());
       missed[n_missed] = nd;
       snprintf(missed_why[n_missed++], sizeof missed_why[0], "%s", kvdex_errmsg());
@@ -747,7 +423,7 @@ static int cl_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **ou
     return kvdex__seterr(KVDEX_ENOTFOUND, "%s", why);
   }
   for (size_t i = 0; i < n_missed; i++)
-    replica_missed(c, missed[i], "append", seq_id, KVDEX_EUNAVAIL, missed_why[i]);
+    kvdex__cl_replica_missed(c, missed[i], "append", seq_id, missed_why[i]);
   *out = &cap->base;
   return KVDEX_OK;
 }
@@ -761,7 +437,7 @@ static int cl_append_kv(kvdex_appender *base, uint32_t layer, uint64_t token_sta
   for (size_t i = 0; i < cap->n;) {
     kvdex_db *sub = cap->sub[i].nd->db;
     int rc = sub->vt->append_kv(cap->sub[i].ap, layer, token_start, n_tokens, k, v, q, landmarks);
-    node_result(cap->sub[i].nd, rc);
+    kvdex__cl_node_result(cap->sub[i].nd, rc);
     if (rc == KVDEX_OK) {
       i++;
       continue;
@@ -769,7 +445,7 @@ static int cl_append_kv(kvdex_appender *base, uint32_t layer, uint64_t token_sta
     last = rc;
     snprintf(why, sizeof why, "%s", kvdex_errmsg());
     if (!lagging(rc)) return rc; /* the data itself is refused: the stream fails */
-    ap_drop(cap, i, rc, 1);
+    ap_drop(cap, i, 1);
   }
   if (cap->n == 0) return kvdex__seterr(last, "every owner refused the append: %s", why);
   return KVDEX_OK;
@@ -777,16 +453,16 @@ static int cl_append_kv(kvdex_appender *base, uint32_t layer, uint64_t token_sta
 
 static int cl_append_commit(kvdex_appender *base, uint64_t *tokens_appended) {
   cluster_appender *cap = (cluster_appender *)base;
-  cluster_db *c = as_cluster(base->db);
+  kvdex__cluster *c = kvdex__cluster_as(base->db);
   size_t ok = 0;
   int fatal = 0, last = 0;
   char why[400] = "";
   uint64_t best = 0;
   for (size_t i = 0; i < cap->n; i++) {
     uint64_t t = 0;
-    node *nd = cap->sub[i].nd;
+    kvdex__cl_node *nd = cap->sub[i].nd;
     int rc = nd->db->vt->append_commit(cap->sub[i].ap, &t); /* frees the sub stream */
-    node_result(nd, rc);
+    kvdex__cl_node_result(nd, rc);
     if (rc == KVDEX_OK) {
       ok++;
       if (t > best) best = t;
@@ -795,7 +471,7 @@ static int cl_append_commit(kvdex_appender *base, uint64_t *tokens_appended) {
     last = rc;
     snprintf(why, sizeof why, "%s", kvdex_errmsg());
     if (lagging(rc))
-      replica_missed(c, nd, "append", cap->id, rc, why);
+      kvdex__cl_replica_missed(c, nd, "append", cap->id, why);
     else if (!fatal)
       fatal = rc;
   }
@@ -829,8 +505,8 @@ static int r_read(kvdex_db *sub, void *arg) {
 
 static int cl_read(kvdex_db *db, const char *seq_id, uint32_t layer, const uint64_t *token_ids,
                    size_t n, void *k_out, void *v_out) {
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_maybe_resolve(c);
   read_args a = {seq_id, layer, token_ids, n, k_out, v_out};
   return read_try(c, "read", seq_id, r_read, &a);
 }
@@ -842,8 +518,8 @@ static int w_build(kvdex_db *sub, void *arg, int first) {
 }
 
 static int cl_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec) {
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_maybe_resolve(c);
   void *a[3] = {(void *)seq_id, &layer, (void *)spec};
   return write_owners(c, "build_index", seq_id, w_build, a);
 }
@@ -875,8 +551,8 @@ static int w_retain(kvdex_db *sub, void *arg, int first) {
 static int cl_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const float *q_obs,
                      uint32_t n_obs, const kvdex_retain_options *opts, uint64_t *ids,
                      float *scores) {
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_maybe_resolve(c);
   retain_args a = {seq_id, layer, q_obs, n_obs, opts, ids, scores, NULL, NULL};
   if (!opts->materialize) return read_try(c, "retain", seq_id, r_retain, &a);
   /* Materialize changes each owner's retained set: every owner runs it. The ids
@@ -905,7 +581,7 @@ typedef int (*group_fn)(kvdex_db *sub, void *op, size_t n, const size_t *idx);
 
 /* One batch call to one node for some items of the caller's batch. */
 typedef struct group {
-  node *nd;
+  kvdex__cl_node *nd;
   size_t n;
   size_t *idx; /* caller item indices, a slice of the round's buffer */
   int solo;    /* one item retried alone after its batch was NOT_FOUND */
@@ -937,10 +613,10 @@ static void *group_thread(void *arg) {
  * transport error is out for the rest of the call and its items move on; a group
  * answered NOT_FOUND is retried item by item (the server's batch fails as a whole),
  * and a single item answered NOT_FOUND moves on. Any other error fails the call. */
-static int fan_out(cluster_db *c, const char *what, size_t n, const char *const *ids,
+static int fan_out(kvdex__cluster *c, const char *what, size_t n, const char *const *ids,
                    group_fn run, void *op) {
   int rc = KVDEX_OK;
-  node **order = malloc(n * KVDEX__MAX_NODES * sizeof *order);
+  kvdex__cl_node **order = malloc(n * KVDEX__MAX_NODES * sizeof *order);
   size_t *n_order = calloc(n, sizeof *n_order), *pos = calloc(n, sizeof *pos);
   size_t *slots = malloc(n * sizeof *slots);
   unsigned char *done = calloc(n, 1), *solo = calloc(n, 1), *saw_down = calloc(n, 1);
@@ -952,19 +628,19 @@ static int fan_out(cluster_db *c, const char *what, size_t n, const char *const 
   }
   for (size_t i = 0; i < n; i++)
     n_order[i] = read_order(c, c->base.ns, ids[i], order + i * KVDEX__MAX_NODES);
-  node *dead[KVDEX__MAX_NODES];
+  kvdex__cl_node *dead[KVDEX__MAX_NODES];
   size_t n_dead = 0;
   char down_why[400] = "", nf_why[400] = "";
-  int64_t deadline = now_ms() + c->timeout_ms;
+  int64_t deadline = kvdex__cl_now_ms() + c->timeout_ms;
   for (int round = 0;; round++) {
     /* Next node per pending item; group them. */
     size_t n_groups = 0;
     for (size_t i = 0; i < n; i++) {
       if (done[i]) continue;
-      node **o = order + i * KVDEX__MAX_NODES;
+      kvdex__cl_node **o = order + i * KVDEX__MAX_NODES;
       for (;;) {
         if (pos[i] >= n_order[i]) break;
-        node *nd = o[pos[i]];
+        kvdex__cl_node *nd = o[pos[i]];
         int is_dead = !nd->db;
         for (size_t d = 0; d < n_dead && !is_dead; d++) is_dead = dead[d] == nd;
         if (!is_dead) break;
@@ -979,7 +655,7 @@ static int fan_out(cluster_db *c, const char *what, size_t n, const char *const 
           rc = kvdex__seterr(KVDEX_ENOTFOUND, "%s: item %zu: %s", what, i, nf_why);
         goto out;
       }
-      node *nd = o[pos[i]];
+      kvdex__cl_node *nd = o[pos[i]];
       ptrdiff_t g = -1;
       if (!solo[i])
         for (size_t k = 0; k < n_groups && g < 0; k++)
@@ -992,7 +668,7 @@ static int fan_out(cluster_db *c, const char *what, size_t n, const char *const 
       gof[i] = g;
     }
     if (n_groups == 0) break; /* every item done */
-    if (round > 0 && now_ms() >= deadline) {
+    if (round > 0 && kvdex__cl_now_ms() >= deadline) {
       rc = kvdex__seterr(KVDEX_ETIMEDOUT, "%s: the deadline of %u ms passed with items left: %s",
                          what, c->timeout_ms, down_why[0] ? down_why : nf_why);
       goto out;
@@ -1030,10 +706,10 @@ static int fan_out(cluster_db *c, const char *what, size_t n, const char *const 
     char fatal_why[400] = "";
     for (size_t k = 0; k < n_groups; k++) {
       group *g = &groups[k];
-      node_result(g->nd, g->rc);
+      kvdex__cl_node_result(g->nd, g->rc);
       if (g->rc == KVDEX_OK) {
         for (size_t j = 0; j < g->n; j++) done[g->idx[j]] = 1;
-      } else if (is_transport(g->rc)) {
+      } else if (kvdex__cl_is_transport(g->rc)) {
         int known = 0;
         for (size_t d = 0; d < n_dead && !known; d++) known = dead[d] == g->nd;
         if (!known) dead[n_dead++] = g->nd;
@@ -1100,8 +776,8 @@ static int g_search(kvdex_db *sub, void *opp, size_t n, const size_t *idx) {
 
 static int cl_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *req, size_t n_seqs,
                      const char *const *seq_ids, const float *const *q, kvdex_search_out *out) {
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_maybe_resolve(c);
   search_op op = {layer, req, seq_ids, q, out};
   int rc = fan_out(c, "search", n_seqs, seq_ids, g_search, &op);
   if (rc) {
@@ -1149,8 +825,8 @@ static int g_attend(kvdex_db *sub, void *opp, size_t n, const size_t *idx) {
 static int cl_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts,
                      size_t n_items, const kvdex_attend_item *items, float *const *o,
                      float *const *lse, kvdex_attend_info *info) {
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_maybe_resolve(c);
   const char **ids = malloc(n_items * sizeof *ids);
   if (!ids) return kvdex__seterr(KVDEX_ENOMEM, "attend: out of memory");
   for (size_t i = 0; i < n_items; i++) ids[i] = items[i].seq_id;
@@ -1163,14 +839,9 @@ static int cl_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *o
 /* ---- open / close -------------------------------------------------------------------- */
 
 static void cl_close(kvdex_db *db) {
-  cluster_db *c = as_cluster(db);
-  pthread_mutex_lock(&c->hint_mu);
-  c->closing = 1;
-  int started = c->repair_started;
-  pthread_cond_signal(&c->repair_cv);
-  pthread_mutex_unlock(&c->hint_mu);
-  if (started) pthread_join(c->repair_th, NULL);
-  for (node *nd = c->all, *next; nd; nd = next) {
+  kvdex__cluster *c = kvdex__cluster_as(db);
+  kvdex__cl_repair_stop(c);
+  for (kvdex__cl_node *nd = c->all, *next; nd; nd = next) {
     next = nd->next_all;
     kvdex_close(nd->db);
     free(nd);
@@ -1207,6 +878,14 @@ static const kvdex__vt cluster_vt = {
     .retain = cl_retain,
 };
 
+int kvdex__cl_check(kvdex_db *db, const char *fn) {
+  if (!db) return kvdex__seterr(KVDEX_EINVAL, "%s: db is NULL", fn);
+  if (db->vt != &cluster_vt)
+    return kvdex__seterr(KVDEX_EINVAL, "%s: the handle is not a cluster (open "
+                         "\"grpc://h1:p,h2:p?replicas=2\" or \"dns:///name:port\")", fn);
+  return KVDEX_OK;
+}
+
 int kvdex__is_cluster_uri(const char *uri) {
   if (!strncmp(uri, "dns:///", 7)) return 1;
   if (strncmp(uri, "grpc://", 7) && strncmp(uri, "grpcs://", 8)) return 0;
@@ -1221,7 +900,7 @@ static char *dup_opt(const char *s, int *oom) {
 }
 
 /* Parses "name=value&..." into the handle. */
-static int parse_params(cluster_db *c, const char *q, const char *uri) {
+static int parse_params(kvdex__cluster *c, const char *q, const char *uri) {
   while (q && *q) {
     const char *amp = strchr(q, '&');
     size_t len = amp ? (size_t)(amp - q) : strlen(q);
@@ -1256,8 +935,10 @@ static int parse_params(cluster_db *c, const char *q, const char *uri) {
       if (v > 1) return kvdex__seterr(KVDEX_EINVAL, "tls=%llu must be 0 or 1", v);
       c->tls = (int)v;
     } else {
-      return kvdex__seterr(KVDEX_EINVAL, "unknown parameter \"%s\" in \"%.200s\" "
-                           "(known: replicas, auto_repair_ms%s)", kv, uri, c->dns ? ", resolve_ms, tls" : "");
+      return kvdex__seterr(KVDEX_EINVAL,
+                           "unknown parameter \"%s\" in \"%.200s\" "
+                           "(known: replicas, auto_repair_ms%s)",
+                           kv, uri, c->dns ? ", resolve_ms, tls" : "");
     }
     q = amp ? amp + 1 : NULL;
   }
@@ -1265,7 +946,7 @@ static int parse_params(cluster_db *c, const char *q, const char *uri) {
 }
 
 int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db **out) {
-  cluster_db *c = calloc(1, sizeof *c);
+  kvdex__cluster *c = calloc(1, sizeof *c);
   if (!c) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   c->base.vt = &cluster_vt;
   pthread_rwlock_init(&c->mu, NULL);
@@ -1290,7 +971,7 @@ int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db *
   c->opts.auth_token = c->token;
   c->opts.timeout_ms = c->timeout_ms;
   int rc = KVDEX_OK;
-  char (*addrs)[ADDR_MAX] = malloc(KVDEX__MAX_NODES * sizeof *addrs);
+  char (*addrs)[KVDEX__CL_ADDR_MAX] = malloc(KVDEX__MAX_NODES * sizeof *addrs);
   char *hosts = NULL;
   if (oom || !addrs) {
     rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
@@ -1323,8 +1004,8 @@ int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db *
     }
     snprintf(c->dns_host, sizeof c->dns_host, "%.*s", (int)(colon - hosts), hosts);
     snprintf(c->dns_port, sizeof c->dns_port, "%s", colon + 1);
-    if ((rc = resolve(c, addrs, &n))) goto fail;
-    atomic_store(&c->next_resolve, now_ms() + c->resolve_ms);
+    if ((rc = kvdex__cl_resolve(c, addrs, &n))) goto fail;
+    atomic_store(&c->next_resolve, kvdex__cl_now_ms() + c->resolve_ms);
   } else {
     for (char *h = hosts, *next; h; h = next) {
       char *comma = strchr(h, ',');
@@ -1345,14 +1026,14 @@ int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db *
           rc = kvdex__seterr(KVDEX_EINVAL, "node %s is listed twice", h);
           goto fail;
         }
-      snprintf(addrs[n++], ADDR_MAX, "%s", h);
+      snprintf(addrs[n++], KVDEX__CL_ADDR_MAX, "%s", h);
     }
     if (n == 0) {
       rc = kvdex__seterr(KVDEX_EINVAL, "bad uri \"%.200s\": no host", uri);
       goto fail;
     }
   }
-  if ((rc = set_nodes(c, addrs, n))) goto fail;
+  if ((rc = kvdex__cl_set_nodes(c, addrs, n))) goto fail;
   for (size_t i = 0; i < c->n_nodes; i++)
     if (!c->nodes[i]->db) {
       rc = kvdex__seterr(KVDEX_EINVAL, "node %s: %s", c->nodes[i]->addr,
@@ -1368,429 +1049,4 @@ fail:
   free(hosts);
   cl_close(&c->base);
   return rc;
-}
-
-/* ---- cluster status, repair, rebalance ----------------------------------------------- */
-
-typedef struct copy_at {
-  const kvdex__node_seq *s;
-  size_t node; /* index into the snapshot */
-} copy_at;
-
-/* What every node holds, taken once. */
-typedef struct snapshot {
-  size_t n;
-  node **nodes;
-  kvdex__node_list *lists;
-  int *up;
-  char (*err)[256];
-  copy_at *copies; /* every (sequence, node) copy, sorted by (ns, id, node) */
-  size_t n_copies;
-} snapshot;
-
-static void snapshot_free(snapshot *s) {
-  for (size_t i = 0; i < s->n; i++) kvdex__node_list_free(&s->lists[i]);
-  free(s->nodes);
-  free(s->lists);
-  free(s->up);
-  free(s->err);
-  free(s->copies);
-  memset(s, 0, sizeof *s);
-}
-
-static int cmp_copy(const void *a, const void *b) {
-  const copy_at *x = a, *y = b;
-  int d = strcmp(x->s->ns, y->s->ns);
-  if (!d) d = strcmp(x->s->id, y->s->id);
-  if (!d) d = x->node < y->node ? -1 : x->node > y->node;
-  return d;
-}
-
-static int snapshot_take(cluster_db *c, snapshot *s) {
-  memset(s, 0, sizeof *s);
-  maybe_resolve(c);
-  pthread_rwlock_rdlock(&c->mu);
-  s->n = c->n_nodes;
-  s->nodes = malloc((s->n ? s->n : 1) * sizeof *s->nodes);
-  if (s->nodes) memcpy(s->nodes, c->nodes, s->n * sizeof *s->nodes);
-  pthread_rwlock_unlock(&c->mu);
-  s->lists = calloc(s->n + 1, sizeof *s->lists);
-  s->up = calloc(s->n + 1, sizeof *s->up);
-  s->err = calloc(s->n + 1, sizeof *s->err);
-  if (!s->nodes || !s->lists || !s->up || !s->err) goto oom;
-  size_t total = 0;
-  for (size_t i = 0; i < s->n; i++) {
-    node *nd = s->nodes[i];
-    if (!nd->db) {
-      snprintf(s->err[i], sizeof s->err[i], "%s", nd->open_err);
-      continue;
-    }
-    int rc = kvdex__grpc_list_node(nd->db, "", &s->lists[i]);
-    node_result(nd, rc);
-    if (rc) {
-      snprintf(s->err[i], sizeof s->err[i], "%s", kvdex_errmsg());
-      memset(&s->lists[i], 0, sizeof s->lists[i]);
-      continue;
-    }
-    s->up[i] = 1;
-    total += s->lists[i].n;
-  }
-  s->copies = malloc((total ? total : 1) * sizeof *s->copies);
-  if (!s->copies) goto oom;
-  for (size_t i = 0; i < s->n; i++)
-    for (size_t j = 0; j < s->lists[i].n; j++) s->copies[s->n_copies++] = (copy_at){&s->lists[i].seqs[j], i};
-  qsort(s->copies, s->n_copies, sizeof *s->copies, cmp_copy);
-  return KVDEX_OK;
-oom:
-  snapshot_free(s);
-  return kvdex__seterr(KVDEX_ENOMEM, "cluster: out of memory");
-}
-
-static int same_seq(const copy_at *a, const copy_at *b) {
-  return !strcmp(a->s->ns, b->s->ns) && !strcmp(a->s->id, b->s->id);
-}
-
-/* Distinct sequences in the snapshot. */
-static size_t count_runs(const snapshot *s) {
-  size_t runs = 0;
-  for (size_t k = 0; k < s->n_copies; k++)
-    runs += k == 0 || !same_seq(&s->copies[k - 1], &s->copies[k]);
-  return runs;
-}
-
-static size_t snap_index(const snapshot *s, const node *nd) {
-  for (size_t i = 0; i < s->n; i++)
-    if (s->nodes[i] == nd) return i;
-  return SIZE_MAX;
-}
-
-/* One sequence's placement, computed from a run of copies. */
-typedef struct placement {
-  const char *ns, *id;
-  node *owners[KVDEX__MAX_REPLICAS];
-  size_t n_owners;
-  const kvdex__node_seq *at[KVDEX__MAX_NODES]; /* per snapshot node: its copy or NULL */
-  uint64_t max_tokens;
-  size_t src;      /* a node with a complete visible copy (an owner if one has it) */
-  size_t owners_ok, misplaced;
-} placement;
-
-static int complete(const placement *p, size_t i) {
-  return p->at[i] && !p->at[i]->importing && p->at[i]->total_tokens == p->max_tokens;
-}
-
-static void place(cluster_db *c, const snapshot *s, const copy_at *run, size_t n_run,
-                  placement *p) {
-  memset(p, 0, sizeof *p);
-  p->ns = run[0].s->ns;
-  p->id = run[0].s->id;
-  for (size_t k = 0; k < n_run; k++) {
-    p->at[run[k].node] = run[k].s;
-    if (!run[k].s->importing && run[k].s->total_tokens > p->max_tokens)
-      p->max_tokens = run[k].s->total_tokens;
-  }
-  node *r[KVDEX__MAX_NODES];
-  size_t n = rank_nodes(c, p->ns, p->id, r);
-  p->n_owners = n_owners(c, n);
-  memcpy(p->owners, r, p->n_owners * sizeof *r);
-  p->src = SIZE_MAX;
-  int owner_of[KVDEX__MAX_NODES] = {0};
-  for (size_t o = 0; o < p->n_owners; o++) {
-    size_t i = snap_index(s, p->owners[o]);
-    if (i == SIZE_MAX) continue;
-    owner_of[i] = 1;
-    if (s->up[i] && complete(p, i)) {
-      p->owners_ok++;
-      if (p->src == SIZE_MAX) p->src = i;
-    }
-  }
-  for (size_t i = 0; i < s->n; i++) {
-    if (!owner_of[i] && p->at[i] && !p->at[i]->importing) p->misplaced++;
-    if (p->src == SIZE_MAX && s->up[i] && complete(p, i)) p->src = i;
-  }
-}
-
-static void join_addrs(char *buf, size_t size, node *const *nodes, size_t n) {
-  size_t off = 0;
-  buf[0] = '\0';
-  for (size_t i = 0; i < n && off < size; i++) {
-    int w = snprintf(buf + off, size - off, "%s%s", i ? "," : "", nodes[i]->addr);
-    if (w < 0) break;
-    off += (size_t)w;
-  }
-}
-
-void kvdex_cluster_report_free(kvdex_cluster_report *r) {
-  if (!r) return;
-  free(r->nodes);
-  free(r->seqs);
-  r->nodes = NULL;
-  r->seqs = NULL;
-  r->n_nodes = r->n_seqs = 0;
-}
-
-static int check_cluster(kvdex_db *db, const char *fn) {
-  if (!db) return kvdex__seterr(KVDEX_EINVAL, "%s: db is NULL", fn);
-  if (db->vt != &cluster_vt)
-    return kvdex__seterr(KVDEX_EINVAL, "%s: the handle is not a cluster (open "
-                         "\"grpc://h1:p,h2:p?replicas=2\" or \"dns:///name:port\")", fn);
-  return KVDEX_OK;
-}
-
-/* Fills out from a snapshot (verify: checksum complete copies). */
-static int report_fill(cluster_db *c, const snapshot *s, int verify, kvdex_cluster_report *out) {
-  memset(out, 0, sizeof *out);
-  out->nodes = calloc(s->n + 1, sizeof *out->nodes);
-  size_t runs = count_runs(s);
-  out->seqs = calloc(runs + 1, sizeof *out->seqs);
-  if (!out->nodes || !out->seqs) {
-    kvdex_cluster_report_free(out);
-    return kvdex__seterr(KVDEX_ENOMEM, "cluster status: out of memory");
-  }
-  int64_t now = now_ms();
-  out->n_nodes = s->n;
-  for (size_t i = 0; i < s->n; i++) {
-    kvdex_cluster_node *rn = &out->nodes[i];
-    snprintf(rn->addr, sizeof rn->addr, "%s", s->nodes[i]->addr);
-    rn->up = s->up[i];
-    rn->breaker_open = atomic_load(&s->nodes[i]->open_until) > now;
-    snprintf(rn->error, sizeof rn->error, "%s", s->err[i]);
-    rn->bytes_used = s->lists[i].bytes_used;
-    rn->bytes_cap = s->lists[i].bytes_cap;
-    for (size_t j = 0; j < s->lists[i].n; j++) {
-      if (s->lists[i].seqs[j].importing)
-        rn->importing++;
-      else
-        rn->sequences++;
-    }
-  }
-  for (size_t k = 0; k < s->n_copies;) {
-    size_t e = k + 1;
-    while (e < s->n_copies && same_seq(&s->copies[e], &s->copies[k])) e++;
-    placement p;
-    place(c, s, s->copies + k, e - k, &p);
-    kvdex_cluster_seq *q = &out->seqs[out->n_seqs++];
-    snprintf(q->ns, sizeof q->ns, "%s", p.ns);
-    snprintf(q->id, sizeof q->id, "%s", p.id);
-    q->tokens = p.max_tokens;
-    q->n_owners = (uint32_t)p.n_owners;
-    q->owners_ok = (uint32_t)p.owners_ok;
-    q->misplaced = (uint32_t)p.misplaced;
-    join_addrs(q->owners, sizeof q->owners, p.owners, p.n_owners);
-    size_t off = 0;
-    uint64_t first_sum = 0;
-    int have_sum = 0;
-    for (size_t i = 0; i < s->n; i++) {
-      if (!p.at[i] || p.at[i]->importing) continue;
-      if (off < sizeof q->holders) {
-        int w = snprintf(q->holders + off, sizeof q->holders - off, "%s%s (%llu)", off ? "," : "",
-                         s->nodes[i]->addr, (unsigned long long)p.at[i]->total_tokens);
-        if (w > 0) off += (size_t)w;
-      }
-      if (verify && s->up[i] && complete(&p, i)) {
-        uint64_t sum = 0;
-        if (kvdex__grpc_checksum(s->nodes[i]->db, p.ns, p.id, &sum) == KVDEX_OK) {
-          if (have_sum && sum != first_sum) q->diverged = 1;
-          first_sum = sum;
-          have_sum = 1;
-        }
-      }
-    }
-    if (p.owners_ok < p.n_owners) out->under_replicated++;
-    if (p.misplaced) out->misplaced++;
-    k = e;
-  }
-  /* Sequences only the hints know of: every copy is gone. */
-  pthread_mutex_lock(&c->hint_mu);
-  for (size_t h = 0; h < c->n_hints; h++) {
-    int seen = 0;
-    for (size_t k = 0; k < out->n_seqs && !seen; k++)
-      seen = !strcmp(out->seqs[k].ns, c->hints[h].ns) && !strcmp(out->seqs[k].id, c->hints[h].id);
-    if (!seen) out->lost++;
-  }
-  pthread_mutex_unlock(&c->hint_mu);
-  return KVDEX_OK;
-}
-
-int kvdex_cluster_status(kvdex_db *db, int verify, kvdex_cluster_report *out) {
-  if (out) memset(out, 0, sizeof *out);
-  int rc = check_cluster(db, "kvdex_cluster_status");
-  if (rc) return rc;
-  if (!out) return kvdex__seterr(KVDEX_EINVAL, "kvdex_cluster_status: out is NULL");
-  cluster_db *c = as_cluster(db);
-  snapshot s;
-  if ((rc = snapshot_take(c, &s))) return kvdex__preerr(rc, "kvdex_cluster_status");
-  rc = report_fill(c, &s, verify, out);
-  snapshot_free(&s);
-  return rc ? kvdex__preerr(rc, "kvdex_cluster_status") : KVDEX_OK;
-}
-
-typedef struct progress_ctx {
-  kvdex_cluster_progress_fn fn;
-  void *ctx;
-  kvdex_cluster_progress p;
-} progress_ctx;
-
-static void copy_progress(void *arg, uint64_t done_tokens, uint64_t total_tokens) {
-  progress_ctx *pc = arg;
-  pc->p.done_tokens = done_tokens;
-  pc->p.total_tokens = total_tokens;
-  if (pc->fn) pc->fn(pc->ctx, &pc->p);
-}
-
-typedef struct sync_totals {
-  uint64_t copied, deleted, failed, bytes;
-  int first_rc;
-  char first_why[400];
-} sync_totals;
-
-static void sync_fail(sync_totals *t, int rc) {
-  t->failed++;
-  if (!t->first_rc) {
-    t->first_rc = rc;
-    snprintf(t->first_why, sizeof t->first_why, "%s", kvdex_errmsg());
-  }
-}
-
-/* Brings every owner that is up to a complete copy; with move, then deletes the copies
- * on non-owners of every sequence whose owners are all complete. */
-static int cluster_sync(kvdex_db *db, int move, kvdex_cluster_progress_fn fn, void *ctx,
-                        kvdex_cluster_report *out, const char *name) {
-  if (out) memset(out, 0, sizeof *out);
-  int rc = check_cluster(db, name);
-  if (rc) return rc;
-  cluster_db *c = as_cluster(db);
-  sync_totals t = {0};
-  snapshot s;
-  if ((rc = snapshot_take(c, &s))) return kvdex__preerr(rc, name);
-  size_t n_seqs = count_runs(&s), seq_index = 0;
-  for (size_t k = 0; k < s.n_copies; seq_index++) {
-    size_t e = k + 1;
-    while (e < s.n_copies && same_seq(&s.copies[e], &s.copies[k])) e++;
-    placement p;
-    place(c, &s, s.copies + k, e - k, &p);
-    k = e;
-    progress_ctx pc = {fn, ctx, {.ns = p.ns, .id = p.id, .seq_index = seq_index, .n_seqs = n_seqs}};
-    if (p.src == SIZE_MAX) {
-      /* Only hidden copies are left (an import whose source is gone): nothing to copy. */
-      pc.p.action = "skip";
-      if (fn) fn(ctx, &pc.p);
-      continue;
-    }
-    size_t ok = 0, owners_up = 0;
-    for (size_t o = 0; o < p.n_owners; o++) {
-      size_t i = snap_index(&s, p.owners[o]);
-      if (i == SIZE_MAX || !s.up[i]) continue;
-      owners_up++;
-      if (complete(&p, i)) {
-        ok++;
-        continue;
-      }
-      pc.p.action = "copy";
-      pc.p.from = s.nodes[p.src]->addr;
-      pc.p.to = s.nodes[i]->addr;
-      uint64_t bytes = 0;
-      int e2 = kvdex__grpc_copy_seq(s.nodes[p.src]->db, s.nodes[i]->db, p.ns, p.id, copy_progress,
-                                    &pc, &bytes);
-      t.bytes += bytes;
-      if (e2) {
-        sync_fail(&t, e2);
-        KVDEX_LOG(KVDEX_LOG_WARN, "kvdex cluster: copy of %s/%s from %s to %s failed: %s", p.ns,
-                  p.id, s.nodes[p.src]->addr, s.nodes[i]->addr, kvdex_errmsg());
-        continue;
-      }
-      t.copied++;
-      ok++;
-      hint_drop(c, s.nodes[i]->addr, p.ns, p.id);
-    }
-    if (ok == p.n_owners) hint_drop(c, NULL, p.ns, p.id);
-    if (!move || ok < p.n_owners || owners_up < p.n_owners) continue;
-    for (size_t i = 0; i < s.n; i++) {
-      int is_owner = 0;
-      for (size_t o = 0; o < p.n_owners && !is_owner; o++) is_owner = p.owners[o] == s.nodes[i];
-      if (is_owner || !p.at[i] || !s.up[i]) continue;
-      pc.p.action = "delete";
-      pc.p.from = NULL;
-      pc.p.to = s.nodes[i]->addr;
-      pc.p.done_tokens = pc.p.total_tokens = p.at[i]->total_tokens;
-      if (fn) fn(ctx, &pc.p);
-      int e2 = kvdex__grpc_delete_ns(s.nodes[i]->db, p.ns, p.id, NULL);
-      if (e2 && e2 != KVDEX_ENOTFOUND) {
-        sync_fail(&t, e2);
-        continue;
-      }
-      t.deleted++;
-    }
-  }
-  snapshot_free(&s);
-  /* The state afterwards. */
-  kvdex_cluster_report after = {0};
-  if ((rc = snapshot_take(c, &s))) return kvdex__preerr(rc, name);
-  rc = report_fill(c, &s, 0, &after);
-  snapshot_free(&s);
-  if (rc) return kvdex__preerr(rc, name);
-  after.copied = t.copied;
-  after.deleted = t.deleted;
-  after.failed = t.failed;
-  after.bytes_copied = t.bytes;
-  uint64_t under = after.under_replicated, misplaced = after.misplaced;
-  size_t down = 0;
-  for (size_t i = 0; i < after.n_nodes; i++) down += !after.nodes[i].up;
-  if (out)
-    *out = after;
-  else
-    kvdex_cluster_report_free(&after);
-  if (t.first_rc)
-    return kvdex__seterr(t.first_rc, "%s: %llu of the copies/deletes failed; first: %s", name,
-                         (unsigned long long)t.failed, t.first_why);
-  if (under)
-    return kvdex__seterr(KVDEX_EUNAVAIL, "%s: %llu sequences are still under-replicated (%zu "
-                         "nodes down)", name, (unsigned long long)under, down);
-  if (move && misplaced)
-    return kvdex__seterr(KVDEX_EUNAVAIL, "%s: %llu sequences still have copies on non-owners",
-                         name, (unsigned long long)misplaced);
-  return KVDEX_OK;
-}
-
-int kvdex_cluster_repair(kvdex_db *db, kvdex_cluster_progress_fn progress, void *ctx,
-                         kvdex_cluster_report *out) {
-  return cluster_sync(db, 0, progress, ctx, out, "kvdex_cluster_repair");
-}
-
-int kvdex_cluster_rebalance(kvdex_db *db, kvdex_cluster_progress_fn progress, void *ctx,
-                            kvdex_cluster_report *out) {
-  return cluster_sync(db, 1, progress, ctx, out, "kvdex_cluster_rebalance");
-}
-
-int kvdex_cluster_owners(kvdex_db *db, const char *seq_id, char *buf, size_t size) {
-  int rc = check_cluster(db, "kvdex_cluster_owners");
-  if (rc) return rc;
-  if (!seq_id || !buf || size == 0)
-    return kvdex__seterr(KVDEX_EINVAL, "kvdex_cluster_owners: seq_id and buf must be given");
-  cluster_db *c = as_cluster(db);
-  maybe_resolve(c);
-  node *r[KVDEX__MAX_NODES];
-  size_t n = rank_nodes(c, c->base.ns, seq_id, r);
-  join_addrs(buf, size, r, n_owners(c, n));
-  return KVDEX_OK;
-}
-
-int kvdex_cluster_checksum(kvdex_db *db, const char *addr, const char *seq_id, uint64_t *sum) {
-  if (!db || !seq_id || !sum)
-    return kvdex__seterr(KVDEX_EINVAL, "kvdex_cluster_checksum: db, seq_id and sum must be given");
-  if (!strcmp(db->vt->name, "grpc") && !addr)
-    return kvdex__preerr(kvdex__grpc_checksum(db, db->ns, seq_id, sum), "kvdex_cluster_checksum");
-  int rc = check_cluster(db, "kvdex_cluster_checksum");
-  if (rc) return rc;
-  cluster_db *c = as_cluster(db);
-  node *nd = NULL;
-  pthread_rwlock_rdlock(&c->mu);
-  for (size_t i = 0; i < c->n_nodes && !nd; i++)
-    if (addr && !strcmp(c->nodes[i]->addr, addr)) nd = c->nodes[i];
-  pthread_rwlock_unlock(&c->mu);
-  if (!nd || !nd->db)
-    return kvdex__seterr(KVDEX_EINVAL, "kvdex_cluster_checksum: \"%s\" is not a node of the "
-                         "handle", addr ? addr : "(null)");
-  return kvdex__preerr(kvdex__grpc_checksum(nd->db, c->base.ns, seq_id, sum),
-                       "kvdex_cluster_checksum");
 }

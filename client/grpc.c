@@ -1,102 +1,41 @@
 /* grpc.c — the remote transport ("grpc://host:port"): kvdex.v1 over the gRPC C core.
  * One channel per handle (thread-safe), registered methods, and for every call its
  * own completion queue that runs the batches synchronously until the call's
- * deadline (opts.timeout_ms). AppendKV is a real client stream (begin = initial
- * metadata, one message per kvdex_append_kv, commit = half-close + response,
- * abort = cancel; prefill queries and landmarks ride in the same messages); ReadKV is
- * a server stream reassembled into the caller's buffers; Search packs every sequence
- * of a batch into one SearchRequest; BuildIndex is a unary call that only queues the build;
- * Attend (a batch in one AttendRequest) and Retain are unary calls.
+ * deadline (opts.timeout_ms; the call machinery is grpc_call.c). AppendKV is a real
+ * client stream (begin = initial metadata, one message per kvdex_append_kv, commit =
+ * half-close + response, abort = cancel; prefill queries and landmarks ride in the
+ * same messages); ReadKV is a server stream reassembled into the caller's buffers;
+ * Search packs every sequence of a batch into one SearchRequest; BuildIndex is a unary
+ * call that only queues the build; Attend (a batch in one AttendRequest) and Retain
+ * are unary calls.
  * Caller buffers carry no sizes, so the client needs each sequence's shape: it
  * keeps a small per-handle cache filled by create/stat and asks StatSequence on a
- * miss. It does no retries and no routing over several hosts.
+ * miss. It does no retries and no routing over several hosts (cluster.c does), and
+ * the calls only the cluster makes are grpc_admin.c.
  */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#include <grpc/byte_buffer.h>
-#include <grpc/byte_buffer_reader.h>
-#include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
-#include <grpc/slice.h>
-#include <grpc/support/alloc.h>
-#include <grpc/support/time.h>
 
-#include "client/client_int.h"
-#include "index/index.h"
-#include "kvdex/v1/kvdex.pb-c.h"
-#include "proto/wire.h"
+#include "client/grpc_int.h"
 
 #define DEFAULT_TIMEOUT_MS 30000
-/* Payload bytes (K + V) per AppendKV / ReadKV message: larger appends are split by
- * token range. Well below the server's default 64 MiB message limit. */
-#define MSG_PAYLOAD_BYTES ((size_t)16 << 20)
-#define READ_MAX_TOKENS_PER_MSG 4096
 /* Token ids per ReadKV request (8 bytes each on the wire): larger reads are split. */
 #define READ_MAX_IDS_PER_CALL ((size_t)1 << 20)
-#define SHAPE_CACHE_SLOTS 1024 /* direct-mapped: a collision replaces the entry */
-
-enum {
-  M_CREATE,
-  M_DELETE,
-  M_STAT,
-  M_LIST,
-  M_APPEND,
-  M_READ,
-  M_SEARCH,
-  M_BUILD,
-  M_ATTEND,
-  M_RETAIN,
-  M_PUBLISH,
-  M_COUNT
-};
-
-static const char *const method_path[M_COUNT] = {
-    "/kvdex.v1.KVStore/CreateSequence", "/kvdex.v1.KVStore/DeleteSequence",
-    "/kvdex.v1.KVStore/StatSequence",   "/kvdex.v1.KVStore/ListSequences",
-    "/kvdex.v1.KVStore/AppendKV",       "/kvdex.v1.KVStore/ReadKV",
-    "/kvdex.v1.Retrieval/Search",       "/kvdex.v1.Retrieval/BuildIndex",
-    "/kvdex.v1.Retrieval/Attend",       "/kvdex.v1.Retrieval/Retain",
-    "/kvdex.v1.KVStore/PublishSequence",
-};
-static const char *const method_name[M_COUNT] = {
-    "CreateSequence", "DeleteSequence", "StatSequence", "ListSequences",
-    "AppendKV",       "ReadKV",         "Search",       "BuildIndex",
-    "Attend",         "Retain",         "PublishSequence",
-};
-
-typedef struct shape_slot {
-  char *id; /* NULL = empty */
-  kvdex_shape shape;
-} shape_slot;
-
-typedef struct grpc_db {
-  kvdex_db base;
-  grpc_channel *channel;
-  void *method[M_COUNT]; /* grpc_channel_register_call handles */
-  char target[300];
-  uint32_t timeout_ms;
-  grpc_metadata auth_md;    /* authorization: Bearer TOKEN, when has_auth */
-  int has_auth;
-  pthread_mutex_t cache_mu; /* guards cache */
-  shape_slot cache[SHAPE_CACHE_SLOTS];
-} grpc_db;
-
-static grpc_db *as_grpc(kvdex_db *db) { return (grpc_db *)db; }
 
 /* ---- shape cache ---------------------------------------------------------------- */
 
 static size_t slot_of(const char *id) {
   uint64_t h = 1469598103934665603ull; /* FNV-1a */
   for (const unsigned char *p = (const unsigned char *)id; *p; p++) h = (h ^ *p) * 1099511628211ull;
-  return (size_t)(h % SHAPE_CACHE_SLOTS);
+  return (size_t)(h % KVDEX__GRPC_SHAPE_SLOTS);
 }
 
-static int cache_get(grpc_db *g, const char *id, kvdex_shape *out) {
-  shape_slot *s = &g->cache[slot_of(id)];
+static int cache_get(kvdex__grpc_db *g, const char *id, kvdex_shape *out) {
+  kvdex__grpc_shape_slot *s = &g->cache[slot_of(id)];
   int hit = 0;
   pthread_mutex_lock(&g->cache_mu);
   if (s->id && strcmp(s->id, id) == 0) {
@@ -107,8 +46,8 @@ static int cache_get(grpc_db *g, const char *id, kvdex_shape *out) {
   return hit;
 }
 
-static void cache_put(grpc_db *g, const char *id, const kvdex_shape *shape) {
-  shape_slot *s = &g->cache[slot_of(id)];
+static void cache_put(kvdex__grpc_db *g, const char *id, const kvdex_shape *shape) {
+  kvdex__grpc_shape_slot *s = &g->cache[slot_of(id)];
   char *copy = strdup(id); /* outside the lock; no entry on failure */
   if (!copy) return;
   pthread_mutex_lock(&g->cache_mu);
@@ -119,8 +58,8 @@ static void cache_put(grpc_db *g, const char *id, const kvdex_shape *shape) {
   free(old);
 }
 
-static void cache_drop(grpc_db *g, const char *id) {
-  shape_slot *s = &g->cache[slot_of(id)];
+void kvdex__grpc_cache_drop(kvdex__grpc_db *g, const char *id) {
+  kvdex__grpc_shape_slot *s = &g->cache[slot_of(id)];
   char *old = NULL;
   pthread_mutex_lock(&g->cache_mu);
   if (s->id && strcmp(s->id, id) == 0) {
@@ -131,261 +70,32 @@ static void cache_drop(grpc_db *g, const char *id) {
   free(old);
 }
 
-/* ---- one call on its own completion queue --------------------------------------- */
-
-enum { TAG_OPS = 1, TAG_STATUS = 2 };
-#define TAG(t) ((void *)(uintptr_t)(t))
-
-typedef struct rpc {
-  grpc_db *g;
-  int m;
-  grpc_completion_queue *cq;
-  grpc_call *call;
-  grpc_metadata_array init_md, trail_md;
-  grpc_status_code status;
-  grpc_slice details;
-  const char *error_string;
-  int status_started; /* a separate RECV_STATUS_ON_CLIENT batch is pending or done */
-  int status_done;
-} rpc;
-
-/* Adds the handle's bearer token to a SEND_INITIAL_METADATA op. */
-static void auth_op(const grpc_db *g, grpc_op *op) {
-  if (!g->has_auth) return;
-  op->data.send_initial_metadata.count = 1;
-  op->data.send_initial_metadata.metadata = (grpc_metadata *)&g->auth_md;
-}
-
-/* The calling thread's overall deadline (CLOCK_MONOTONIC ms, 0 = none): a cluster
- * handle sets it so that failover across nodes stays within the caller's timeout. */
-static _Thread_local int64_t tl_deadline_ms;
-
-void kvdex__grpc_set_deadline(int64_t monotonic_ms) { tl_deadline_ms = monotonic_ms; }
-
-/* The timeout of a call starting now: the handle's, cut to the thread's deadline. */
-static uint32_t call_timeout_ms(const grpc_db *g) {
-  if (!tl_deadline_ms) return g->timeout_ms;
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  int64_t left = tl_deadline_ms - ((int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
-  if (left < 1) left = 1;
-  return left < (int64_t)g->timeout_ms ? (uint32_t)left : g->timeout_ms;
-}
-
-static int rpc_begin(grpc_db *g, int m, rpc *r) {
-  memset(r, 0, sizeof *r);
-  r->g = g;
-  r->m = m;
-  r->status = GRPC_STATUS_UNKNOWN;
-  r->details = grpc_empty_slice();
-  grpc_metadata_array_init(&r->init_md);
-  grpc_metadata_array_init(&r->trail_md);
-  r->cq = grpc_completion_queue_create_for_next(NULL);
-  if (!r->cq) return kvdex__seterr(KVDEX_EINTERNAL, "%s: cannot create a completion queue",
-                                   method_name[m]);
-  gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                       gpr_time_from_millis(call_timeout_ms(g), GPR_TIMESPAN));
-  r->call = grpc_channel_create_registered_call(g->channel, NULL, GRPC_PROPAGATE_DEFAULTS, r->cq,
-                                                g->method[m], deadline, NULL);
-  if (!r->call) return kvdex__seterr(KVDEX_EINTERNAL, "%s: cannot create the call", method_name[m]);
-  return KVDEX_OK;
-}
-
-static int rpc_start(rpc *r, const grpc_op *ops, size_t n, int tag) {
-  grpc_call_error e = grpc_call_start_batch(r->call, ops, n, TAG(tag), NULL);
-  if (e != GRPC_CALL_OK)
-    return kvdex__seterr(KVDEX_EINTERNAL, "%s: grpc_call_start_batch failed (%d)",
-                         method_name[r->m], (int)e);
-  return KVDEX_OK;
-}
-
-/* Waits for batch `tag` and returns its success flag. The call's deadline bounds
- * the wait: gRPC fails every pending batch when it passes. */
-static int rpc_wait(rpc *r, int tag) {
-  if (tag == TAG_STATUS && r->status_done) return 1;
-  for (;;) {
-    grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
-    if (ev.type != GRPC_OP_COMPLETE) return 0;
-    if (ev.tag == TAG(TAG_STATUS)) r->status_done = 1;
-    if (ev.tag == TAG(tag)) return ev.success;
-  }
-}
-
-/* Waits for a send batch of a stream whose status batch is pending. A server that
- * refuses a message ends the call with a status but stops reading, so a send that
- * waits for flow-control window would only end at the deadline: once the status is
- * in, cancel the call so that the send fails now. Returns the send's success flag. */
-static int rpc_wait_send(rpc *r) {
-  int cancelled = 0;
-  for (;;) {
-    grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
-    if (ev.type != GRPC_OP_COMPLETE) return 0;
-    if (ev.tag == TAG(TAG_OPS)) return ev.success;
-    if (ev.tag == TAG(TAG_STATUS)) r->status_done = 1;
-    if (r->status_done && !cancelled) {
-      grpc_call_cancel(r->call, NULL); /* the status already received is kept */
-      cancelled = 1;
-    }
-  }
-}
-
-static void fill_status_op(rpc *r, grpc_op *op) {
-  memset(op, 0, sizeof *op);
-  op->op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-  op->data.recv_status_on_client.trailing_metadata = &r->trail_md;
-  op->data.recv_status_on_client.status = &r->status;
-  op->data.recv_status_on_client.status_details = &r->details;
-  op->data.recv_status_on_client.error_string = &r->error_string;
-}
-
-/* Starts the status batch of a streaming call: RECV_INITIAL_METADATA and
- * RECV_STATUS_ON_CLIENT. Initial metadata is received here, not with the first
- * message, because a server that refuses a stream sends no message at all and the
- * status is only delivered once the initial metadata has been taken. */
-static int rpc_start_status(rpc *r) {
-  grpc_op ops[2];
-  memset(ops, 0, sizeof ops);
-  ops[0].op = GRPC_OP_RECV_INITIAL_METADATA;
-  ops[0].data.recv_initial_metadata.recv_initial_metadata = &r->init_md;
-  fill_status_op(r, &ops[1]);
-  int rc = rpc_start(r, ops, 2, TAG_STATUS);
-  if (rc == KVDEX_OK) r->status_started = 1;
-  return rc;
-}
-
-static const char *status_name(grpc_status_code s) {
-  static const char *const names[] = {
-      "OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",    "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",       "DATA_LOSS",
-      "UNAUTHENTICATED"};
-  return (unsigned)s < sizeof names / sizeof *names ? names[s] : "?";
-}
-
-/* Turns the received status into a kvdex code and message (0 for OK). */
-static int rpc_status_rc(rpc *r) {
-  if (r->status == GRPC_STATUS_OK) return KVDEX_OK;
-  int rc = kvdex_wire_rc(r->status);
-  size_t len = GRPC_SLICE_LENGTH(r->details);
-  const char *d = (const char *)GRPC_SLICE_START_PTR(r->details);
-  int dl = len > 400 ? 400 : (int)len;
-  const char *m = method_name[r->m];
-  if (rc == KVDEX_EUNAVAIL)
-    return kvdex__seterr(rc, "%s: server %s unavailable: %.*s", m, r->g->target, dl, d);
-  if (rc == KVDEX_ETIMEDOUT)
-    return kvdex__seterr(rc, "%s: deadline of %u ms exceeded (%.*s)", m, r->g->timeout_ms, dl, d);
-  return kvdex__seterr(rc, "%s: %s: %.*s", m, status_name(r->status), dl, d);
-}
-
-static void rpc_end(rpc *r) {
-  if (r->call) {
-    if (r->status_started && !r->status_done) {
-      grpc_call_cancel(r->call, NULL);
-      rpc_wait(r, TAG_STATUS);
-    }
-    grpc_call_unref(r->call);
-    r->call = NULL;
-  }
-  if (r->cq) {
-    grpc_completion_queue_shutdown(r->cq);
-    while (grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
-           GRPC_QUEUE_SHUTDOWN) {
-    }
-    grpc_completion_queue_destroy(r->cq);
-    r->cq = NULL;
-  }
-  grpc_metadata_array_destroy(&r->init_md);
-  grpc_metadata_array_destroy(&r->trail_md);
-  grpc_slice_unref(r->details);
-  r->details = grpc_empty_slice();
-  gpr_free((void *)r->error_string);
-  r->error_string = NULL;
-}
-
-static grpc_byte_buffer *pack(const ProtobufCMessage *msg) {
-  size_t n = protobuf_c_message_get_packed_size(msg);
-  grpc_slice s = grpc_slice_malloc(n);
-  protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(s));
-  grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
-  grpc_slice_unref(s);
-  return bb;
-}
-
-static int unpack(rpc *r, grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc,
-                  ProtobufCMessage **out) {
-  grpc_byte_buffer_reader rd;
-  *out = NULL;
-  if (!grpc_byte_buffer_reader_init(&rd, bb))
-    return kvdex__seterr(KVDEX_EINTERNAL, "%s: cannot read the response", method_name[r->m]);
-  grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
-  grpc_byte_buffer_reader_destroy(&rd);
-  *out = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
-  grpc_slice_unref(s);
-  if (!*out)
-    return kvdex__seterr(KVDEX_EINTERNAL, "%s: malformed %s from the server", method_name[r->m],
-                         desc->name);
-  return KVDEX_OK;
-}
-
-/* One unary call: sends req, waits for status and response. *resp is set (and must
- * be freed with protobuf_c_message_free_unpacked) only on success. */
-static int unary(grpc_db *g, int m, const ProtobufCMessage *req,
-                 const ProtobufCMessageDescriptor *resp_desc, ProtobufCMessage **resp) {
-  *resp = NULL;
-  rpc r;
-  int rc = rpc_begin(g, m, &r);
-  grpc_byte_buffer *send = NULL, *recv = NULL;
-  if (rc == KVDEX_OK) {
-    send = pack(req);
-    grpc_op ops[6];
-    memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    auth_op(g, &ops[0]);
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = send;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &r.init_md;
-    ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &recv;
-    fill_status_op(&r, &ops[5]);
-    rc = rpc_start(&r, ops, 6, TAG_OPS);
-    if (rc == KVDEX_OK) {
-      rpc_wait(&r, TAG_OPS); /* includes the status: always completes */
-      rc = rpc_status_rc(&r);
-    }
-  }
-  if (rc == KVDEX_OK) {
-    if (!recv)
-      rc = kvdex__seterr(KVDEX_EINTERNAL, "%s: the server sent no response", method_name[m]);
-    else
-      rc = unpack(&r, recv, resp_desc, resp);
-  }
-  if (send) grpc_byte_buffer_destroy(send);
-  if (recv) grpc_byte_buffer_destroy(recv);
-  rpc_end(&r);
-  return rc;
-}
-
-static void seq_ref_ns(Kvdex__V1__SequenceRef *ref, const char *ns, const char *seq_id) {
-  kvdex__v1__sequence_ref__init(ref);
-  ref->namespace_ = (char *)ns;
-  ref->sequence_id = (char *)seq_id;
-}
-
 static void seq_ref(Kvdex__V1__SequenceRef *ref, const kvdex_db *db, const char *seq_id) {
-  seq_ref_ns(ref, db->ns, seq_id);
+  kvdex__grpc_seq_ref_ns(ref, db->ns, seq_id);
 }
 
 /* ---- sequences ------------------------------------------------------------------- */
 
-static int create_ns(grpc_db *g, const char *ns, const char *seq_id, const kvdex_shape *shape,
-                     int importing);
+int kvdex__grpc_create_ns(kvdex__grpc_db *g, const char *ns, const char *seq_id,
+                          const kvdex_shape *shape, int importing) {
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__Shape pb_shape = KVDEX__V1__SHAPE__INIT;
+  Kvdex__V1__CreateSequenceRequest req = KVDEX__V1__CREATE_SEQUENCE_REQUEST__INIT;
+  kvdex__grpc_seq_ref_ns(&ref, ns, seq_id);
+  kvdex_wire_shape_to_pb(shape, &pb_shape);
+  req.seq = &ref;
+  req.shape = &pb_shape;
+  req.importing = importing != 0;
+  ProtobufCMessage *resp;
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_CREATE, &req.base,
+                             &kvdex__v1__create_sequence_response__descriptor, &resp);
+  if (rc == KVDEX_OK) protobuf_c_message_free_unpacked(resp, NULL);
+  return rc;
+}
 
 static int grpc_create(kvdex_db *db, const char *seq_id, const kvdex_shape *shape) {
-  grpc_db *g = as_grpc(db);
-  int rc = create_ns(g, db->ns, seq_id, shape, 0);
+  kvdex__grpc_db *g = kvdex__grpc_as(db);
+  int rc = kvdex__grpc_create_ns(g, db->ns, seq_id, shape, 0);
   if (rc == KVDEX_OK) cache_put(g, seq_id, shape);
   return rc;
 }
@@ -394,16 +104,17 @@ static int grpc_del(kvdex_db *db, const char *seq_id, uint64_t *bytes_freed) {
   return kvdex__grpc_delete_ns(db, db->ns, seq_id, bytes_freed);
 }
 
-/* StatSequence of ns/seq_id; fills *shape, and *info, *importing when not NULL. */
-static int stat_core(grpc_db *g, const char *ns, const char *seq_id, int include_importing,
-                     kvdex_shape *shape, kvdex_seq_info *info, int *importing) {
+int kvdex__grpc_stat_ns(kvdex__grpc_db *g, const char *ns, const char *seq_id,
+                        int include_importing, kvdex_shape *shape, kvdex_seq_info *info,
+                        int *importing) {
   Kvdex__V1__SequenceRef ref;
   Kvdex__V1__StatSequenceRequest req = KVDEX__V1__STAT_SEQUENCE_REQUEST__INIT;
-  seq_ref_ns(&ref, ns, seq_id);
+  kvdex__grpc_seq_ref_ns(&ref, ns, seq_id);
   req.seq = &ref;
   req.include_importing = include_importing != 0;
   ProtobufCMessage *msg;
-  int rc = unary(g, M_STAT, &req.base, &kvdex__v1__stat_sequence_response__descriptor, &msg);
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_STAT, &req.base,
+                             &kvdex__v1__stat_sequence_response__descriptor, &msg);
   if (rc) return rc;
   Kvdex__V1__StatSequenceResponse *resp = (Kvdex__V1__StatSequenceResponse *)msg;
   if (!resp->info || !resp->info->shape) {
@@ -460,30 +171,32 @@ static int stat_core(grpc_db *g, const char *ns, const char *seq_id, int include
 }
 
 /* StatSequence in the handle's namespace. Refreshes the cache. */
-static int stat_call(grpc_db *g, const char *seq_id, kvdex_shape *shape, kvdex_seq_info *info) {
-  int rc = stat_core(g, g->base.ns, seq_id, 0, shape, info, NULL);
-  if (rc == KVDEX_ENOTFOUND) cache_drop(g, seq_id);
+static int stat_call(kvdex__grpc_db *g, const char *seq_id, kvdex_shape *shape,
+                     kvdex_seq_info *info) {
+  int rc = kvdex__grpc_stat_ns(g, g->base.ns, seq_id, 0, shape, info, NULL);
+  if (rc == KVDEX_ENOTFOUND) kvdex__grpc_cache_drop(g, seq_id);
   if (rc == KVDEX_OK) cache_put(g, seq_id, shape);
   return rc;
 }
 
 static int grpc_stat(kvdex_db *db, const char *seq_id, kvdex_seq_info *info) {
   kvdex_shape shape;
-  return stat_call(as_grpc(db), seq_id, &shape, info);
+  return stat_call(kvdex__grpc_as(db), seq_id, &shape, info);
 }
 
 /* The shape of a sequence: from the cache, or asked with StatSequence. */
-static int shape_get(grpc_db *g, const char *seq_id, kvdex_shape *shape) {
+static int shape_get(kvdex__grpc_db *g, const char *seq_id, kvdex_shape *shape) {
   if (cache_get(g, seq_id, shape)) return KVDEX_OK;
   return stat_call(g, seq_id, shape, NULL);
 }
 
 static int grpc_list(kvdex_db *db, char ***ids, size_t *n) {
-  grpc_db *g = as_grpc(db);
+  kvdex__grpc_db *g = kvdex__grpc_as(db);
   Kvdex__V1__ListSequencesRequest req = KVDEX__V1__LIST_SEQUENCES_REQUEST__INIT;
   req.namespace_ = (char *)db->ns;
   ProtobufCMessage *msg;
-  int rc = unary(g, M_LIST, &req.base, &kvdex__v1__list_sequences_response__descriptor, &msg);
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_LIST, &req.base,
+                             &kvdex__v1__list_sequences_response__descriptor, &msg);
   if (rc) return rc;
   Kvdex__V1__ListSequencesResponse *resp = (Kvdex__V1__ListSequencesResponse *)msg;
   char **out = calloc(resp->n_sequences ? resp->n_sequences : 1, sizeof *out);
@@ -512,45 +225,45 @@ static int grpc_list(kvdex_db *db, char ***ids, size_t *n) {
 
 typedef struct grpc_appender {
   kvdex_appender base;
-  rpc r;
+  kvdex__grpc_call r;
   char ns[KVDEX_MAX_NAMESPACE + 1];
   char seq_id[KVDEX_MAX_SEQ_ID + 1];
   int sent; /* messages sent so far */
 } grpc_appender;
 
 /* The status of a stream the server already ended (or that failed locally). */
-static int stream_failed(rpc *r) {
-  rpc_wait(r, TAG_STATUS);
-  int rc = rpc_status_rc(r);
+static int stream_failed(kvdex__grpc_call *r) {
+  kvdex__grpc_call_wait(r, KVDEX__GRPC_TAG_STATUS);
+  int rc = kvdex__grpc_call_status_rc(r);
   if (rc == KVDEX_OK)
     rc = kvdex__seterr(KVDEX_EINTERNAL, "%s: the server ended the stream early",
-                       method_name[r->m]);
+                       kvdex_rpc_methods[r->m].name);
   return rc;
 }
 
 static void grpc_appender_free(grpc_appender *ap) {
-  rpc_end(&ap->r);
+  kvdex__grpc_call_end(&ap->r);
   free(ap);
 }
 
 /* Opens an AppendKV stream for ns/seq_id whose shape the caller knows. */
-static int append_begin_ns(grpc_db *g, const char *ns, const char *seq_id,
-                           const kvdex_shape *shape, kvdex_appender **out) {
+int kvdex__grpc_append_begin_ns(kvdex__grpc_db *g, const char *ns, const char *seq_id,
+                                const kvdex_shape *shape, kvdex_appender **out) {
   grpc_appender *ap = calloc(1, sizeof *ap);
   if (!ap) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   ap->base.db = &g->base;
   ap->base.shape = *shape;
   snprintf(ap->ns, sizeof ap->ns, "%s", ns);
   snprintf(ap->seq_id, sizeof ap->seq_id, "%s", seq_id);
-  int rc = rpc_begin(g, M_APPEND, &ap->r);
-  if (rc == KVDEX_OK) rc = rpc_start_status(&ap->r);
+  int rc = kvdex__grpc_call_begin(g, KVDEX_RPC_APPEND, &ap->r);
+  if (rc == KVDEX_OK) rc = kvdex__grpc_call_start_status(&ap->r);
   if (rc == KVDEX_OK) {
     grpc_op op;
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_SEND_INITIAL_METADATA;
-    auth_op(g, &op);
-    rc = rpc_start(&ap->r, &op, 1, TAG_OPS);
-    if (rc == KVDEX_OK && !rpc_wait_send(&ap->r)) rc = stream_failed(&ap->r);
+    kvdex__grpc_auth_op(g, &op);
+    rc = kvdex__grpc_call_start(&ap->r, &op, 1, KVDEX__GRPC_TAG_OPS);
+    if (rc == KVDEX_OK && !kvdex__grpc_call_wait_send(&ap->r)) rc = stream_failed(&ap->r);
   }
   if (rc) {
     grpc_appender_free(ap);
@@ -561,11 +274,11 @@ static int append_begin_ns(grpc_db *g, const char *ns, const char *seq_id,
 }
 
 static int grpc_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **out) {
-  grpc_db *g = as_grpc(db);
+  kvdex__grpc_db *g = kvdex__grpc_as(db);
   kvdex_shape shape;
   int rc = shape_get(g, seq_id, &shape);
   if (rc) return rc;
-  return append_begin_ns(g, db->ns, seq_id, &shape, out);
+  return kvdex__grpc_append_begin_ns(g, db->ns, seq_id, &shape, out);
 }
 
 /* Sends one AppendKVRequest and waits until gRPC has taken it. q (may be NULL) has
@@ -577,7 +290,7 @@ static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, 
   Kvdex__V1__SequenceRef ref;
   Kvdex__V1__AppendKVRequest req = KVDEX__V1__APPEND_KVREQUEST__INIT;
   if (ap->sent == 0) { /* the first message names the sequence */
-    seq_ref_ns(&ref, ap->ns, ap->seq_id);
+    kvdex__grpc_seq_ref_ns(&ref, ap->ns, ap->seq_id);
     req.seq = &ref;
   }
   req.layer = layer;
@@ -595,13 +308,15 @@ static int send_append(grpc_appender *ap, uint32_t layer, uint64_t token_start, 
     req.landmarks.data = (uint8_t *)landmarks;
     req.landmarks.len = lm_bytes;
   }
-  grpc_byte_buffer *bb = pack(&req.base);
+  grpc_byte_buffer *bb;
+  int rc = kvdex_rpc_pack(&req.base, 0, &bb);
+  if (rc) return rc;
   grpc_op op;
   memset(&op, 0, sizeof op);
   op.op = GRPC_OP_SEND_MESSAGE;
   op.data.send_message.send_message = bb;
-  int rc = rpc_start(&ap->r, &op, 1, TAG_OPS);
-  if (rc == KVDEX_OK && !rpc_wait_send(&ap->r)) rc = stream_failed(&ap->r);
+  rc = kvdex__grpc_call_start(&ap->r, &op, 1, KVDEX__GRPC_TAG_OPS);
+  if (rc == KVDEX_OK && !kvdex__grpc_call_wait_send(&ap->r)) rc = stream_failed(&ap->r);
   grpc_byte_buffer_destroy(bb);
   if (rc == KVDEX_OK) ap->sent++;
   return rc;
@@ -621,11 +336,11 @@ static int grpc_append_kv(kvdex_appender *base, uint32_t layer, uint64_t token_s
   const uint64_t b_first = token_start / bt;
   const size_t nb = (size_t)((token_start + n_tokens) / bt - b_first);
   if (!nb) lm = NULL;
-  if (n_tokens * per_token <= MSG_PAYLOAD_BYTES)
+  if (n_tokens * per_token <= KVDEX__GRPC_MSG_BYTES)
     return send_append(ap, layer, token_start, n_tokens, k, v, q, bytes, lm, nb * heads * row);
   /* Too large for one message: split by token range (landmarks go with the piece that
    * holds their block's last token; a piece's landmarks add at most 1/bt of its K). */
-  size_t per_msg = MSG_PAYLOAD_BYTES / per_token;
+  size_t per_msg = KVDEX__GRPC_MSG_BYTES / per_token;
   if (per_msg == 0) per_msg = 1;
   if (heads == 1 && qheads <= 1) { /* pieces are contiguous in the caller's buffers */
     int rc = KVDEX_OK;
@@ -673,7 +388,7 @@ static int grpc_append_kv(kvdex_appender *base, uint32_t layer, uint64_t token_s
 
 static int grpc_append_commit(kvdex_appender *base, uint64_t *tokens_appended) {
   grpc_appender *ap = (grpc_appender *)base;
-  rpc *r = &ap->r;
+  kvdex__grpc_call *r = &ap->r;
   int rc = KVDEX_OK;
   if (ap->sent == 0) { /* nothing to commit: end the empty stream */
     grpc_appender_free(ap);
@@ -685,23 +400,24 @@ static int grpc_append_commit(kvdex_appender *base, uint64_t *tokens_appended) {
   ops[0].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
   ops[1].op = GRPC_OP_RECV_MESSAGE;
   ops[1].data.recv_message.recv_message = &recv;
-  rc = rpc_start(r, ops, 2, TAG_OPS);
+  rc = kvdex__grpc_call_start(r, ops, 2, KVDEX__GRPC_TAG_OPS);
   if (rc == KVDEX_OK) {
-    rpc_wait(r, TAG_OPS);
-    rpc_wait(r, TAG_STATUS);
-    rc = rpc_status_rc(r);
+    kvdex__grpc_call_wait(r, KVDEX__GRPC_TAG_OPS);
+    kvdex__grpc_call_wait(r, KVDEX__GRPC_TAG_STATUS);
+    rc = kvdex__grpc_call_status_rc(r);
   }
   if (rc == KVDEX_OK && !recv)
     rc = kvdex__seterr(KVDEX_EINTERNAL, "AppendKV: the server sent no response");
   if (rc == KVDEX_OK) {
     ProtobufCMessage *msg;
-    rc = unpack(r, recv, &kvdex__v1__append_kvresponse__descriptor, &msg);
+    rc = kvdex__grpc_unpack(r, recv, &kvdex__v1__append_kvresponse__descriptor, &msg);
     if (rc == KVDEX_OK) {
       if (tokens_appended) *tokens_appended = ((Kvdex__V1__AppendKVResponse *)msg)->tokens_appended;
       protobuf_c_message_free_unpacked(msg, NULL);
     }
   }
-  if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL) cache_drop(as_grpc(base->db), ap->seq_id);
+  if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL)
+    kvdex__grpc_cache_drop(kvdex__grpc_as(base->db), ap->seq_id);
   if (recv) grpc_byte_buffer_destroy(recv);
   grpc_appender_free(ap);
   return rc;
@@ -752,39 +468,109 @@ static int read_msg(void *arg, const Kvdex__V1__ReadKVResponse *chunk) {
   return KVDEX_OK;
 }
 
-static int read_stream(grpc_db *g, const char *ns, const char *seq_id, uint32_t layer,
-                       uint64_t start, uint64_t end, const uint64_t *ids, size_t n_ids, int with_q,
-                       int with_lm, uint32_t per_msg,
-                       int (*fn)(void *, const Kvdex__V1__ReadKVResponse *), void *ctx);
+int kvdex__grpc_read_stream(kvdex__grpc_db *g, const char *ns, const char *seq_id, uint32_t layer,
+                            uint64_t start, uint64_t end, const uint64_t *ids, size_t n_ids,
+                            int with_q, int with_lm, uint32_t per_msg,
+                            kvdex__grpc_read_msg_fn fn, void *ctx) {
+  Kvdex__V1__SequenceRef ref;
+  Kvdex__V1__ReadKVRequest req = KVDEX__V1__READ_KVREQUEST__INIT;
+  Kvdex__V1__TokenRange range = KVDEX__V1__TOKEN_RANGE__INIT, *ranges[1] = {&range};
+  kvdex__grpc_seq_ref_ns(&ref, ns, seq_id);
+  req.seq = &ref;
+  req.layer = layer;
+  req.max_tokens_per_message = per_msg;
+  req.with_queries = with_q != 0;
+  req.with_landmarks = with_lm != 0;
+  if (end > start) {
+    range.start = start;
+    range.end = end;
+    req.n_ranges = 1;
+    req.ranges = ranges;
+  }
+  req.n_token_ids = n_ids;
+  req.token_ids = (uint64_t *)ids;
+  grpc_byte_buffer *send;
+  int rc = kvdex_rpc_pack(&req.base, 0, &send);
+  if (rc) return rc;
+  kvdex__grpc_call r;
+  rc = kvdex__grpc_call_begin(g, KVDEX_RPC_READ, &r);
+  if (rc == KVDEX_OK) rc = kvdex__grpc_call_start_status(&r);
+  if (rc) {
+    grpc_byte_buffer_destroy(send);
+    kvdex__grpc_call_end(&r);
+    return rc;
+  }
+  grpc_op ops[3];
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  kvdex__grpc_auth_op(g, &ops[0]);
+  ops[1].op = GRPC_OP_SEND_MESSAGE;
+  ops[1].data.send_message.send_message = send;
+  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+  rc = kvdex__grpc_call_start(&r, ops, 3, KVDEX__GRPC_TAG_OPS);
+  if (rc == KVDEX_OK) kvdex__grpc_call_wait(&r, KVDEX__GRPC_TAG_OPS);
+  grpc_byte_buffer_destroy(send);
+  int stopped = 0;
+  while (rc == KVDEX_OK) {
+    grpc_byte_buffer *recv = NULL;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &recv;
+    rc = kvdex__grpc_call_start(&r, &op, 1, KVDEX__GRPC_TAG_OPS);
+    if (rc) break;
+    if (!kvdex__grpc_call_wait(&r, KVDEX__GRPC_TAG_OPS) || !recv) break;
+    ProtobufCMessage *msg;
+    rc = kvdex__grpc_unpack(&r, recv, &kvdex__v1__read_kvresponse__descriptor, &msg);
+    grpc_byte_buffer_destroy(recv);
+    if (rc) break;
+    rc = fn(ctx, (const Kvdex__V1__ReadKVResponse *)msg);
+    protobuf_c_message_free_unpacked(msg, NULL);
+    stopped = rc != KVDEX_OK;
+  }
+  if (rc == KVDEX_OK || !stopped) {
+    int st = KVDEX_OK;
+    kvdex__grpc_call_wait(&r, KVDEX__GRPC_TAG_STATUS);
+    st = kvdex__grpc_call_status_rc(&r);
+    if (rc == KVDEX_OK) rc = st;
+  }
+  kvdex__grpc_call_end(&r);
+  return rc;
+}
+
+uint32_t kvdex__grpc_kv_per_msg(const kvdex_shape *s) {
+  size_t row = (size_t)s->head_dim * kvdex_dtype_size(s->dtype);
+  size_t per = KVDEX__GRPC_MSG_BYTES / (2 * (size_t)s->n_kv_heads * row);
+  if (per == 0) per = 1;
+  return per > KVDEX_RPC_READ_CHUNK_TOKENS ? KVDEX_RPC_READ_CHUNK_TOKENS : (uint32_t)per;
+}
 
 /* Reads ids[0..n) into columns [col, col + n) of k_out/v_out ([heads][n_total][row]). */
-static int read_call(grpc_db *g, const char *seq_id, const kvdex_shape *s, uint32_t layer,
+static int read_call(kvdex__grpc_db *g, const char *seq_id, const kvdex_shape *s, uint32_t layer,
                      const uint64_t *ids, size_t n, size_t col, size_t n_total, char *k_out,
                      char *v_out) {
   read_ctx ctx = {.ids = ids, .n = n, .col = col, .n_total = n_total, .k_out = k_out,
                   .v_out = v_out, .heads = s->n_kv_heads,
                   .row = (size_t)s->head_dim * kvdex_dtype_size(s->dtype)};
-  size_t per_msg = MSG_PAYLOAD_BYTES / (2 * ctx.heads * ctx.row);
-  if (per_msg == 0) per_msg = 1;
-  if (per_msg > READ_MAX_TOKENS_PER_MSG) per_msg = READ_MAX_TOKENS_PER_MSG;
+  uint32_t per_msg = kvdex__grpc_kv_per_msg(s);
   int contiguous = 1;
   for (size_t i = 1; i < n && contiguous; i++) contiguous = ids[i] == ids[0] + i;
   int rc;
   if (n > 1 && contiguous && ids[0] <= UINT64_MAX - n) /* one range instead of n ids */
-    rc = read_stream(g, g->base.ns, seq_id, layer, ids[0], ids[0] + n, NULL, 0, 0, 0,
-                     (uint32_t)per_msg, read_msg, &ctx);
+    rc = kvdex__grpc_read_stream(g, g->base.ns, seq_id, layer, ids[0], ids[0] + n, NULL, 0, 0,
+                                 0, per_msg, read_msg, &ctx);
   else
-    rc = read_stream(g, g->base.ns, seq_id, layer, 0, 0, ids, n, 0, 0, (uint32_t)per_msg,
-                     read_msg, &ctx);
+    rc = kvdex__grpc_read_stream(g, g->base.ns, seq_id, layer, 0, 0, ids, n, 0, 0, per_msg,
+                                 read_msg, &ctx);
   if (rc == KVDEX_OK && ctx.got != n)
     rc = kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: the server sent %zu of %zu tokens", ctx.got, n);
-  if (rc == KVDEX_ENOTFOUND || ctx.bad) cache_drop(g, seq_id);
+  if (rc == KVDEX_ENOTFOUND || ctx.bad) kvdex__grpc_cache_drop(g, seq_id);
   return rc;
 }
 
 static int grpc_read(kvdex_db *db, const char *seq_id, uint32_t layer, const uint64_t *token_ids,
                      size_t n, void *k_out, void *v_out) {
-  grpc_db *g = as_grpc(db);
+  kvdex__grpc_db *g = kvdex__grpc_as(db);
   kvdex_shape shape;
   int rc = shape_get(g, seq_id, &shape);
   if (rc) return rc;
@@ -802,7 +588,7 @@ static int grpc_read(kvdex_db *db, const char *seq_id, uint32_t layer, const uin
 
 static int grpc_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *sreq, size_t n_seqs,
                        const char *const *seq_ids, const float *const *q, kvdex_search_out *out) {
-  grpc_db *g = as_grpc(db);
+  kvdex__grpc_db *g = kvdex__grpc_as(db);
   int rc = KVDEX_OK;
   /* One allocation for the per-sequence parts of the request. */
   size_t bytes = n_seqs * (sizeof(kvdex_shape) + sizeof(Kvdex__V1__SequenceRef) +
@@ -850,12 +636,13 @@ static int grpc_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *sre
   req.n_queries = n_seqs;
   req.queries = qptrs;
   ProtobufCMessage *msg;
-  rc = unary(g, M_SEARCH, &req.base, &kvdex__v1__search_response__descriptor, &msg);
+  rc = kvdex__grpc_unary(g, KVDEX_RPC_SEARCH, &req.base, &kvdex__v1__search_response__descriptor,
+                         &msg);
   if (rc) {
     /* Which entry failed is in the server's message; forget the shapes so that a
      * recreated sequence is asked again next time. */
     if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL)
-      for (i = 0; i < n_seqs; i++) cache_drop(g, seq_ids[i]);
+      for (i = 0; i < n_seqs; i++) kvdex__grpc_cache_drop(g, seq_ids[i]);
     free(block);
     return rc;
   }
@@ -910,7 +697,7 @@ static int grpc_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *sre
 /* ---- build index ------------------------------------------------------------------------ */
 
 static int grpc_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec) {
-  grpc_db *g = as_grpc(db);
+  kvdex__grpc_db *g = kvdex__grpc_as(db);
   Kvdex__V1__SequenceRef ref;
   Kvdex__V1__BuildIndexRequest req = KVDEX__V1__BUILD_INDEX_REQUEST__INIT;
   seq_ref(&ref, db, seq_id);
@@ -919,9 +706,10 @@ static int grpc_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, co
   req.layer = req.all_layers ? 0 : layer;
   req.spec = (char *)spec;
   ProtobufCMessage *resp;
-  int rc = unary(g, M_BUILD, &req.base, &kvdex__v1__build_index_response__descriptor, &resp);
+  int rc = kvdex__grpc_unary(g, KVDEX_RPC_BUILD, &req.base,
+                             &kvdex__v1__build_index_response__descriptor, &resp);
   if (rc) {
-    if (rc == KVDEX_ENOTFOUND) cache_drop(g, seq_id);
+    if (rc == KVDEX_ENOTFOUND) kvdex__grpc_cache_drop(g, seq_id);
     return rc;
   }
   int accepted = ((Kvdex__V1__BuildIndexResponse *)resp)->accepted;
@@ -936,7 +724,7 @@ static int grpc_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, co
 static int grpc_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *aopts,
                        size_t n_items, const kvdex_attend_item *items, float *const *o,
                        float *const *lse, kvdex_attend_info *info) {
-  grpc_db *g = as_grpc(db);
+  kvdex__grpc_db *g = kvdex__grpc_as(db);
   int rc = KVDEX_OK;
   size_t bytes = n_items * (sizeof(kvdex_shape) + sizeof(Kvdex__V1__SequenceRef) +
                             sizeof(Kvdex__V1__AttendItem) + sizeof(Kvdex__V1__AttendItem *));
@@ -999,11 +787,12 @@ static int grpc_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options 
   req.scale = aopts->scale;
   req.dense = aopts->dense ? 1 : 0;
   ProtobufCMessage *msg;
-  rc = unary(g, M_ATTEND, &req.base, &kvdex__v1__attend_response__descriptor, &msg);
+  rc = kvdex__grpc_unary(g, KVDEX_RPC_ATTEND, &req.base, &kvdex__v1__attend_response__descriptor,
+                         &msg);
   free(streaming);
   if (rc) {
     if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL)
-      for (i = 0; i < n_items; i++) cache_drop(g, items[i].seq_id);
+      for (i = 0; i < n_items; i++) kvdex__grpc_cache_drop(g, items[i].seq_id);
     free(block);
     return rc;
   }
@@ -1039,7 +828,7 @@ static int grpc_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options 
 static int grpc_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const float *q_obs,
                        uint32_t n_obs, const kvdex_retain_options *opts, uint64_t *ids,
                        float *scores) {
-  grpc_db *g = as_grpc(db);
+  kvdex__grpc_db *g = kvdex__grpc_as(db);
   kvdex_shape sh;
   int rc = shape_get(g, seq_id, &sh);
   if (rc) return rc;
@@ -1059,9 +848,10 @@ static int grpc_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const f
   req.scale = opts->scale;
   req.materialize = opts->materialize ? 1 : 0;
   ProtobufCMessage *msg;
-  rc = unary(g, M_RETAIN, &req.base, &kvdex__v1__retain_response__descriptor, &msg);
+  rc = kvdex__grpc_unary(g, KVDEX_RPC_RETAIN, &req.base, &kvdex__v1__retain_response__descriptor,
+                         &msg);
   if (rc) {
-    if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL) cache_drop(g, seq_id);
+    if (rc == KVDEX_ENOTFOUND || rc == KVDEX_EINVAL) kvdex__grpc_cache_drop(g, seq_id);
     return rc;
   }
   const Kvdex__V1__RetainResponse *resp = (const Kvdex__V1__RetainResponse *)msg;
@@ -1076,7 +866,8 @@ static int grpc_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const f
   for (uint32_t h = 0; h < sh.n_kv_heads && rc == KVDEX_OK; h++) {
     const Kvdex__V1__RetainedHead *rh = resp->heads[h];
     memcpy(ids + (size_t)h * opts->budget, rh->ids, opts->budget * sizeof *ids);
-    if (scores) memcpy(scores + (size_t)h * opts->budget, rh->scores, opts->budget * sizeof *scores);
+    if (scores)
+      memcpy(scores + (size_t)h * opts->budget, rh->scores, opts->budget * sizeof *scores);
   }
   protobuf_c_message_free_unpacked(msg, NULL);
   return rc;
@@ -1085,8 +876,8 @@ static int grpc_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const f
 /* ---- open / close ---------------------------------------------------------------------- */
 
 static void grpc_close(kvdex_db *db) {
-  grpc_db *g = as_grpc(db);
-  for (size_t i = 0; i < SHAPE_CACHE_SLOTS; i++) free(g->cache[i].id);
+  kvdex__grpc_db *g = kvdex__grpc_as(db);
+  for (size_t i = 0; i < KVDEX__GRPC_SHAPE_SLOTS; i++) free(g->cache[i].id);
   pthread_mutex_destroy(&g->cache_mu);
   if (g->has_auth) {
     grpc_slice_unref(g->auth_md.key);
@@ -1168,7 +959,7 @@ static int tls_creds(const kvdex_open_opts *opts, grpc_channel_credentials **out
 }
 
 int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts, kvdex_db **out) {
-  grpc_db *g = calloc(1, sizeof *g);
+  kvdex__grpc_db *g = calloc(1, sizeof *g);
   if (!g) return kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   grpc_init();
   g->base.vt = &grpc_vt;
@@ -1182,7 +973,7 @@ int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts, k
   args[0].value.integer = -1; /* responses are checked against the shape instead */
   args[1].type = GRPC_ARG_INTEGER;
   args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
-  args[1].value.integer = -1; /* we keep our own messages small (MSG_PAYLOAD_BYTES) */
+  args[1].value.integer = -1; /* we keep our own messages small (KVDEX__GRPC_MSG_BYTES) */
   args[2].type = GRPC_ARG_INTEGER;
   args[2].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
   args[2].value.integer = 1000; /* a restarted server is found again within a second */
@@ -1224,500 +1015,8 @@ int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts, k
     grpc_close(&g->base);
     return kvdex__seterr(KVDEX_EINTERNAL, "cannot create a gRPC channel to %s", target);
   }
-  for (int m = 0; m < M_COUNT; m++)
-    g->method[m] = grpc_channel_register_call(g->channel, method_path[m], NULL, NULL);
+  for (int m = 0; m < KVDEX_RPC_COUNT; m++)
+    g->method[m] = grpc_channel_register_call(g->channel, kvdex_rpc_methods[m].path, NULL, NULL);
   *out = &g->base;
   return KVDEX_OK;
-}
-
-/* ---- cluster support (client_int.h): explicit namespaces, listing, copies, checksums ---- */
-
-void kvdex__node_list_free(kvdex__node_list *l) {
-  if (!l) return;
-  for (size_t i = 0; i < l->n; i++) free(l->seqs[i].layer_tokens);
-  free(l->seqs);
-  memset(l, 0, sizeof *l);
-}
-
-int kvdex__grpc_list_node(kvdex_db *db, const char *ns, kvdex__node_list *out) {
-  memset(out, 0, sizeof *out);
-  grpc_db *g = as_grpc(db);
-  Kvdex__V1__ListSequencesRequest req = KVDEX__V1__LIST_SEQUENCES_REQUEST__INIT;
-  req.namespace_ = (char *)(ns ? ns : "");
-  ProtobufCMessage *msg;
-  int rc = unary(g, M_LIST, &req.base, &kvdex__v1__list_sequences_response__descriptor, &msg);
-  if (rc) return rc;
-  Kvdex__V1__ListSequencesResponse *resp = (Kvdex__V1__ListSequencesResponse *)msg;
-  out->seqs = calloc(resp->n_sequences ? resp->n_sequences : 1, sizeof *out->seqs);
-  if (!out->seqs) rc = kvdex__seterr(KVDEX_ENOMEM, "ListSequences: out of memory");
-  for (size_t i = 0; rc == KVDEX_OK && i < resp->n_sequences; i++) {
-    const Kvdex__V1__SequenceInfo *si = resp->sequences[i];
-    if (!si || !si->seq || !si->seq->sequence_id || !si->shape) continue;
-    const char *sns = si->seq->namespace_ && si->seq->namespace_[0] ? si->seq->namespace_
-                                                                     : KVDEX_DEFAULT_NAMESPACE;
-    kvdex__node_seq *q = &out->seqs[out->n];
-    kvdex_wire_shape_from_pb(si->shape, &q->shape);
-    if (strlen(sns) > KVDEX_MAX_NAMESPACE || strlen(si->seq->sequence_id) > KVDEX_MAX_SEQ_ID ||
-        kvdex_shape_check(&q->shape) || si->n_layer_tokens != q->shape.n_layers) {
-      rc = kvdex__seterr(KVDEX_EINTERNAL, "ListSequences: the server sent a malformed entry");
-      break;
-    }
-    snprintf(q->ns, sizeof q->ns, "%s", sns);
-    snprintf(q->id, sizeof q->id, "%s", si->seq->sequence_id);
-    q->n_layers = q->shape.n_layers;
-    q->layer_tokens = malloc(q->n_layers * sizeof *q->layer_tokens);
-    if (!q->layer_tokens) {
-      rc = kvdex__seterr(KVDEX_ENOMEM, "ListSequences: out of memory");
-      break;
-    }
-    for (uint32_t l = 0; l < q->n_layers; l++) {
-      q->layer_tokens[l] = si->layer_tokens[l];
-      q->total_tokens += si->layer_tokens[l];
-    }
-    q->bytes = si->bytes;
-    q->importing = si->importing;
-    out->n++;
-  }
-  out->bytes_used = resp->node_bytes_used;
-  out->bytes_cap = resp->node_bytes_cap;
-  protobuf_c_message_free_unpacked(msg, NULL);
-  if (rc) kvdex__node_list_free(out);
-  return rc;
-}
-
-int kvdex__grpc_delete_ns(kvdex_db *db, const char *ns, const char *seq_id, uint64_t *bytes_freed) {
-  grpc_db *g = as_grpc(db);
-  Kvdex__V1__SequenceRef ref;
-  Kvdex__V1__DeleteSequenceRequest req = KVDEX__V1__DELETE_SEQUENCE_REQUEST__INIT;
-  seq_ref_ns(&ref, ns, seq_id);
-  req.seq = &ref;
-  if (!strcmp(ns, db->ns)) cache_drop(g, seq_id);
-  ProtobufCMessage *resp;
-  int rc = unary(g, M_DELETE, &req.base, &kvdex__v1__delete_sequence_response__descriptor, &resp);
-  if (rc) return rc;
-  if (bytes_freed) *bytes_freed = ((Kvdex__V1__DeleteSequenceResponse *)resp)->bytes_freed;
-  protobuf_c_message_free_unpacked(resp, NULL);
-  return KVDEX_OK;
-}
-
-static int create_ns(grpc_db *g, const char *ns, const char *seq_id, const kvdex_shape *shape,
-                     int importing) {
-  Kvdex__V1__SequenceRef ref;
-  Kvdex__V1__Shape pb_shape = KVDEX__V1__SHAPE__INIT;
-  Kvdex__V1__CreateSequenceRequest req = KVDEX__V1__CREATE_SEQUENCE_REQUEST__INIT;
-  seq_ref_ns(&ref, ns, seq_id);
-  kvdex_wire_shape_to_pb(shape, &pb_shape);
-  req.seq = &ref;
-  req.shape = &pb_shape;
-  req.importing = importing != 0;
-  ProtobufCMessage *resp;
-  int rc = unary(g, M_CREATE, &req.base, &kvdex__v1__create_sequence_response__descriptor, &resp);
-  if (rc == KVDEX_OK) protobuf_c_message_free_unpacked(resp, NULL);
-  return rc;
-}
-
-static int publish_ns(grpc_db *g, const char *ns, const char *seq_id) {
-  Kvdex__V1__SequenceRef ref;
-  Kvdex__V1__PublishSequenceRequest req = KVDEX__V1__PUBLISH_SEQUENCE_REQUEST__INIT;
-  seq_ref_ns(&ref, ns, seq_id);
-  req.seq = &ref;
-  ProtobufCMessage *resp;
-  int rc =
-      unary(g, M_PUBLISH, &req.base, &kvdex__v1__publish_sequence_response__descriptor, &resp);
-  if (rc == KVDEX_OK) protobuf_c_message_free_unpacked(resp, NULL);
-  return rc;
-}
-
-static int build_ns(grpc_db *g, const char *ns, const char *seq_id, uint32_t layer,
-                    const char *spec) {
-  Kvdex__V1__SequenceRef ref;
-  Kvdex__V1__BuildIndexRequest req = KVDEX__V1__BUILD_INDEX_REQUEST__INIT;
-  seq_ref_ns(&ref, ns, seq_id);
-  req.seq = &ref;
-  req.layer = layer;
-  req.spec = (char *)spec;
-  ProtobufCMessage *resp;
-  int rc = unary(g, M_BUILD, &req.base, &kvdex__v1__build_index_response__descriptor, &resp);
-  if (rc == KVDEX_OK) protobuf_c_message_free_unpacked(resp, NULL);
-  return rc;
-}
-
-/* One ReadKV stream of ns/seq_id: the range [start, end) (if end > start) then ids;
- * with_q / with_lm add the layer's prefill queries and landmarks after the K/V.
- * fn is called for every message; a non-zero return stops the stream with it. */
-typedef int (*read_msg_fn)(void *ctx, const Kvdex__V1__ReadKVResponse *m);
-
-static int read_stream(grpc_db *g, const char *ns, const char *seq_id, uint32_t layer,
-                       uint64_t start, uint64_t end, const uint64_t *ids, size_t n_ids, int with_q,
-                       int with_lm, uint32_t per_msg, read_msg_fn fn, void *ctx) {
-  Kvdex__V1__SequenceRef ref;
-  Kvdex__V1__ReadKVRequest req = KVDEX__V1__READ_KVREQUEST__INIT;
-  Kvdex__V1__TokenRange range = KVDEX__V1__TOKEN_RANGE__INIT, *ranges[1] = {&range};
-  seq_ref_ns(&ref, ns, seq_id);
-  req.seq = &ref;
-  req.layer = layer;
-  req.max_tokens_per_message = per_msg;
-  req.with_queries = with_q != 0;
-  req.with_landmarks = with_lm != 0;
-  if (end > start) {
-    range.start = start;
-    range.end = end;
-    req.n_ranges = 1;
-    req.ranges = ranges;
-  }
-  req.n_token_ids = n_ids;
-  req.token_ids = (uint64_t *)ids;
-  rpc r;
-  int rc = rpc_begin(g, M_READ, &r);
-  if (rc == KVDEX_OK) rc = rpc_start_status(&r);
-  if (rc) {
-    rpc_end(&r);
-    return rc;
-  }
-  grpc_byte_buffer *send = pack(&req.base);
-  grpc_op ops[3];
-  memset(ops, 0, sizeof ops);
-  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  auth_op(g, &ops[0]);
-  ops[1].op = GRPC_OP_SEND_MESSAGE;
-  ops[1].data.send_message.send_message = send;
-  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-  rc = rpc_start(&r, ops, 3, TAG_OPS);
-  if (rc == KVDEX_OK) rpc_wait(&r, TAG_OPS);
-  grpc_byte_buffer_destroy(send);
-  int stopped = 0;
-  while (rc == KVDEX_OK) {
-    grpc_byte_buffer *recv = NULL;
-    grpc_op op;
-    memset(&op, 0, sizeof op);
-    op.op = GRPC_OP_RECV_MESSAGE;
-    op.data.recv_message.recv_message = &recv;
-    rc = rpc_start(&r, &op, 1, TAG_OPS);
-    if (rc) break;
-    if (!rpc_wait(&r, TAG_OPS) || !recv) break;
-    ProtobufCMessage *msg;
-    rc = unpack(&r, recv, &kvdex__v1__read_kvresponse__descriptor, &msg);
-    grpc_byte_buffer_destroy(recv);
-    if (rc) break;
-    rc = fn(ctx, (const Kvdex__V1__ReadKVResponse *)msg);
-    protobuf_c_message_free_unpacked(msg, NULL);
-    stopped = rc != KVDEX_OK;
-  }
-  if (rc == KVDEX_OK || !stopped) {
-    int st = KVDEX_OK;
-    rpc_wait(&r, TAG_STATUS);
-    st = rpc_status_rc(&r);
-    if (rc == KVDEX_OK) rc = st;
-  }
-  rpc_end(&r);
-  return rc;
-}
-
-static size_t kv_per_msg(const kvdex_shape *s) {
-  size_t row = (size_t)s->head_dim * kvdex_dtype_size(s->dtype);
-  size_t per = MSG_PAYLOAD_BYTES / (2 * (size_t)s->n_kv_heads * row);
-  if (per == 0) per = 1;
-  return per > READ_MAX_TOKENS_PER_MSG ? READ_MAX_TOKENS_PER_MSG : per;
-}
-
-typedef struct copy_ctx {
-  kvdex_appender *ap;
-  const kvdex_shape *sh;
-  size_t row;             /* bytes of one token of one head */
-  uint32_t layer;
-  uint64_t next, end;     /* K/V tokens expected next, end of the range */
-  /* prefill queries and landmarks of the source layer, token-major f32 */
-  uint64_t *qids;
-  float *q;               /* [qn][n_q_heads][head_dim] */
-  size_t qn, qcap;
-  float *lm;              /* [lmn][n_kv_heads][head_dim], blocks [0, lmn) */
-  size_t lmn, lmcap;
-  /* replay reads */
-  char *kbuf, *vbuf;      /* [n_kv_heads][n][row] */
-  size_t got, want;
-  /* progress */
-  kvdex__copy_progress_fn progress;
-  void *pctx;
-  uint64_t done, total, bytes;
-} copy_ctx;
-
-static int grow(void **p, size_t *cap, size_t need, size_t elem) {
-  if (need <= *cap) return KVDEX_OK;
-  size_t c = *cap ? *cap : 64;
-  while (c < need) c *= 2;
-  void *g = realloc(*p, c * elem);
-  if (!g) return kvdex__seterr(KVDEX_ENOMEM, "copy: out of memory");
-  *p = g;
-  *cap = c;
-  return KVDEX_OK;
-}
-
-/* Collects the prefill queries / landmarks of a message into the context. */
-static int copy_extras(copy_ctx *cc, const Kvdex__V1__ReadKVResponse *m) {
-  const kvdex_shape *s = cc->sh;
-  size_t d = s->head_dim;
-  if (m->n_query_token_ids) {
-    size_t t = m->n_query_token_ids;
-    if (m->q.len != (size_t)s->n_q_heads * t * d * sizeof(float))
-      return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: %zu query bytes for %zu tokens", m->q.len, t);
-    int rc = grow((void **)&cc->qids, &cc->qcap, cc->qn + t, sizeof *cc->qids);
-    size_t cap2 = cc->qcap;
-    if (!rc) {
-      float *g2 = realloc(cc->q, cap2 * s->n_q_heads * d * sizeof(float));
-      if (!g2) return kvdex__seterr(KVDEX_ENOMEM, "copy: out of memory");
-      cc->q = g2;
-    }
-    if (rc) return rc;
-    const float *src = (const float *)m->q.data;
-    for (size_t j = 0; j < t; j++) {
-      cc->qids[cc->qn + j] = m->query_token_ids[j];
-      for (uint32_t h = 0; h < s->n_q_heads; h++)
-        memcpy(cc->q + ((cc->qn + j) * s->n_q_heads + h) * d, src + ((size_t)h * t + j) * d,
-               d * sizeof(float));
-    }
-    cc->qn += t;
-  }
-  if (m->landmark_blocks) {
-    size_t b = m->landmark_blocks;
-    if (m->landmark_block_start != cc->lmn ||
-        m->landmarks.len != (size_t)s->n_kv_heads * b * d * sizeof(float))
-      return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: landmark blocks out of order or mis-sized");
-    int rc = grow((void **)&cc->lm, &cc->lmcap, (cc->lmn + b) * s->n_kv_heads * d, sizeof(float));
-    if (rc) return rc;
-    const float *src = (const float *)m->landmarks.data;
-    for (size_t j = 0; j < b; j++)
-      for (uint32_t h = 0; h < s->n_kv_heads; h++)
-        memcpy(cc->lm + ((cc->lmn + j) * s->n_kv_heads + h) * d, src + ((size_t)h * b + j) * d,
-               d * sizeof(float));
-    cc->lmn += b;
-  }
-  return KVDEX_OK;
-}
-
-/* K/V of the copied range: straight into the target's stream. */
-static int copy_msg(void *ctx, const Kvdex__V1__ReadKVResponse *m) {
-  copy_ctx *cc = ctx;
-  size_t t = m->n_token_ids, heads = cc->sh->n_kv_heads;
-  if (t == 0) return copy_extras(cc, m);
-  if (t > cc->end - cc->next || m->k.len != t * heads * cc->row || m->v.len != m->k.len)
-    return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: a chunk of %zu tokens with %zu bytes of K", t,
-                         m->k.len);
-  for (size_t j = 0; j < t; j++)
-    if (m->token_ids[j] != cc->next + j)
-      return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: token %llu out of order",
-                           (unsigned long long)m->token_ids[j]);
-  int rc = grpc_append_kv(cc->ap, cc->layer, cc->next, (uint32_t)t, m->k.data, m->v.data, NULL,
-                          NULL);
-  if (rc) return rc;
-  cc->next += t;
-  cc->done += t;
-  cc->bytes += 2 * m->k.len;
-  if (cc->progress) cc->progress(cc->pctx, cc->done, cc->total);
-  return KVDEX_OK;
-}
-
-/* K/V of replayed tokens: into kbuf/vbuf in request order. */
-static int replay_msg(void *ctx, const Kvdex__V1__ReadKVResponse *m) {
-  copy_ctx *cc = ctx;
-  size_t t = m->n_token_ids, heads = cc->sh->n_kv_heads, row = cc->row;
-  if (t == 0) return KVDEX_OK;
-  if (t > cc->want - cc->got || m->k.len != t * heads * row || m->v.len != m->k.len)
-    return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: a replay chunk of %zu tokens", t);
-  for (size_t h = 0; h < heads; h++) {
-    memcpy(cc->kbuf + (h * cc->want + cc->got) * row, m->k.data + h * t * row, t * row);
-    memcpy(cc->vbuf + (h * cc->want + cc->got) * row, m->v.data + h * t * row, t * row);
-  }
-  cc->got += t;
-  return KVDEX_OK;
-}
-
-static int cmp_u64(const void *a, const void *b) {
-  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-  return x < y ? -1 : x > y;
-}
-
-/* Re-sends the queries (with identical K/V replays of their tokens) and the landmarks
- * of blocks [lm_from, cc->lmn) (with replays of each block's last token). */
-static int copy_replays(grpc_db *src, const char *ns, const char *seq_id, copy_ctx *cc,
-                        uint64_t lm_from) {
-  const kvdex_shape *s = cc->sh;
-  size_t n_lm = cc->lmn > lm_from ? (size_t)(cc->lmn - lm_from) : 0;
-  size_t n = cc->qn + n_lm;
-  if (n == 0) return KVDEX_OK;
-  uint64_t *ids = malloc(n * sizeof *ids);
-  if (!ids) return kvdex__seterr(KVDEX_ENOMEM, "copy: out of memory");
-  memcpy(ids, cc->qids, cc->qn * sizeof *ids);
-  for (size_t b = 0; b < n_lm; b++) ids[cc->qn + b] = (lm_from + b + 1) * s->block_tokens - 1;
-  qsort(ids, n, sizeof *ids, cmp_u64);
-  size_t u = 0;
-  for (size_t i = 0; i < n; i++)
-    if (u == 0 || ids[u - 1] != ids[i]) ids[u++] = ids[i];
-  size_t heads = s->n_kv_heads, d = s->head_dim, row = cc->row;
-  size_t dsz = kvdex_dtype_size(s->dtype);
-  cc->kbuf = malloc(u * heads * row);
-  cc->vbuf = malloc(u * heads * row);
-  char *k1 = malloc(heads * row), *v1 = malloc(heads * row);
-  char *q1 = malloc((size_t)s->n_q_heads * d * dsz), *lm1 = malloc(heads * d * dsz);
-  int rc = KVDEX_OK;
-  if (!cc->kbuf || !cc->vbuf || !k1 || !v1 || !q1 || !lm1)
-    rc = kvdex__seterr(KVDEX_ENOMEM, "copy: out of memory for %zu replayed tokens", u);
-  cc->got = 0;
-  cc->want = u;
-  if (!rc)
-    rc = read_stream(src, ns, seq_id, cc->layer, 0, 0, ids, u, 0, 0, (uint32_t)kv_per_msg(s),
-                     replay_msg, cc);
-  if (!rc && cc->got != u)
-    rc = kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: %zu of %zu replayed tokens", cc->got, u);
-  /* Token t's rows: its column of kbuf/vbuf. */
-#define ROWS_OF(j)                                                                  \
-  do {                                                                              \
-    for (size_t h_ = 0; h_ < heads; h_++) {                                         \
-      memcpy(k1 + h_ * row, cc->kbuf + (h_ * u + (j)) * row, row);                  \
-      memcpy(v1 + h_ * row, cc->vbuf + (h_ * u + (j)) * row, row);                  \
-    }                                                                               \
-  } while (0)
-  for (size_t i = 0; !rc && i < cc->qn; i++) {
-    uint64_t *at = bsearch(&cc->qids[i], ids, u, sizeof *ids, cmp_u64);
-    ROWS_OF((size_t)(at - ids));
-    kvdex_from_f32(s->dtype, cc->q + i * s->n_q_heads * d, q1, (size_t)s->n_q_heads * d);
-    rc = grpc_append_kv(cc->ap, cc->layer, cc->qids[i], 1, k1, v1, q1, NULL);
-  }
-  for (size_t b = 0; !rc && b < n_lm; b++) {
-    uint64_t t = (lm_from + b + 1) * s->block_tokens - 1;
-    uint64_t *at = bsearch(&t, ids, u, sizeof *ids, cmp_u64);
-    ROWS_OF((size_t)(at - ids));
-    kvdex_from_f32(s->dtype, cc->lm + (lm_from + b) * heads * d, lm1, heads * d);
-    rc = grpc_append_kv(cc->ap, cc->layer, t, 1, k1, v1, NULL, lm1);
-  }
-#undef ROWS_OF
-  free(ids);
-  free(cc->kbuf);
-  free(cc->vbuf);
-  cc->kbuf = cc->vbuf = NULL;
-  free(k1);
-  free(v1);
-  free(q1);
-  free(lm1);
-  return rc;
-}
-
-int kvdex__grpc_copy_seq(kvdex_db *src_db, kvdex_db *dst_db, const char *ns, const char *seq_id,
-                         kvdex__copy_progress_fn progress, void *ctx, uint64_t *bytes_copied) {
-  grpc_db *src = as_grpc(src_db), *dst = as_grpc(dst_db);
-  if (bytes_copied) *bytes_copied = 0;
-  kvdex_shape shape, dshape;
-  kvdex_seq_info si = {0}, di = {0};
-  int importing = 0, rc = stat_core(src, ns, seq_id, 0, &shape, &si, NULL);
-  if (rc) return kvdex__preerr(rc, "copy: source");
-  rc = stat_core(dst, ns, seq_id, 1, &dshape, &di, &importing);
-  if (rc == KVDEX_ENOTFOUND) {
-    rc = create_ns(dst, ns, seq_id, &shape, 1);
-    importing = 1;
-    memset(&di, 0, sizeof di);
-  } else if (rc == KVDEX_OK && memcmp(&dshape, &shape, sizeof shape) != 0) {
-    rc = kvdex__seterr(KVDEX_ECONFLICT, "copy: %s/%s exists on %s with another shape", ns, seq_id,
-                       dst->target);
-  }
-  copy_ctx cc = {.sh = &shape, .progress = progress, .pctx = ctx};
-  cc.row = (size_t)shape.head_dim * kvdex_dtype_size(shape.dtype);
-  for (uint32_t l = 0; !rc && l < shape.n_layers; l++) {
-    uint64_t have = di.layer_tokens ? di.layer_tokens[l] : 0;
-    if (si.layer_tokens[l] > have) cc.total += si.layer_tokens[l] - have;
-  }
-  for (uint32_t l = 0; !rc && l < shape.n_layers; l++) {
-    uint64_t have = di.layer_tokens ? di.layer_tokens[l] : 0;
-    uint64_t dq = di.layer_query_tokens ? di.layer_query_tokens[l] : 0;
-    uint64_t dlm = di.layer_landmark_blocks ? di.layer_landmark_blocks[l] : 0;
-    int need_q = si.layer_query_tokens[l] > dq || (si.layer_query_tokens[l] && have < si.layer_tokens[l]);
-    int need_lm = si.layer_landmark_blocks[l] > dlm;
-    if (si.layer_tokens[l] <= have && !need_q && !need_lm) continue;
-    cc.layer = l;
-    cc.next = have;
-    cc.end = si.layer_tokens[l] > have ? si.layer_tokens[l] : have;
-    cc.qn = cc.lmn = 0;
-    rc = append_begin_ns(dst, ns, seq_id, &shape, &cc.ap);
-    if (rc) break;
-    rc = read_stream(src, ns, seq_id, l, have, cc.end, NULL, 0, need_q, need_lm,
-                     (uint32_t)kv_per_msg(&shape), copy_msg, &cc);
-    if (!rc && cc.next != cc.end)
-      rc = kvdex__seterr(KVDEX_EINTERNAL, "copy: layer %u: %llu of %llu tokens arrived", l,
-                         (unsigned long long)(cc.next - have),
-                         (unsigned long long)(cc.end - have));
-    if (!rc) rc = copy_replays(src, ns, seq_id, &cc, dlm);
-    if (rc) {
-      char why[512];
-      snprintf(why, sizeof why, "%s", kvdex_errmsg());
-      grpc_append_abort(cc.ap);
-      rc = kvdex__seterr(rc, "%s", why);
-      break;
-    }
-    rc = grpc_append_commit(cc.ap, NULL);
-  }
-  /* The source's indexes, queued on the copy (a build that is refused does not undo it). */
-  for (uint32_t i = 0; !rc && i < si.n_indexes; i++) {
-    const kvdex_layer_index *li = &si.indexes[i];
-    if (!li->spec[0] || li->state == KVDEX_INDEX_FAILED) continue;
-    int b = build_ns(dst, ns, seq_id, li->layer, li->spec);
-    if (b && b != KVDEX_EBUSY)
-      KVDEX_LOG(KVDEX_LOG_WARN, "copy of %s/%s to %s: BuildIndex of layer %u (%s): %s", ns, seq_id,
-                dst->target, li->layer, li->spec, kvdex_errmsg());
-  }
-  if (!rc && importing) rc = publish_ns(dst, ns, seq_id);
-  if (bytes_copied) *bytes_copied = cc.bytes;
-  free(cc.qids);
-  free(cc.q);
-  free(cc.lm);
-  kvdex_seq_info_free(&si);
-  kvdex_seq_info_free(&di);
-  return rc;
-}
-
-typedef struct sum_ctx {
-  uint64_t h;
-  uint64_t next;
-} sum_ctx;
-
-static uint64_t sum_bytes(uint64_t h, const uint8_t *p, size_t n) {
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    uint64_t w;
-    memcpy(&w, p + i, 8);
-    h = (h ^ w) * 0x100000001b3ull;
-    h ^= h >> 29;
-  }
-  for (; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
-  return h;
-}
-
-static int sum_msg(void *ctx, const Kvdex__V1__ReadKVResponse *m) {
-  sum_ctx *sc = ctx;
-  for (size_t j = 0; j < m->n_token_ids; j++)
-    if (m->token_ids[j] != sc->next++)
-      return kvdex__seterr(KVDEX_EINTERNAL, "ReadKV: token out of order");
-  sc->h = sum_bytes(sc->h, m->k.data, m->k.len);
-  sc->h = sum_bytes(sc->h, m->v.data, m->v.len);
-  return KVDEX_OK;
-}
-
-int kvdex__grpc_checksum(kvdex_db *db, const char *ns, const char *seq_id, uint64_t *sum) {
-  grpc_db *g = as_grpc(db);
-  kvdex_shape shape;
-  kvdex_seq_info info = {0};
-  int rc = stat_core(g, ns, seq_id, 0, &shape, &info, NULL);
-  if (rc) return rc;
-  sum_ctx sc = {.h = 1469598103934665603ull};
-  sc.h = sum_bytes(sc.h, (const uint8_t *)&shape, sizeof shape);
-  for (uint32_t l = 0; !rc && l < shape.n_layers; l++) {
-    sc.h = sum_bytes(sc.h, (const uint8_t *)&info.layer_tokens[l], sizeof(uint64_t));
-    sc.next = 0;
-    if (info.layer_tokens[l])
-      rc = read_stream(g, ns, seq_id, l, 0, info.layer_tokens[l], NULL, 0, 0, 0,
-                       (uint32_t)kv_per_msg(&shape), sum_msg, &sc);
-    if (!rc && sc.next != info.layer_tokens[l])
-      rc = kvdex__seterr(KVDEX_EINTERNAL, "checksum: layer %u: %llu of %llu tokens", l,
-                         (unsigned long long)sc.next, (unsigned long long)info.layer_tokens[l]);
-  }
-  kvdex_seq_info_free(&info);
-  if (!rc) *sum = sc.h ^ (sc.h >> 31);
-  return rc;
 }

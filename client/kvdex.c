@@ -1,7 +1,7 @@
 /* kvdex.c — the public entry points of the C client: URI parsing, kvdex_open/close,
  * argument checks that need no knowledge of the sequence, and dispatch through the
- * transport vtable (client_int.h) to local.c or grpc.c. The free functions of the
- * public result structs live here too. No I/O and no transport logic here.
+ * transport vtable (client_int.h) to local.c, grpc.c or cluster.c. The free functions
+ * of the public result structs live here too. No I/O and no transport logic here.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,16 +9,11 @@
 
 #include "client/client_int.h"
 #include "client/cluster_int.h"
-#include "index/attend.h"
-#include "index/index.h"
+#include "proto/rpc.h"
 
-/* Most sequences in one kvdex_search call. */
+/* Most sequences in one kvdex_search call. The other limits checked here are the
+ * wire contract's (proto/rpc.h), which "local:" keeps too. */
 #define KVDEX__MAX_BATCH 65536
-/* Most items in one kvdex_attend call (the server's limit too). */
-#define KVDEX__MAX_ATTEND_ITEMS 4096
-/* Most extra tokens of one attend item, observation queries of one retain. */
-#define KVDEX__MAX_EXTRA 65536
-#define KVDEX__MAX_OBS 4096
 
 #define URI_FORMS                                                                        \
   "expected \"local:\", \"grpc://host:port\" or \"grpcs://host:port\" (IPv6: "             \
@@ -311,9 +306,9 @@ int kvdex_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *req, size
   if (out) memset(out, 0, n_seqs * sizeof *out);
   CHECK(check_db(db, "kvdex_search"));
   if (!req) return kvdex__seterr(KVDEX_EINVAL, "kvdex_search: req is NULL");
-  if (req->k == 0 || req->k > KVDEX_MAX_K)
+  if (req->k == 0 || req->k > KVDEX_RPC_MAX_K)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_search: k = %u out of range (1..%d)", req->k,
-                         KVDEX_MAX_K);
+                         KVDEX_RPC_MAX_K);
   if (n_seqs == 0) return KVDEX_OK;
   if (!seq_ids || !q || !out)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_search: seq_ids, q and out must not be NULL");
@@ -343,15 +338,15 @@ int kvdex_build_index(kvdex_db *db, const char *seq_id, uint32_t layer, const ch
 int kvdex_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts, size_t n_items,
                  const kvdex_attend_item *items, float *const *o, float *const *lse,
                  kvdex_attend_info *info) {
-  if (n_items > KVDEX__MAX_ATTEND_ITEMS)
+  if (n_items > KVDEX_RPC_MAX_ATTEND_ITEMS)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: n_items %zu is too large (max %d)",
-                         n_items, KVDEX__MAX_ATTEND_ITEMS);
+                         n_items, KVDEX_RPC_MAX_ATTEND_ITEMS);
   if (info) memset(info, 0, n_items * sizeof *info);
   CHECK(check_db(db, "kvdex_attend"));
   if (!opts) return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: opts is NULL");
-  if (!opts->dense && (opts->k == 0 || opts->k > KVDEX_MAX_K))
+  if (!opts->dense && (opts->k == 0 || opts->k > KVDEX_RPC_MAX_K))
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: k = %u out of range (1..%d) without dense",
-                         opts->k, KVDEX_MAX_K);
+                         opts->k, KVDEX_RPC_MAX_K);
   if (!(opts->scale >= 0) || opts->scale > 3.4e38f)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: scale must be finite and >= 0");
   if (n_items == 0) return KVDEX_OK;
@@ -362,10 +357,10 @@ int kvdex_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts,
     if (!items[i].q || !o[i] || !lse[i])
       return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: item %zu: q, o and lse must not be NULL",
                            i);
-    if (items[i].n_extra > KVDEX__MAX_EXTRA || (items[i].n_extra && !items[i].extra))
+    if (items[i].n_extra > KVDEX_RPC_MAX_EXTRA_TOKENS || (items[i].n_extra && !items[i].extra))
       return kvdex__seterr(KVDEX_EINVAL,
                            "kvdex_attend: item %zu: %u extra tokens (at most %d, extra non-NULL)",
-                           i, items[i].n_extra, KVDEX__MAX_EXTRA);
+                           i, items[i].n_extra, KVDEX_RPC_MAX_EXTRA_TOKENS);
   }
   int rc = db->vt->attend(db, layer, opts, n_items, items, o, lse, info);
   if (rc && info) memset(info, 0, n_items * sizeof *info);
@@ -379,15 +374,10 @@ int kvdex_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const float *
   CHECK(check_seq(db, seq_id, "kvdex_retain"));
   if (!opts || !q_obs || !ids)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_retain: opts, q_obs and ids must not be NULL");
-  if (n_obs == 0 || n_obs > KVDEX__MAX_OBS)
+  if (n_obs == 0 || n_obs > KVDEX_RPC_MAX_OBS)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_retain: n_obs = %u out of range (1..%d)", n_obs,
-                         KVDEX__MAX_OBS);
+                         KVDEX_RPC_MAX_OBS);
   if (opts->budget == 0)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_retain: budget must be > 0");
   return pre(db->vt->retain(db, seq_id, layer, q_obs, n_obs, opts, ids, scores), "kvdex_retain");
-}
-
-void kvdex_merge_partials(const float *o_a, float lse_a, const float *o_b, float lse_b,
-                          uint32_t d, float *o_out, float *lse_out) {
-  kvdex_attend_merge(o_a, lse_a, o_b, lse_b, d, o_out, lse_out);
 }

@@ -1,9 +1,11 @@
-/* kvdex base: thread-local error messages, dtype helpers and the logger.
+/* kvdex base: thread-local error messages, dtype helpers, the logger, and the checks
+ * of names and shapes (shared by the store and the remote client, which has no store).
  * The logger and its level are the only process-wide state in kvdex. */
 #include "kvstore/base.h"
 
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <strings.h>
 #include <time.h>
@@ -135,4 +137,62 @@ void kvdex__log(int level, const char *fmt, ...) {
   fprintf(stderr, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s kvdex: %s\n", tm.tm_year + 1900,
           tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
           names[level < 0 ? 0 : level > 3 ? 3 : level], msg);
+}
+
+/* ---- names and shapes ---------------------------------------------------------- */
+
+int kvdex_shape_check(const kvdex_shape *s) {
+  if (!s) return kvdex__seterr(KVDEX_EINVAL, "shape is missing");
+  if (s->n_layers < 1 || s->n_layers > KVDEX_MAX_LAYERS)
+    return kvdex__seterr(KVDEX_EINVAL, "shape: n_layers = %u is outside 1..%d", s->n_layers,
+                         KVDEX_MAX_LAYERS);
+  if (s->n_kv_heads < 1 || s->n_kv_heads > KVDEX_MAX_HEADS)
+    return kvdex__seterr(KVDEX_EINVAL, "shape: n_kv_heads = %u is outside 1..%d",
+                         s->n_kv_heads, KVDEX_MAX_HEADS);
+  if (s->n_q_heads < 1 || s->n_q_heads > KVDEX_MAX_HEADS)
+    return kvdex__seterr(KVDEX_EINVAL, "shape: n_q_heads = %u is outside 1..%d", s->n_q_heads,
+                         KVDEX_MAX_HEADS);
+  if (s->n_q_heads % s->n_kv_heads != 0)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "shape: n_q_heads = %u is not a multiple of n_kv_heads = %u",
+                         s->n_q_heads, s->n_kv_heads);
+  if (s->head_dim < 1 || s->head_dim > KVDEX_MAX_HEAD_DIM)
+    return kvdex__seterr(KVDEX_EINVAL, "shape: head_dim = %u is outside 1..%d", s->head_dim,
+                         KVDEX_MAX_HEAD_DIM);
+  if (s->block_tokens > KVDEX_MAX_BLOCK_TOKENS)
+    return kvdex__seterr(KVDEX_EINVAL,
+                         "shape: block_tokens = %u is outside 1..%d (0 = default %d)",
+                         s->block_tokens, KVDEX_MAX_BLOCK_TOKENS, KVDEX_DEFAULT_BLOCK_TOKENS);
+  if (kvdex_dtype_size(s->dtype) == 0)
+    return kvdex__seterr(KVDEX_EINVAL, "shape: unknown dtype %d (f32 = 1, f16 = 2, bf16 = 3)",
+                         s->dtype);
+  return KVDEX_OK;
+}
+
+/* Checks one name: 1..max bytes, each in the allowed set (`extra` besides A-Za-z0-9). */
+static int name_check_one(const char *what, const char *name, size_t max, const char *extra) {
+  size_t len = strnlen(name, max + 1);
+  if (len == 0) return kvdex__seterr(KVDEX_EINVAL, "%s is empty", what);
+  if (len > max)
+    return kvdex__seterr(KVDEX_EINVAL, "%s is longer than %zu bytes", what, max);
+  for (size_t i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)name[i];
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              strchr(extra, c) != NULL;
+    if (!ok)
+      return kvdex__seterr(KVDEX_EINVAL,
+                           "%s: byte 0x%02x at offset %zu is not allowed "
+                           "(allowed: A-Z a-z 0-9 %s)",
+                           what, c, i, extra);
+  }
+  return KVDEX_OK;
+}
+
+int kvdex_name_check(const char *ns, const char *seq_id) {
+  if (ns && *ns) {
+    int rc = name_check_one("namespace", ns, KVDEX_MAX_NAMESPACE, "._-");
+    if (rc) return rc;
+  }
+  if (!seq_id) return kvdex__seterr(KVDEX_EINVAL, "sequence id is missing");
+  return name_check_one("sequence id", seq_id, KVDEX_MAX_SEQ_ID, "._:/-");
 }

@@ -22,6 +22,13 @@ int kvdex__seterr(int rc, const char *fmt, ...) __attribute__((format(printf, 2,
 /* Internal: prefix the current message with context ("append: <old message>"). */
 int kvdex__preerr(int rc, const char *prefix);
 
+/* Validates a shape (bounds above, GQA divisibility, known dtype). 0 or KVDEX_EINVAL. */
+int kvdex_shape_check(const kvdex_shape *shape);
+
+/* Validates a namespace / sequence id (lengths and characters, see kvdex.proto).
+ * An empty or NULL namespace is valid and means KVDEX_DEFAULT_NAMESPACE. */
+int kvdex_name_check(const char *ns, const char *seq_id);
+
 /* Half-precision conversions (scalar, exact; round to nearest even). */
 static inline float kvdex_f16_to_f32(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000) << 16;

@@ -51,6 +51,17 @@ typedef struct kvdex_shape {
   int dtype;             /* kvdex_dtype */
 } kvdex_shape;
 
+/* Limits of names and shapes (the wire contract's, kvdex.proto). */
+#define KVDEX_MAX_NAMESPACE 64
+#define KVDEX_MAX_SEQ_ID 256
+#define KVDEX_MAX_LAYERS 1024
+#define KVDEX_MAX_HEADS 1024
+#define KVDEX_MAX_HEAD_DIM 1024
+#define KVDEX_MAX_BLOCK_TOKENS 65536
+#define KVDEX_DEFAULT_BLOCK_TOKENS 64
+#define KVDEX_DEFAULT_NAMESPACE "default"
+
+
 /* Bytes per element; 0 for an unknown dtype. */
 size_t kvdex_dtype_size(int dtype);
 /* "f32", "f16", "bf16", or "?" */

@@ -26,23 +26,8 @@
 extern "C" {
 #endif
 
-#define KVDEX_MAX_NAMESPACE 64
-#define KVDEX_MAX_SEQ_ID 256
-#define KVDEX_MAX_LAYERS 1024
-#define KVDEX_MAX_HEADS 1024
-#define KVDEX_MAX_HEAD_DIM 1024
-#define KVDEX_MAX_BLOCK_TOKENS 65536
-#define KVDEX_DEFAULT_BLOCK_TOKENS 64
-#define KVDEX_DEFAULT_NAMESPACE "default"
-
-/* kvdex_shape (the model shape of a sequence) is defined in kvstore/base.h. */
-
-/* Validates a shape (bounds above, GQA divisibility, known dtype). 0 or KVDEX_EINVAL. */
-int kvdex_shape_check(const kvdex_shape *shape);
-
-/* Validates a namespace / sequence id (lengths and characters, see kvdex.proto).
- * An empty or NULL namespace is valid and means KVDEX_DEFAULT_NAMESPACE. */
-int kvdex_name_check(const char *ns, const char *seq_id);
+/* The limits of names and shapes (KVDEX_MAX_*), kvdex_shape_check and
+ * kvdex_name_check are in kvstore/kvdex_base.h and kvstore/base.h. */
 
 typedef struct kvdex_store kvdex_store;
 typedef struct kvdex_seq kvdex_seq;

@@ -1,6 +1,8 @@
 /* wire: status-code and shape conversions between kvdex and the wire contract. */
 #include "proto/wire.h"
 
+#include "kvstore/base.h"
+
 grpc_status_code kvdex_wire_status(int rc) {
   switch (rc) {
     case KVDEX_OK: return GRPC_STATUS_OK;
@@ -38,6 +40,16 @@ int kvdex_wire_rc(grpc_status_code status) {
     case GRPC_STATUS_PERMISSION_DENIED: return KVDEX_EPERM;
     default: return KVDEX_EINTERNAL;
   }
+}
+
+const char *kvdex_wire_status_name(grpc_status_code status) {
+  static const char *const names[] = {
+      "OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",    "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",       "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  return (unsigned)status < sizeof names / sizeof *names ? names[status] : "?";
 }
 
 void kvdex_wire_shape_to_pb(const kvdex_shape *in, Kvdex__V1__Shape *out) {

@@ -8,7 +8,7 @@
 #include <grpc/status.h>
 
 #include "kvdex/v1/kvdex.pb-c.h"
-#include "kvstore/kvstore.h"
+#include "kvstore/base.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -18,6 +18,9 @@ extern "C" {
 grpc_status_code kvdex_wire_status(int rc);
 /* grpc_status_code -> KVDEX_E* (GRPC_STATUS_OK -> KVDEX_OK). */
 int kvdex_wire_rc(grpc_status_code status);
+/* "OK", "CANCELLED", ..., "UNAUTHENTICATED" (the names of grpc_status_code); "?" for
+ * a value outside it. Static strings. */
+const char *kvdex_wire_status_name(grpc_status_code status);
 
 void kvdex_wire_shape_to_pb(const kvdex_shape *in, Kvdex__V1__Shape *out /* OUT, initialised */);
 /* Copies without validating (kvdex_shape_check does that). */
