@@ -10,16 +10,14 @@
 #include <string.h>
 
 #include "kvstore/base.h"
+#include "proto/wire.h"
 
 static const double kvdex__buckets[KVDEX_METRICS_BUCKETS] = {
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
 
-static const char *const kvdex__code_names[KVDEX_METRICS_CODES] = {
-    "OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",       "DATA_LOSS",
-    "UNAUTHENTICATED"};
+/* The `code` label is kvdex_wire_status_name of a grpc_status_code, 0..16. */
+_Static_assert(KVDEX_METRICS_CODES == GRPC_STATUS_UNAUTHENTICATED + 1,
+               "one counter per gRPC status code");
 
 typedef struct kvdex__method_metrics {
   atomic_uint_fast64_t calls[KVDEX_METRICS_CODES];
@@ -166,7 +164,8 @@ int kvdex_metrics_render(const kvdex_metrics *cm, char **out /* OUT */, size_t *
       if (!v && c) continue; /* every method shows OK; other codes once seen */
       kvdex__printf(&b, "kvdex_rpc_total{method=\"");
       kvdex__label(&b, m->names[i]);
-      kvdex__printf(&b, "\",code=\"%s\"} %llu\n", kvdex__code_names[c], v);
+      kvdex__printf(&b, "\",code=\"%s\"} %llu\n",
+                    kvdex_wire_status_name((grpc_status_code)c), v);
     }
 
   kvdex__head(&b, "kvdex_rpc_duration_seconds", "histogram",

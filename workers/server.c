@@ -35,7 +35,6 @@
 
 #include "workers/server_int.h"
 
-#define KVDEX__DEFAULT_MAX_MESSAGE (64u << 20)
 #define KVDEX__MAX_THREADS 256u
 
 /* ---- Metrics ------------------------------------------------------------------- */
@@ -199,7 +198,8 @@ int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_
     kvdex__server_free(srv);
     return kvdex__preerr(irc, "server");
   }
-  srv->max_message = opts->max_message_bytes ? opts->max_message_bytes : KVDEX__DEFAULT_MAX_MESSAGE;
+  srv->max_message =
+      opts->max_message_bytes ? opts->max_message_bytes : KVDEX_RPC_DEFAULT_MAX_MESSAGE;
   if (srv->max_message > INT_MAX) srv->max_message = INT_MAX;
 
   grpc_arg args[3];
@@ -230,13 +230,17 @@ int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_
   }
   srv->shutdown_cq = grpc_completion_queue_create_for_next(NULL);
   grpc_server_register_completion_queue(srv->server, srv->shutdown_cq, NULL);
-  for (int m = 0; m < KVDEX__M_UNKNOWN; m++) {
-    srv->methods[m] = grpc_server_register_method(srv->server, kvdex__srv_methods[m].path, NULL,
-                                                  kvdex__srv_methods[m].payload, 0);
+  for (int m = 0; m < KVDEX_RPC_COUNT; m++) {
+    /* A unary or server-streaming request arrives with the call; a client stream is
+     * received message by message (server_append.c). */
+    const kvdex_rpc_method_info *mi = &kvdex_rpc_methods[m];
+    srv->methods[m] = grpc_server_register_method(
+        srv->server, mi->path, NULL,
+        mi->client_streaming ? GRPC_SRM_PAYLOAD_NONE : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+        0);
     if (!srv->methods[m]) {
       kvdex__server_free(srv);
-      return kvdex__seterr(KVDEX_EINTERNAL, "server: cannot register %s",
-                           kvdex__srv_methods[m].path);
+      return kvdex__seterr(KVDEX_EINTERNAL, "server: cannot register %s", mi->path);
     }
   }
   grpc_server_credentials *creds = NULL;
@@ -268,7 +272,7 @@ int kvdex_server_start(kvdex_store *store, kvdex_pool *pool, const kvdex_server_
   }
   for (unsigned i = 0; i < threads && !rc; i++)
     for (int m = 0; m < KVDEX__M_COUNT && !rc; m++)
-      rc = kvdex__srv_request_slot(&srv->workers[i], (kvdex__method)m);
+      rc = kvdex__srv_request_slot(&srv->workers[i], (kvdex_rpc_method)m);
   if (rc) {
     kvdex_server_stop(srv, 0);
     return kvdex__seterr(rc, "server: cannot start %u workers", threads);

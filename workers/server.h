@@ -26,7 +26,8 @@ typedef struct kvdex_server kvdex_server;
 typedef struct kvdex_server_opts {
   const char *listen;        /* "host:port"; port 0 picks a free port */
   unsigned threads;          /* completion-queue worker threads (0 = CPUs) */
-  uint64_t max_message_bytes;/* per gRPC message, both directions (0 = 64 MiB) */
+  uint64_t max_message_bytes;/* per gRPC message, both directions (0 = 64 MiB,
+                                KVDEX_RPC_DEFAULT_MAX_MESSAGE) */
   unsigned build_threads;    /* BuildIndex threads (0 = 1); each build also uses the pool */
   kvdex_metrics *metrics;    /* may be NULL; made with kvdex_server_method_names(), it must
                                 outlive the server; the server records every completed call,
@@ -45,7 +46,8 @@ typedef struct kvdex_server_opts {
 } kvdex_server_opts;
 
 /* The method names the server records metrics under, in the order its metrics
- * indices use: pass them to kvdex_metrics_create. Static strings; *n gets the count. */
+ * indices use (proto/rpc.h's kvdex_rpc_methods names, then "(unregistered)"): pass
+ * them to kvdex_metrics_create. Static strings; *n gets the count. Thread-safe. */
 const char *const *kvdex_server_method_names(unsigned *n /* OUT */);
 
 /* Binds and starts serving. KVDEX_EIO if the address cannot be bound (a second

@@ -112,7 +112,7 @@ void kvdex__srv_append_on_recv(kvdex__call *c, bool success) {
     return;
   }
   Kvdex__V1__AppendKVRequest *m =
-      kvdex__srv_unpack(&kvdex__v1__append_kvrequest__descriptor, "AppendKVRequest", c->recv_buf);
+      kvdex_rpc_unpack(&kvdex__v1__append_kvrequest__descriptor, c->recv_buf);
   kvdex__srv_bb_destroy(c->recv_buf);
   c->recv_buf = NULL;
   int rc = m ? kvdex__append_msg(c, m) : KVDEX_EINVAL;
@@ -156,7 +156,7 @@ void kvdex__srv_append_on_probe(kvdex__call *c, bool success) {
     } else {
       for (uint32_t l = 0; l < sh->n_layers; l++)
         resp.layer_tokens[l] = kvdex_seq_tokens(c->seq, l);
-      rc = kvdex__srv_pack(c->w->srv, &resp.base, &c->send_buf);
+      rc = kvdex_rpc_pack(&resp.base, c->w->srv->max_message, &c->send_buf);
     }
   }
   kvdex__srv_finish_rc(c, rc);

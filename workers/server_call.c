@@ -2,14 +2,13 @@
  * table, the per-worker arena, request slots, a call's batches and its state machine
  * (kvdex__call_state), authentication, and the dispatch of a new call to its
  * handler. No handler logic lives here: the handlers of each area are in
- * server_seqs.c, server_append.c, server_read.c and server_retrieval.c.
- * The protobuf pack/unpack helpers are here too, for now.
+ * server_seqs.c, server_append.c, server_read.c and server_retrieval.c; the method
+ * table and protobuf pack/unpack are proto/rpc.h's, shared with the client.
  */
 #include <grpc/byte_buffer.h>
-#include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
-#include <grpc/slice.h>
 #include <grpc/support/time.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,30 +21,22 @@
 
 /* ---- Methods ------------------------------------------------------------------ */
 
-const kvdex__method_info kvdex__srv_methods[KVDEX__M_COUNT] = {
-    {"/kvdex.v1.KVStore/CreateSequence", "CreateSequence", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {"/kvdex.v1.KVStore/DeleteSequence", "DeleteSequence", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {"/kvdex.v1.KVStore/StatSequence", "StatSequence", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {"/kvdex.v1.KVStore/ListSequences", "ListSequences", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {"/kvdex.v1.KVStore/AppendKV", "AppendKV", GRPC_SRM_PAYLOAD_NONE},
-    {"/kvdex.v1.KVStore/ReadKV", "ReadKV", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {"/kvdex.v1.Retrieval/Search", "Search", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {"/kvdex.v1.Retrieval/BuildIndex", "BuildIndex", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {"/kvdex.v1.Retrieval/Attend", "Attend", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {"/kvdex.v1.Retrieval/Retain", "Retain", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {"/kvdex.v1.KVStore/PublishSequence", "PublishSequence",
-     GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {"/grpc.health.v1.Health/Check", "Health/Check", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER},
-    {NULL, "(unregistered)", GRPC_SRM_PAYLOAD_NONE},
-};
+const char *kvdex__srv_method_name(kvdex_rpc_method m) {
+  return (unsigned)m < KVDEX_RPC_COUNT ? kvdex_rpc_methods[m].name : "(unregistered)";
+}
 
-/* The names above as the `method` label of the metrics (workers/metrics.h). */
-static const char *const kvdex__method_names[KVDEX__M_COUNT] = {
-    "CreateSequence", "DeleteSequence", "StatSequence", "ListSequences",
-    "AppendKV",       "ReadKV",         "Search",       "BuildIndex",
-    "Attend",         "Retain",         "PublishSequence", "Health/Check", "(unregistered)"};
+/* kvdex__srv_method_name of every c->method: the `method` label of the metrics
+ * (workers/metrics.h). Filled once, from kvdex_rpc_methods. */
+static const char *kvdex__method_names[KVDEX__M_COUNT];
+static pthread_once_t kvdex__method_names_once = PTHREAD_ONCE_INIT;
+
+static void kvdex__method_names_fill(void) {
+  for (int m = 0; m < KVDEX__M_COUNT; m++)
+    kvdex__method_names[m] = kvdex__srv_method_name((kvdex_rpc_method)m);
+}
 
 const char *const *kvdex_server_method_names(unsigned *n /* OUT */) {
+  pthread_once(&kvdex__method_names_once, kvdex__method_names_fill);
   if (n) *n = KVDEX__M_COUNT;
   return kvdex__method_names;
 }
@@ -136,54 +127,6 @@ void kvdex__srv_bb_destroy(grpc_byte_buffer *bb) {
   if (bb) grpc_byte_buffer_destroy(bb);
 }
 
-/* The bytes of a received message as one slice (a reference when the buffer is a
- * single uncompressed slice, a copy otherwise). */
-static int kvdex__bb_slice(grpc_byte_buffer *bb, grpc_slice *out /* OUT */) {
-  if (bb->type == GRPC_BB_RAW && bb->data.raw.compression == GRPC_COMPRESS_NONE &&
-      bb->data.raw.slice_buffer.count == 1) {
-    *out = grpc_slice_ref(bb->data.raw.slice_buffer.slices[0]);
-    return KVDEX_OK;
-  }
-  grpc_byte_buffer_reader r;
-  if (!grpc_byte_buffer_reader_init(&r, bb))
-    return kvdex__seterr(KVDEX_EINVAL, "cannot decompress the request message");
-  *out = grpc_byte_buffer_reader_readall(&r);
-  grpc_byte_buffer_reader_destroy(&r);
-  return KVDEX_OK;
-}
-
-void *kvdex__srv_unpack(const ProtobufCMessageDescriptor *d, const char *what,
-                               grpc_byte_buffer *bb) {
-  grpc_slice s;
-  if (kvdex__bb_slice(bb, &s)) return NULL;
-  ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(s),
-                                                  GRPC_SLICE_START_PTR(s));
-  grpc_slice_unref(s);
-  if (!m) kvdex__seterr(KVDEX_EINVAL, "cannot parse %s", what);
-  return m;
-}
-
-int kvdex__srv_pack(const kvdex_server *srv, const ProtobufCMessage *m,
-                           grpc_byte_buffer **out /* OUT */) {
-  size_t n = protobuf_c_message_get_packed_size(m);
-  if (n > srv->max_message)
-    return kvdex__seterr(KVDEX_ENOMEM,
-                         "response of %zu bytes exceeds the max message size (%llu bytes)", n,
-                         (unsigned long long)srv->max_message);
-  grpc_slice s;
-  if (n == 0) {
-    s = grpc_empty_slice();
-  } else {
-    uint8_t *buf = malloc(n);
-    if (!buf) return kvdex__seterr(KVDEX_ENOMEM, "out of memory packing %zu bytes", n);
-    protobuf_c_message_pack(m, buf);
-    s = grpc_slice_new(buf, n, free);
-  }
-  *out = grpc_raw_byte_buffer_create(&s, 1);
-  grpc_slice_unref(s);
-  return KVDEX_OK;
-}
-
 int kvdex__srv_ns_allowed(const kvdex__worker *w, const char *ns) {
   if (!w->srv->auth || kvdex_auth_allows(w->who, ns)) return KVDEX_OK;
   return kvdex__seterr(KVDEX_EPERM, "the token is not allowed namespace \"%.80s\"", ns);
@@ -214,7 +157,7 @@ int kvdex__srv_open(const kvdex__worker *w, const Kvdex__V1__SequenceRef *ref,
 bool kvdex__srv_start_ops(kvdex__call *c, const grpc_op *ops, size_t n) {
   grpc_call_error err = grpc_call_start_batch(c->call, ops, n, &c->t_ops, NULL);
   if (err != GRPC_CALL_OK) {
-    KVDEX_LOG(KVDEX_LOG_ERROR, "%s: grpc_call_start_batch: %s", kvdex__srv_methods[c->method].name,
+    KVDEX_LOG(KVDEX_LOG_ERROR, "%s: grpc_call_start_batch: %s", kvdex__srv_method_name(c->method),
               grpc_call_error_to_string(err));
     grpc_call_cancel(c->call, NULL);
     c->state = KVDEX__ST_DONE;
@@ -245,7 +188,7 @@ void kvdex__srv_finish(kvdex__call *c, grpc_status_code code, const char *detail
   n++;
   if (code != GRPC_STATUS_OK)
     KVDEX_LOG(code == GRPC_STATUS_INTERNAL ? KVDEX_LOG_WARN : KVDEX_LOG_DEBUG,
-              "%s: status %d: %s", kvdex__srv_methods[c->method].name, (int)code,
+              "%s: status %d: %s", kvdex__srv_method_name(c->method), (int)code,
               details ? details : "");
   c->state = KVDEX__ST_FINISH;
   if (c->w->srv->metrics) {
@@ -330,7 +273,7 @@ static void kvdex__call_on_new(kvdex__call *c, bool success) {
   op.data.recv_close_on_server.cancelled = &c->cancelled;
   grpc_call_error err = grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL);
   if (err != GRPC_CALL_OK) {
-    KVDEX_LOG(KVDEX_LOG_ERROR, "%s: RECV_CLOSE_ON_SERVER: %s", kvdex__srv_methods[c->method].name,
+    KVDEX_LOG(KVDEX_LOG_ERROR, "%s: RECV_CLOSE_ON_SERVER: %s", kvdex__srv_method_name(c->method),
               grpc_call_error_to_string(err));
     grpc_call_cancel(c->call, NULL);
     c->state = KVDEX__ST_DONE;
@@ -343,7 +286,7 @@ static void kvdex__call_on_new(kvdex__call *c, bool success) {
                       "the deadline passed before the call was served");
     return;
   }
-  if (srv->auth && c->method != KVDEX__M_HEALTH) {
+  if (srv->auth && c->method != KVDEX_RPC_HEALTH_CHECK) {
     c->who = w->who = kvdex__authenticate(srv, &c->md);
     if (!c->who) {
       kvdex__srv_finish(c, GRPC_STATUS_UNAUTHENTICATED,
@@ -366,7 +309,7 @@ static void kvdex__call_on_new(kvdex__call *c, bool success) {
     kvdex__srv_finish(c, GRPC_STATUS_UNIMPLEMENTED, msg);
     return;
   }
-  if (c->method == KVDEX__M_APPEND) {
+  if (c->method == KVDEX_RPC_APPEND) {
     kvdex__srv_append_recv(c);
     return;
   }
@@ -376,17 +319,17 @@ static void kvdex__call_on_new(kvdex__call *c, bool success) {
   }
   int rc;
   switch (c->method) {
-    case KVDEX__M_CREATE: rc = kvdex__srv_do_create(c); break;
-    case KVDEX__M_DELETE: rc = kvdex__srv_do_delete(c); break;
-    case KVDEX__M_STAT: rc = kvdex__srv_do_stat(c); break;
-    case KVDEX__M_LIST: rc = kvdex__srv_do_list(c); break;
-    case KVDEX__M_SEARCH: rc = kvdex__srv_do_search(c); break;
-    case KVDEX__M_BUILD: rc = kvdex__srv_do_build(c); break;
-    case KVDEX__M_ATTEND: rc = kvdex__srv_do_attend(c); break;
-    case KVDEX__M_RETAIN: rc = kvdex__srv_do_retain(c); break;
-    case KVDEX__M_PUBLISH: rc = kvdex__srv_do_publish(c); break;
-    case KVDEX__M_HEALTH: rc = kvdex__srv_do_health(c); break;
-    case KVDEX__M_READ:
+    case KVDEX_RPC_CREATE: rc = kvdex__srv_do_create(c); break;
+    case KVDEX_RPC_DELETE: rc = kvdex__srv_do_delete(c); break;
+    case KVDEX_RPC_STAT: rc = kvdex__srv_do_stat(c); break;
+    case KVDEX_RPC_LIST: rc = kvdex__srv_do_list(c); break;
+    case KVDEX_RPC_SEARCH: rc = kvdex__srv_do_search(c); break;
+    case KVDEX_RPC_BUILD: rc = kvdex__srv_do_build(c); break;
+    case KVDEX_RPC_ATTEND: rc = kvdex__srv_do_attend(c); break;
+    case KVDEX_RPC_RETAIN: rc = kvdex__srv_do_retain(c); break;
+    case KVDEX_RPC_PUBLISH: rc = kvdex__srv_do_publish(c); break;
+    case KVDEX_RPC_HEALTH_CHECK: rc = kvdex__srv_do_health(c); break;
+    case KVDEX_RPC_READ:
       rc = kvdex__srv_read_setup(c);
       if (!rc) {
         kvdex__srv_read_next(c);
@@ -418,17 +361,17 @@ static void kvdex__call_on_ops(kvdex__call *c, bool success) {
     case KVDEX__ST_FINISH: c->state = KVDEX__ST_DONE; break;
     default:
       KVDEX_LOG(KVDEX_LOG_ERROR, "%s: unexpected completion in state %d",
-                kvdex__srv_methods[c->method].name, (int)c->state);
+                kvdex__srv_method_name(c->method), (int)c->state);
       break;
   }
 }
 
-int kvdex__srv_request_slot(kvdex__worker *w, kvdex__method method) {
+int kvdex__srv_request_slot(kvdex__worker *w, kvdex_rpc_method method) {
   kvdex_server *srv = w->srv;
   kvdex__call *c = calloc(1, sizeof *c);
   if (!c) {
     KVDEX_LOG(KVDEX_LOG_ERROR, "%s: out of memory for a request slot (worker %u)",
-              kvdex__srv_methods[method].name, w->idx);
+              kvdex__srv_method_name(method), w->idx);
     return KVDEX_ENOMEM;
   }
   c->w = w;
@@ -447,11 +390,11 @@ int kvdex__srv_request_slot(kvdex__worker *w, kvdex__method method) {
   } else {
     err = grpc_server_request_registered_call(
         srv->server, srv->methods[method], &c->call, &c->deadline, &c->md,
-        kvdex__srv_methods[method].payload == GRPC_SRM_PAYLOAD_NONE ? NULL : &c->payload, w->cq,
+        kvdex_rpc_methods[method].client_streaming ? NULL : &c->payload, w->cq,
         w->cq, &c->t_new);
   }
   if (err != GRPC_CALL_OK) {
-    KVDEX_LOG(KVDEX_LOG_ERROR, "%s: cannot request a call: %s", kvdex__srv_methods[method].name,
+    KVDEX_LOG(KVDEX_LOG_ERROR, "%s: cannot request a call: %s", kvdex__srv_method_name(method),
               grpc_call_error_to_string(err));
     kvdex__call_free(c);
     return KVDEX_EINTERNAL;

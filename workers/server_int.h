@@ -23,39 +23,24 @@
 #include "engine/node.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "kvdex/v1/kvdex.pb-c.h"
+#include "proto/rpc.h"
 #include "workers/server.h"
 
-/* Tokens per ReadKV message unless the request asks for fewer. */
-#define KVDEX__DEFAULT_READ_CHUNK 4096u
 /* Room for the fields around the tensor bytes of one message (ids are counted apart). */
 #define KVDEX__MSG_OVERHEAD 1024u
 
-/* ---- Methods ------------------------------------------------------------------ */
+/* ---- Methods ------------------------------------------------------------------
+ * The registered methods are proto/rpc.h's kvdex_rpc_method (path, name, which side
+ * streams); the server adds one slot for every call that is not registered. */
 
-typedef enum kvdex__method {
-  KVDEX__M_CREATE,
-  KVDEX__M_DELETE,
-  KVDEX__M_STAT,
-  KVDEX__M_LIST,
-  KVDEX__M_APPEND,
-  KVDEX__M_READ,
-  KVDEX__M_SEARCH,
-  KVDEX__M_BUILD,
-  KVDEX__M_ATTEND,
-  KVDEX__M_RETAIN,
-  KVDEX__M_PUBLISH,
-  KVDEX__M_HEALTH,
-  KVDEX__M_UNKNOWN, /* everything not registered: grpc_server_request_call */
-  KVDEX__M_COUNT
-} kvdex__method;
+/* Everything not registered (grpc_server_request_call): c->method of such a call. */
+#define KVDEX__M_UNKNOWN KVDEX_RPC_COUNT
+/* Request slots per worker: the registered methods and KVDEX__M_UNKNOWN. */
+#define KVDEX__M_COUNT (KVDEX_RPC_COUNT + 1)
 
-/* Path, name (for logs and metrics) and payload handling of each method. */
-typedef struct kvdex__method_info {
-  const char *path;
-  const char *name;
-  grpc_server_register_method_payload_handling payload;
-} kvdex__method_info;
-extern const kvdex__method_info kvdex__srv_methods[KVDEX__M_COUNT];
+/* The method's name for logs and the metrics' `method` label ("(unregistered)" for
+ * KVDEX__M_UNKNOWN). A static string. */
+const char *kvdex__srv_method_name(kvdex_rpc_method m);
 
 /* ---- Per-worker arena: request-scoped memory of one event's handling ----------- */
 
@@ -109,7 +94,7 @@ typedef enum kvdex__call_state {
 
 struct kvdex__call {
   kvdex__worker *w;
-  kvdex__method method;
+  kvdex_rpc_method method; /* or KVDEX__M_UNKNOWN */
   kvdex__call_state state;
   grpc_call *call;
   gpr_timespec deadline;      /* registered methods */
@@ -171,7 +156,7 @@ struct kvdex_server {
   grpc_server *server;
   grpc_completion_queue *shutdown_cq;
   kvdex_node *node; /* owned; serves the caller's store and pool */
-  void *methods[KVDEX__M_COUNT];
+  void *methods[KVDEX_RPC_COUNT]; /* grpc_server_register_method handles */
   unsigned n_workers;
   kvdex__worker *workers;
   int port;
@@ -194,7 +179,7 @@ struct kvdex_server {
 void kvdex__srv_live_add(kvdex_server *srv, long d);
 
 /* Posts a request slot for `method` on worker w. KVDEX_ENOMEM, KVDEX_EINTERNAL. */
-int kvdex__srv_request_slot(kvdex__worker *w, kvdex__method method);
+int kvdex__srv_request_slot(kvdex__worker *w, kvdex_rpc_method method);
 
 /* Handles one completion-queue event of worker w (and frees the call once it is
  * done). Runs on w's thread. */
@@ -203,13 +188,6 @@ void kvdex__srv_on_event(kvdex__worker *w, kvdex__tag *t, bool success);
 /* Whether the call's deadline has passed. */
 bool kvdex__srv_deadline_passed(const kvdex__call *c);
 
-/* Unpacks a request; NULL with KVDEX_EINVAL "cannot parse <what>" on garbage. */
-void *kvdex__srv_unpack(const ProtobufCMessageDescriptor *d, const char *what,
-                        grpc_byte_buffer *bb);
-/* Packs a response into a byte buffer (owned by the caller). KVDEX_ENOMEM when it
- * is larger than the max message size or memory runs out. */
-int kvdex__srv_pack(const kvdex_server *srv, const ProtobufCMessage *m,
-                    grpc_byte_buffer **out /* OUT */);
 void kvdex__srv_bb_destroy(grpc_byte_buffer *bb); /* NULL is a no-op */
 
 /* KVDEX_EPERM unless the caller's token (w->who) may use namespace ns. Called

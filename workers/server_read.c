@@ -15,7 +15,7 @@
 int kvdex__srv_read_setup(kvdex__call *c) {
   kvdex_server *srv = c->w->srv;
   Kvdex__V1__ReadKVRequest *req =
-      kvdex__srv_unpack(&kvdex__v1__read_kvrequest__descriptor, "ReadKVRequest", c->payload);
+      kvdex_rpc_unpack(&kvdex__v1__read_kvrequest__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   c->rd_req = req;
   int rc = kvdex__srv_open(c->w, req->seq, "seq", 0, &c->seq);
@@ -52,7 +52,7 @@ int kvdex__srv_read_setup(kvdex__call *c) {
                          "one token (%llu bytes) does not fit the max message size (%llu bytes)",
                          (unsigned long long)per_token, (unsigned long long)srv->max_message);
   uint64_t chunk = req->max_tokens_per_message ? req->max_tokens_per_message
-                                               : KVDEX__DEFAULT_READ_CHUNK;
+                                               : KVDEX_RPC_READ_CHUNK_TOKENS;
   if (chunk > fit) chunk = fit;
   c->rd_chunk = (size_t)chunk;
   size_t kv_bytes = c->rd_chunk * sh->n_kv_heads * c->rd_row;
@@ -72,7 +72,8 @@ int kvdex__srv_read_setup(kvdex__call *c) {
     if (xfit == 0)
       return kvdex__seterr(KVDEX_ENOMEM, "one query row (%llu bytes) does not fit the max "
                            "message size", (unsigned long long)per_row);
-    c->rd_xchunk = xfit < KVDEX__DEFAULT_READ_CHUNK ? (size_t)xfit : KVDEX__DEFAULT_READ_CHUNK;
+    c->rd_xchunk =
+        xfit < KVDEX_RPC_READ_CHUNK_TOKENS ? (size_t)xfit : (size_t)KVDEX_RPC_READ_CHUNK_TOKENS;
     c->rd_tmp = malloc(c->rd_xchunk * heads * sh->head_dim * sizeof(float));
     if (!c->rd_tmp) return kvdex__seterr(KVDEX_ENOMEM, "out of memory for query chunks");
   }
@@ -147,7 +148,7 @@ void kvdex__srv_read_next(kvdex__call *c) {
       kvdex__srv_finish(c, GRPC_STATUS_OK, NULL);
       return;
     }
-    rc = kvdex__srv_pack(c->w->srv, &resp.base, &c->send_buf);
+    rc = kvdex_rpc_pack(&resp.base, c->w->srv->max_message, &c->send_buf);
   } else {
     rc = kvdex_node_read(c->w->srv->node, c->seq, r->layer, c->rd_ids, n, c->rd_k, c->rd_v);
   }
@@ -158,7 +159,7 @@ void kvdex__srv_read_next(kvdex__call *c) {
     resp.k.len = resp.v.len = n * kvdex_seq_shape(c->seq)->n_kv_heads * c->rd_row;
     resp.k.data = c->rd_k;
     resp.v.data = c->rd_v;
-    rc = kvdex__srv_pack(c->w->srv, &resp.base, &c->send_buf);
+    rc = kvdex_rpc_pack(&resp.base, c->w->srv->max_message, &c->send_buf);
   }
   if (rc) {
     kvdex__srv_finish_rc(c, rc);

@@ -12,7 +12,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/attend_op.h"
+#include "index/attend.h"
+#include "index/index.h"
+#include "proto/rpc.h"
 #include "workers/server_int.h"
+
+/* The wire limits (proto/rpc.h) are the engine's and the index's: a request the
+ * server lets through is one they accept. */
+_Static_assert(KVDEX_RPC_MAX_K == KVDEX_MAX_K, "SearchOptions.k / AttendRequest.k limit");
+_Static_assert(KVDEX_RPC_MAX_EXTRA_TOKENS == KVDEX_ATTEND_MAX_EXTRA,
+               "AttendItem.extra_tokens limit");
+_Static_assert(KVDEX_RPC_MAX_OBS == KVDEX_ATTEND_MAX_OBS, "RetainRequest.n_obs limit");
 
 /* ---- Index builds awaiting their metrics ------------------------------------------ */
 
@@ -202,13 +213,13 @@ int kvdex__srv_do_search(kvdex__call *c) {
   kvdex__worker *w = c->w;
   kvdex_server *srv = w->srv;
   Kvdex__V1__SearchRequest *req =
-      kvdex__srv_unpack(&kvdex__v1__search_request__descriptor, "SearchRequest", c->payload);
+      kvdex_rpc_unpack(&kvdex__v1__search_request__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   int rc = KVDEX_OK;
   const Kvdex__V1__SearchOptions *o = req->options;
   const char *index = o && o->index ? o->index : "";
-  if (!o || o->k < 1 || o->k > KVDEX_MAX_K) {
-    rc = kvdex__seterr(KVDEX_EINVAL, "options.k must be in 1..%d (got %u)", KVDEX_MAX_K,
+  if (!o || o->k < 1 || o->k > KVDEX_RPC_MAX_K) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "options.k must be in 1..%d (got %u)", KVDEX_RPC_MAX_K,
                        o ? o->k : 0);
   } else if (kvdex_node_check_index(index)) {
     rc = kvdex__preerr(KVDEX_EINVAL, "options");
@@ -244,7 +255,7 @@ int kvdex__srv_do_search(kvdex__call *c) {
     resp.n_results = i + 1;
   }
   kvdex_node_ctx_give(srv->node, ctx);
-  if (!rc) rc = kvdex__srv_pack(srv, &resp.base, &c->send_buf);
+  if (!rc) rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
   if (!rc && srv->metrics) {
     uint64_t touched = 0;
     for (size_t i = 0; i < resp.n_results; i++) touched += resp.results[i]->keys_scanned;
@@ -259,8 +270,8 @@ int kvdex__srv_do_search(kvdex__call *c) {
 int kvdex__srv_do_build(kvdex__call *c) {
   kvdex__worker *w = c->w;
   kvdex_server *srv = w->srv;
-  Kvdex__V1__BuildIndexRequest *req = kvdex__srv_unpack(
-      &kvdex__v1__build_index_request__descriptor, "BuildIndexRequest", c->payload);
+  Kvdex__V1__BuildIndexRequest *req = kvdex_rpc_unpack(
+      &kvdex__v1__build_index_request__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
   int rc = kvdex__srv_open(c->w, req->seq, "seq", 1, &seq);
@@ -290,7 +301,7 @@ int kvdex__srv_do_build(kvdex__call *c) {
     resp.accepted = true;
     resp.n_layers = n;
     resp.layers = layers;
-    rc = kvdex__srv_pack(srv, &resp.base, &c->send_buf);
+    rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
   }
   kvdex_seq_release(seq);
   protobuf_c_message_free_unpacked(&req->base, NULL);
@@ -298,9 +309,6 @@ int kvdex__srv_do_build(kvdex__call *c) {
 }
 
 /* ---- Attend and Retain ----------------------------------------------------------- */
-
-/* Most items in one AttendRequest. */
-#define KVDEX__MAX_ATTEND_ITEMS 4096u
 
 /* Copies n f32 of wire bytes into ctx's aligned query buffer (*out). */
 static int kvdex__ctx_floats(kvdex_node_ctx *ctx, const uint8_t *bytes, size_t n,
@@ -342,9 +350,9 @@ static int kvdex__attend_one(kvdex__worker *w, kvdex_node_ctx *ctx,
                        "streaming_heads has %zu entries, expected 0 or n_q_heads (%u) of %s's "
                        "sequence",
                        req->n_streaming_heads, sh->n_q_heads, field);
-  } else if (it->n_extra_tokens > KVDEX_ATTEND_MAX_EXTRA) {
+  } else if (it->n_extra_tokens > KVDEX_RPC_MAX_EXTRA_TOKENS) {
     rc = kvdex__seterr(KVDEX_EINVAL, "%s.extra_tokens has %zu entries (at most %d)", field,
-                       it->n_extra_tokens, KVDEX_ATTEND_MAX_EXTRA);
+                       it->n_extra_tokens, KVDEX_RPC_MAX_EXTRA_TOKENS);
   }
   if (rc) goto out;
   /* Bound the response before doing the work. */
@@ -397,16 +405,16 @@ int kvdex__srv_do_attend(kvdex__call *c) {
   kvdex__worker *w = c->w;
   kvdex_server *srv = w->srv;
   Kvdex__V1__AttendRequest *req =
-      kvdex__srv_unpack(&kvdex__v1__attend_request__descriptor, "AttendRequest", c->payload);
+      kvdex_rpc_unpack(&kvdex__v1__attend_request__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   int rc = KVDEX_OK;
   const char *index = req->index ? req->index : "";
-  if (req->n_items < 1 || req->n_items > KVDEX__MAX_ATTEND_ITEMS) {
-    rc = kvdex__seterr(KVDEX_EINVAL, "items has %zu entries, expected 1..%u", req->n_items,
-                       KVDEX__MAX_ATTEND_ITEMS);
-  } else if (!req->dense && (req->k < 1 || req->k > KVDEX_MAX_K)) {
+  if (req->n_items < 1 || req->n_items > KVDEX_RPC_MAX_ATTEND_ITEMS) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "items has %zu entries, expected 1..%d", req->n_items,
+                       KVDEX_RPC_MAX_ATTEND_ITEMS);
+  } else if (!req->dense && (req->k < 1 || req->k > KVDEX_RPC_MAX_K)) {
     rc = kvdex__seterr(KVDEX_EINVAL, "k must be in 1..%d unless dense is set (got %u)",
-                       KVDEX_MAX_K, req->k);
+                       KVDEX_RPC_MAX_K, req->k);
   } else if (!(req->scale >= 0) || !isfinite(req->scale)) {
     rc = kvdex__seterr(KVDEX_EINVAL, "scale must be finite and >= 0 (0 = 1/sqrt(head_dim))");
   } else if (kvdex_node_check_index(index)) {
@@ -444,7 +452,7 @@ int kvdex__srv_do_attend(kvdex__call *c) {
     resp.n_results = i + 1;
   }
   kvdex_node_ctx_give(srv->node, ctx);
-  if (!rc) rc = kvdex__srv_pack(srv, &resp.base, &c->send_buf);
+  if (!rc) rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
   if (!rc && srv->metrics) {
     uint64_t touched = 0;
     for (size_t i = 0; i < resp.n_results; i++) touched += resp.results[i]->keys_touched;
@@ -459,7 +467,7 @@ int kvdex__srv_do_retain(kvdex__call *c) {
   kvdex_server *srv = w->srv;
   kvdex__arena *a = &w->arena;
   Kvdex__V1__RetainRequest *req =
-      kvdex__srv_unpack(&kvdex__v1__retain_request__descriptor, "RetainRequest", c->payload);
+      kvdex_rpc_unpack(&kvdex__v1__retain_request__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
   kvdex_node_ctx *ctx = NULL;
@@ -471,8 +479,8 @@ int kvdex__srv_do_retain(kvdex__call *c) {
   if (req->layer >= sh->n_layers) {
     rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (the sequence has %u layers)",
                        req->layer, sh->n_layers);
-  } else if (req->n_obs < 1 || req->n_obs > KVDEX_ATTEND_MAX_OBS) {
-    rc = kvdex__seterr(KVDEX_EINVAL, "n_obs must be in 1..%d (got %u)", KVDEX_ATTEND_MAX_OBS,
+  } else if (req->n_obs < 1 || req->n_obs > KVDEX_RPC_MAX_OBS) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "n_obs must be in 1..%d (got %u)", KVDEX_RPC_MAX_OBS,
                        req->n_obs);
   } else if (req->q_obs.len != req->n_obs * per_obs * sizeof(float)) {
     rc = kvdex__seterr(KVDEX_EINVAL,
@@ -523,7 +531,7 @@ int kvdex__srv_do_retain(kvdex__call *c) {
     hs[g].scores = scores + (size_t)g * req->budget;
     heads[g] = &hs[g];
   }
-  rc = kvdex__srv_pack(srv, &resp.base, &c->send_buf);
+  rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
 out:
   kvdex_node_ctx_give(srv->node, ctx);
   kvdex_seq_release(seq);

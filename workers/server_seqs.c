@@ -81,8 +81,7 @@ static int kvdex__fill_info(kvdex_server *srv, kvdex__arena *a, kvdex_seq *seq,
 int kvdex__srv_do_create(kvdex__call *c) {
   kvdex_server *srv = c->w->srv;
   Kvdex__V1__CreateSequenceRequest *req =
-      kvdex__srv_unpack(&kvdex__v1__create_sequence_request__descriptor, "CreateSequenceRequest",
-                        c->payload);
+      kvdex_rpc_unpack(&kvdex__v1__create_sequence_request__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   const char *ns, *id;
   int rc = kvdex__srv_ref_check(c->w, req->seq, "seq", &ns, &id);
@@ -94,7 +93,7 @@ int kvdex__srv_do_create(kvdex__call *c) {
   }
   if (!rc) {
     Kvdex__V1__CreateSequenceResponse resp = KVDEX__V1__CREATE_SEQUENCE_RESPONSE__INIT;
-    rc = kvdex__srv_pack(srv, &resp.base, &c->send_buf);
+    rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
   }
   protobuf_c_message_free_unpacked(&req->base, NULL);
   return rc;
@@ -102,8 +101,8 @@ int kvdex__srv_do_create(kvdex__call *c) {
 
 int kvdex__srv_do_delete(kvdex__call *c) {
   kvdex_server *srv = c->w->srv;
-  Kvdex__V1__DeleteSequenceRequest *req = kvdex__srv_unpack(
-      &kvdex__v1__delete_sequence_request__descriptor, "DeleteSequenceRequest", c->payload);
+  Kvdex__V1__DeleteSequenceRequest *req = kvdex_rpc_unpack(
+      &kvdex__v1__delete_sequence_request__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   const char *ns, *id;
   uint64_t freed = 0;
@@ -112,7 +111,7 @@ int kvdex__srv_do_delete(kvdex__call *c) {
   if (!rc) {
     Kvdex__V1__DeleteSequenceResponse resp = KVDEX__V1__DELETE_SEQUENCE_RESPONSE__INIT;
     resp.bytes_freed = freed;
-    rc = kvdex__srv_pack(srv, &resp.base, &c->send_buf);
+    rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
   }
   protobuf_c_message_free_unpacked(&req->base, NULL);
   return rc;
@@ -120,8 +119,8 @@ int kvdex__srv_do_delete(kvdex__call *c) {
 
 int kvdex__srv_do_stat(kvdex__call *c) {
   kvdex_server *srv = c->w->srv;
-  Kvdex__V1__StatSequenceRequest *req = kvdex__srv_unpack(
-      &kvdex__v1__stat_sequence_request__descriptor, "StatSequenceRequest", c->payload);
+  Kvdex__V1__StatSequenceRequest *req = kvdex_rpc_unpack(
+      &kvdex__v1__stat_sequence_request__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
   int rc = kvdex__srv_open(c->w, req->seq, "seq", req->include_importing, &seq);
@@ -130,7 +129,7 @@ int kvdex__srv_do_stat(kvdex__call *c) {
     Kvdex__V1__StatSequenceResponse resp = KVDEX__V1__STAT_SEQUENCE_RESPONSE__INIT;
     rc = kvdex__fill_info(srv, &c->w->arena, seq, &info);
     resp.info = &info;
-    if (!rc) rc = kvdex__srv_pack(srv, &resp.base, &c->send_buf);
+    if (!rc) rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
   }
   kvdex_seq_release(seq);
   protobuf_c_message_free_unpacked(&req->base, NULL);
@@ -139,15 +138,15 @@ int kvdex__srv_do_stat(kvdex__call *c) {
 
 int kvdex__srv_do_publish(kvdex__call *c) {
   kvdex_server *srv = c->w->srv;
-  Kvdex__V1__PublishSequenceRequest *req = kvdex__srv_unpack(
-      &kvdex__v1__publish_sequence_request__descriptor, "PublishSequenceRequest", c->payload);
+  Kvdex__V1__PublishSequenceRequest *req = kvdex_rpc_unpack(
+      &kvdex__v1__publish_sequence_request__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   kvdex_seq *seq = NULL;
   int rc = kvdex__srv_open(c->w, req->seq, "seq", 1, &seq);
   if (!rc) {
     kvdex_node_publish(srv->node, seq);
     Kvdex__V1__PublishSequenceResponse resp = KVDEX__V1__PUBLISH_SEQUENCE_RESPONSE__INIT;
-    rc = kvdex__srv_pack(srv, &resp.base, &c->send_buf);
+    rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
   }
   kvdex_seq_release(seq);
   protobuf_c_message_free_unpacked(&req->base, NULL);
@@ -188,8 +187,8 @@ static void kvdex__list_visit(void *ctx, kvdex_seq *seq) {
 
 int kvdex__srv_do_list(kvdex__call *c) {
   kvdex_server *srv = c->w->srv;
-  Kvdex__V1__ListSequencesRequest *req = kvdex__srv_unpack(
-      &kvdex__v1__list_sequences_request__descriptor, "ListSequencesRequest", c->payload);
+  Kvdex__V1__ListSequencesRequest *req = kvdex_rpc_unpack(
+      &kvdex__v1__list_sequences_request__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   int rc = KVDEX_OK;
   const char *ns = req->namespace_ && req->namespace_[0] ? req->namespace_ : NULL;
@@ -210,7 +209,7 @@ int kvdex__srv_do_list(kvdex__call *c) {
       resp.sequences = l.infos;
       resp.node_bytes_used = st.bytes_used;
       resp.node_bytes_cap = st.bytes_cap;
-      rc = kvdex__srv_pack(srv, &resp.base, &c->send_buf);
+      rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
     }
   }
   protobuf_c_message_free_unpacked(&req->base, NULL);
@@ -219,8 +218,8 @@ int kvdex__srv_do_list(kvdex__call *c) {
 
 int kvdex__srv_do_health(kvdex__call *c) {
   kvdex_server *srv = c->w->srv;
-  Grpc__Health__V1__HealthCheckRequest *req = kvdex__srv_unpack(
-      &grpc__health__v1__health_check_request__descriptor, "HealthCheckRequest", c->payload);
+  Grpc__Health__V1__HealthCheckRequest *req = kvdex_rpc_unpack(
+      &grpc__health__v1__health_check_request__descriptor, c->payload);
   if (!req) return KVDEX_EINVAL;
   int rc = KVDEX_OK;
   const char *svc = req->service ? req->service : "";
@@ -232,7 +231,7 @@ int kvdex__srv_do_health(kvdex__call *c) {
     resp.status = atomic_load(&srv->stopping)
                       ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
                       : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
-    rc = kvdex__srv_pack(srv, &resp.base, &c->send_buf);
+    rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
   }
   protobuf_c_message_free_unpacked(&req->base, NULL);
   return rc;
