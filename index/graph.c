@@ -63,6 +63,7 @@
 #include <string.h>
 
 #include "index/ann_int.h"
+#include "index/topk.h"
 
 /* ---- settings ------------------------------------------------------------------- */
 
@@ -663,37 +664,6 @@ typedef struct gt_job {
   kvdex_hit *heap; /* [workers][GT_QC * K] */
 } gt_job;
 
-/* Heap with the worst hit on top. */
-static void heap_push(kvdex_hit *h, uint32_t *cnt, uint32_t K, kvdex_hit x) {
-  size_t i;
-  if (*cnt < K) {
-    i = (*cnt)++;
-    while (i > 0) {
-      size_t p = (i - 1) / 2;
-      if (!kvdex_hit_better(h[p], x)) break;
-      h[i] = h[p];
-      i = p;
-    }
-    h[i] = x;
-    return;
-  }
-  i = 0;
-  for (;;) {
-    size_t c = 2 * i + 1;
-    if (c >= K) break;
-    if (c + 1 < K && kvdex_hit_better(h[c], h[c + 1])) c++;
-    if (!kvdex_hit_better(x, h[c])) break;
-    h[i] = h[c];
-    i = c;
-  }
-  h[i] = x;
-}
-
-static int hit_order(const void *a, const void *b) {
-  kvdex_hit x = *(const kvdex_hit *)a, y = *(const kvdex_hit *)b;
-  return kvdex_hit_better(x, y) ? -1 : kvdex_hit_better(y, x);
-}
-
 static void gt_task(void *ctx, size_t t, unsigned wi) {
   gt_job *J = ctx;
   build *B = J->B;
@@ -703,7 +673,8 @@ static void gt_task(void *ctx, size_t t, unsigned wi) {
   size_t g = B->m - q0 < GT_QC ? (size_t)(B->m - q0) : GT_QC;
   float *s = J->sbuf + (size_t)wi * GT_QC * GT_KT;
   kvdex_hit *H = J->heap + (size_t)wi * GT_QC * K;
-  uint32_t cnt[GT_QC] = {0};
+  kvdex__topk top[GT_QC];
+  for (size_t j = 0; j < g; j++) kvdex__topk_init(&top[j], H + j * K, K);
   size_t rb = row_bytes(v);
   for (uint64_t i0 = 0; i0 < B->n;) {
     uint64_t b = i0 / v->block_tokens, off = i0 % v->block_tokens;
@@ -712,27 +683,14 @@ static void gt_task(void *ctx, size_t t, unsigned wi) {
     if (nt > B->n - i0) nt = (size_t)(B->n - i0);
     const char *base = (const char *)v->k_blocks[b] + off * rb;
     kvdex_score_keys(KVDEX_SIMD_AUTO, v->dtype, base, nt, d, B->tq + q0 * d, g, s);
-    for (size_t j = 0; j < g; j++) {
-      kvdex_hit *h = H + j * K;
-      const float *sj = s + j * nt;
-      uint32_t *c = &cnt[j];
-      float thr = *c == K ? h[0].score : -INFINITY;
-      for (size_t i = 0; i < nt; i++) {
-        float x = sj[i];
-        if (x > thr || (*c < K && x == x)) {
-          heap_push(h, c, K, (kvdex_hit){i0 + i, x});
-          if (*c == K) thr = h[0].score;
-        }
-      }
-    }
+    for (size_t j = 0; j < g; j++) kvdex__topk_push_run(&top[j], i0, s + j * nt, nt);
     i0 += nt;
   }
   for (size_t j = 0; j < g; j++) {
-    kvdex_hit *h = H + j * K;
-    qsort(h, cnt[j], sizeof *h, hit_order);
+    uint32_t n = kvdex__topk_finish(&top[j]);
     uint32_t *row = B->gt + (q0 + j) * K;
-    for (uint32_t r = 0; r < cnt[j]; r++) row[r] = (uint32_t)h[r].id;
-    B->gt_n[q0 + j] = cnt[j];
+    for (uint32_t r = 0; r < n; r++) row[r] = (uint32_t)top[j].h[r].id;
+    B->gt_n[q0 + j] = n;
   }
 }
 
