@@ -20,6 +20,7 @@
 #include "index/ann.h"
 #include "index/index.h"
 #include "index/topk.h"
+#include "kvstore/base.h"
 
 #define MAX_SPECS 64
 #define SPEC_LEN 512
@@ -309,7 +310,7 @@ typedef struct meas_buf {
 static int measure(const data *D, const kvdex_index *ix, const kvdex_index_params *p, meas_buf *b,
                    point *out) {
   uint64_t touched_sum = 0;
-  double t0 = kvdex_bench_now();
+  double t0 = kvdex__now_s();
   for (uint64_t j = 0; j < D->nq; j++) {
     uint64_t touched = 0;
     int rc = kvdex_index_search(ix, &D->view, D->q + (size_t)j * D->d, D->k, p, b->scratch,
@@ -317,7 +318,7 @@ static int measure(const data *D, const kvdex_index *ix, const kvdex_index_param
     if (rc) return rc;
     touched_sum += touched;
   }
-  double dt = kvdex_bench_now() - t0;
+  double dt = kvdex__now_s() - t0;
   double rsum = 0;
   for (uint64_t j = 0; j < D->nq; j++) {
     const uint64_t *t = D->truth + (size_t)j * D->k;
@@ -623,9 +624,9 @@ int kvdex_bench_recall(const kvdex_recall_opts *o, FILE *out) {
   say(pr, "exact top-%u of %llu queries over %llu keys x %u (%s) on %u threads", D.k,
       (unsigned long long)D.nq, (unsigned long long)D.n, D.d, kvdex_dtype_name(D.keys.dtype),
       ncpu);
-  double t0 = kvdex_bench_now();
+  double t0 = kvdex__now_s();
   if ((rc = ground_truth(&D, pool, pr))) goto done;
-  double truth_s = kvdex_bench_now() - t0;
+  double truth_s = kvdex__now_s() - t0;
   say(pr, "exact top-k done in %.2f s", truth_s);
   uint32_t needles_exact = 0;
   for (uint64_t i = 0; i < D.n_needles; i++) {
@@ -647,14 +648,14 @@ int kvdex_bench_recall(const kvdex_recall_opts *o, FILE *out) {
   for (size_t i = 0; i < n_runs; i++) {
     spec_run *r = &runs[i];
     say(pr, "[%zu/%zu] building %s", i + 1, n_runs, r->spec);
-    t0 = kvdex_bench_now();
+    t0 = kvdex__now_s();
     char pre[SPEC_LEN + 64];
     snprintf(pre, sizeof pre, "--index '%s': build failed", r->spec);
     if ((rc = kvdex_index_build(r->ix, &in, pool))) {
       kvdex__preerr(rc, pre);
       goto done;
     }
-    r->build_s = kvdex_bench_now() - t0;
+    r->build_s = kvdex__now_s() - t0;
     r->memory = kvdex_index_memory(r->ix);
     const char *desc = kvdex_index_describe(r->ix);
     if (r->knob) spec_u32(desc, r->knob, &r->def.value);
