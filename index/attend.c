@@ -11,6 +11,7 @@
  * kernels are in the SIMD kernel table beside the scan's (index_int.h), chosen with
  * it at run time, so this file needs no target flags.
  */
+#include <assert.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -237,6 +238,8 @@ static void unit_set_len(unit *u, uint64_t len) {
   u->len = len;
   u->span = span_of(len);
   u->parts = (uint32_t)((len + u->span - 1) / u->span);
+  /* the callers lay out MAX_PARTS tasks and partials per unit (range units) */
+  assert(u->span % SUB == 0 && u->parts <= MAX_PARTS);
 }
 
 typedef struct setup {
@@ -296,6 +299,7 @@ static void load_step(const run *r, const unit *u, uint64_t pos, size_t m, uint6
                       const float *q, float *S, char *kbuf, const void **vrow) {
   const kvdex_kv_view *v = &r->views[u->kv];
   size_t rowb = r->rowb;
+  assert(m >= 1 && m <= SUB && pos + m <= end);
   if (u->ids) {
     /* Row i of the next step is prefetched beside row i of this one: spread out, the
      * prefetches keep the line fill buffers busy without stalling on them in a burst. */
@@ -309,6 +313,7 @@ static void load_step(const run *r, const unit *u, uint64_t pos, size_t m, uint6
         prefetch_row((const char *)v->k_blocks[blk] + off, rowb);
         if (vrow) prefetch_row((const char *)v->v_blocks[blk] + off, rowb);
       }
+      assert(i == 0 || ids[i - 1] < ids[i]); /* lists are ascending and distinct */
       off = tok_off(r, ids[i], &blk);
       memcpy(kbuf + i * rowb, (const char *)v->k_blocks[blk] + off, rowb);
       if (vrow) vrow[i] = (const char *)v->v_blocks[blk] + off;

@@ -5,6 +5,7 @@
  * score, partial selection when it fills); the last chunk of a kv head to finish merges.
  * It does not build or use any index structure, and never blocks on writers.
  */
+#include <assert.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -137,6 +138,7 @@ static void scan_task(void *ctx, size_t task, unsigned worker) {
                          : b + 1 < s->blk_hi ? v->k_blocks[b + 1] : NULL;
       for (size_t j = 0; j < g; j++) thr[j] = tk[j].thr;
       size_t nc = s->kern->scan(s->dtype, keys, m, d, q, g, thr, cand, next);
+      assert(nc <= m * g); /* cand holds g * sub */
       for (size_t i = 0; i < nc; i++)
         kvdex__topk_buf_push(&tk[cand[i].j], t + cand[i].i, cand[i].score);
     }
@@ -148,6 +150,7 @@ static void scan_task(void *ctx, size_t task, unsigned worker) {
   }
   for (size_t j = 0; j < g; j++) {
     if (tk[j].count > s->kk) kvdex__topk_buf_shrink(&tk[j]);
+    assert(tk[j].count <= s->slot);
     size_t at = (h * g + j) * s->chunks + c;
     memcpy(s->slots + at * s->slot, tk[j].buf, tk[j].count * sizeof(kvdex_hit));
     s->slot_n[at] = (uint32_t)tk[j].count;
@@ -225,6 +228,7 @@ int kvdex_exact_search(kvdex_seq *seq, uint32_t layer, const float *q,
   uint64_t task_keys = s.bpc * s.bt; /* upper bound of the keys one task pushes */
   s.cap = 2 * s.kk < task_keys ? 2 * s.kk : (size_t)task_keys;
   s.slot = s.kk < task_keys ? s.kk : (size_t)task_keys;
+  assert(s.cap > s.kk || s.cap >= task_keys); /* what kvdex__topk_buf needs */
 
   unsigned workers = s.chunks * n_kv > 1 ? threads : 1;
   size_t total = 0;

@@ -55,6 +55,7 @@
  * query mixes in, which co-answer edges reach only by chance). touched = keys scored
  * plus prefill query vectors scored.
  */
+#include <assert.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -255,6 +256,7 @@ static inline int ent_better(beam_ent a, beam_ent b) {
  * it was not good enough. NaN scores are never inserted. */
 static size_t beam_insert(beam_ent *beam, size_t *size, size_t L, beam_ent e) {
   size_t n = *size;
+  assert(L >= 1 && n <= L);
   if (e.score != e.score) return L;
   if (n == L && !ent_better(e, beam[n - 1])) return L;
   size_t lo = 0, hi = n;
@@ -302,6 +304,7 @@ static void beam_expand(const graph *g, const kvdex_kv_view *keys, const float *
   void *rowbuf = s->f;
   float *sc = s->f + rowfloats;
   uint32_t ids[1024]; /* R <= 1024 */
+  assert(g->R <= 1024);
   size_t n = *size;
   uint64_t t = 0;
   size_t k = 0;
@@ -314,6 +317,7 @@ static void beam_expand(const graph *g, const kvdex_kv_view *keys, const float *
     uint32_t c = beam[k].id;
     const uint32_t *nb = g->adj + (size_t)c * g->R;
     uint32_t dc = g->deg[c];
+    assert(dc <= g->R); /* built so, and checked on load */
     size_t m = 0;
     for (uint32_t j = 0; j < dc; j++) {
       uint32_t id = nb[j];
@@ -347,6 +351,7 @@ static void beam_run(const graph *g, const kvdex_kv_view *keys, const float *q, 
   void *rowbuf = s->f;
   float *sc = s->f + rowfloats;
   uint32_t ids[1024]; /* R <= 1024 */
+  assert(g->R <= 1024);
   size_t n = 0;
   uint64_t t = 0;
   for (uint32_t e0 = 0; e0 < g->n_entry; e0 += g->R) {
@@ -409,7 +414,8 @@ static void answer_expand(const graph *g, uint32_t dim, const kvdex_kv_view *key
     kvdex_score_keys(KVDEX_SIMD_AUTO, KVDEX_DTYPE_F16, rowbuf, m, dim, q, 1, cs + c0);
   }
   uint64_t t = nc;
-  uint32_t ids[1024];
+  uint32_t ids[1024]; /* flushed at R <= 1024 */
+  assert(g->R <= 1024);
   for (uint32_t e = 0; e < expand && e < nc; e++) {
     size_t best = e; /* selection: expand is small */
     for (size_t i = e + 1; i < nc; i++)
@@ -601,6 +607,7 @@ static void select_heaviest(cand *c, size_t n, size_t k) {
 static void ip_to(build *B, worker *w, uint32_t x, cand *c, size_t nc) {
   const kvdex_kv_view *v = B->keys;
   size_t rb = row_bytes(v);
+  assert(w->cap_rows >= 256); /* worker_rows at setup: max(R, 256) */
   kvdex__view_row_f32(v, x, w->xf);
   for (size_t i0 = 0; i0 < nc; i0 += 256) {
     size_t m = nc - i0 < 256 ? nc - i0 : 256;
@@ -623,6 +630,7 @@ static void prune(build *B, worker *w, uint32_t x, cand *c, size_t nc, size_t nf
   size_t rb = row_bytes(v);
   uint32_t R = B->R, nk = 0;
   float slack = B->alpha - 1.0f;
+  assert(w->cap_rows >= R); /* w->ip holds a score per kept row */
   ip_to(B, w, x, c, nc);
   if (nfixed < nc) qsort(c + nfixed, nc - nfixed, sizeof *c, cand_order);
   for (size_t i = 0; i < nc && nk < R; i++) {

@@ -35,6 +35,7 @@
  */
 #include "kvstore/kvstore.h"
 
+#include <assert.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -192,6 +193,8 @@ static int store_reserve(kvdex_store *st, uint64_t n) {
 }
 
 static void store_unreserve(kvdex_store *st, uint64_t n) {
+  /* only bytes reserved earlier come back, so they are still counted in `used` */
+  assert(atomic_load_explicit(&st->used, memory_order_relaxed) >= n);
   atomic_fetch_sub_explicit(&st->used, n, memory_order_relaxed);
 }
 
@@ -202,6 +205,7 @@ static int seq_charge(kvdex_seq *seq, uint64_t n) {
 }
 
 static void seq_uncharge(kvdex_seq *seq, uint64_t n) {
+  assert(atomic_load_explicit(&seq->bytes, memory_order_relaxed) >= n);
   atomic_fetch_sub_explicit(&seq->bytes, n, memory_order_relaxed);
   store_unreserve(seq->store, n);
 }
@@ -502,7 +506,9 @@ static void seq_free(kvdex_seq *seq, bool unlink) {
 
 void kvdex_seq_release(kvdex_seq *seq) {
   if (!seq) return;
-  if (atomic_fetch_sub_explicit(&seq->refs, 1, memory_order_acq_rel) == 1) seq_free(seq, true);
+  uint64_t refs = atomic_fetch_sub_explicit(&seq->refs, 1, memory_order_acq_rel);
+  assert(refs >= 1); /* a release without its reference */
+  if (refs == 1) seq_free(seq, true);
 }
 
 void kvdex_seq_retain(kvdex_seq *seq) {
@@ -737,6 +743,8 @@ static int txn_compare(kvdex_seq *seq, uint32_t layer, uint64_t s, uint64_t e, u
  * [len, end) from k/v (rows from token s on). Nothing changes on failure. */
 static int txn_grow_and_copy(kvdex_seq *seq, uint32_t layer, uint64_t s, uint64_t len,
                              uint64_t end, uint32_t n, const char *k, const char *v) {
+  assert(atomic_load_explicit(&seq->txn_active, memory_order_relaxed));
+  assert(s <= len && len < end);
   kvdex__alloc *a = seq->store->alloc;
   const uint32_t bt = seq->shape.block_tokens, nh = seq->shape.n_kv_heads;
   const size_t row = seq->row_bytes, pair = block_pair_bytes(seq);
@@ -790,6 +798,7 @@ static int txn_grow_and_copy(kvdex_seq *seq, uint32_t layer, uint64_t s, uint64_
   for (uint32_t h = 0; h < nh; h++) {
     kvdex__blocks *tgt = seq->scratch[h] ? seq->scratch[h] : head_cur(seq_head(seq, layer, h));
     for (uint64_t b = nb_old; b < nb_new; b++) {
+      assert(tgt->ptrs[b] == NULL && tgt->ptrs[tgt->cap + b] == NULL);
       char *p = kvdex__alloc_malloc(a, pair);
       if (!p) {
         failed_size = pair;
@@ -897,6 +906,7 @@ int kvdex_txn_append(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint3
 /* Drops everything staged by the transaction. Txn owner only. */
 static void txn_rollback(kvdex_txn *txn) {
   kvdex_seq *seq = txn->seq;
+  assert(atomic_load_explicit(&seq->txn_active, memory_order_relaxed));
   kvdex__alloc *a = seq->store->alloc;
   const uint32_t bt = seq->shape.block_tokens;
   const size_t pair = block_pair_bytes(seq);
@@ -913,6 +923,7 @@ static void txn_rollback(kvdex_txn *txn) {
     }
     ly->lm_staged = ly->lmpub ? ly->lmpub->n : 0; /* rows written past n are ignored */
     uint64_t committed = atomic_load_explicit(&ly->committed, memory_order_relaxed);
+    assert(ly->staged >= committed); /* a transaction only adds tokens */
     if (ly->staged == committed) continue;
     uint64_t nb_c = blocks_for(committed, bt), nb_s = blocks_for(ly->staged, bt);
     for (uint32_t h = 0; h < seq->shape.n_kv_heads; h++) {
@@ -960,8 +971,10 @@ int kvdex_txn_commit(kvdex_txn *txn, kvdex_txn_result *result) {
     txn_end(txn);
     return rc;
   }
+  assert(atomic_load_explicit(&seq->txn_active, memory_order_relaxed));
   for (uint32_t l = 0; l < seq->shape.n_layers; l++) {
     kvdex__layer *ly = &seq->layers[l];
+    assert(ly->staged >= atomic_load_explicit(&ly->committed, memory_order_relaxed));
     if (ly->qpend) { /* readers copy qpub under seq->mu: the old set goes at once */
       pthread_mutex_lock(&seq->mu);
       kvdex__qset *old = ly->qpub;
@@ -987,6 +1000,7 @@ int kvdex_txn_commit(kvdex_txn *txn, kvdex_txn_result *result) {
     /* Landmarks after their tokens: a reader never sees more landmark blocks than
      * complete committed blocks. Readers copy lmpub under seq->mu: the old set goes. */
     if (ly->lmpend || (ly->lmpub && ly->lmpub->n != ly->lm_staged)) {
+      assert(ly->lm_staged <= ly->staged / seq->shape.block_tokens);
       kvdex__lmset *old = NULL;
       pthread_mutex_lock(&seq->mu);
       if (ly->lmpend) {
@@ -994,6 +1008,7 @@ int kvdex_txn_commit(kvdex_txn *txn, kvdex_txn_result *result) {
         ly->lmpub = ly->lmpend;
         ly->lmpend = NULL;
       }
+      assert(ly->lm_staged <= ly->lmpub->cap);
       ly->lmpub->n = ly->lm_staged;
       pthread_mutex_unlock(&seq->mu);
       lmset_free(seq, old);
@@ -1164,6 +1179,7 @@ int kvdex_txn_append_q(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uin
         q_gather(seq, src, n_tokens, t - token_start, qs->rows + qs->n * qrow);
         qs->ids[qs->n++] = t;
       }
+      assert(qs->n == keep && keep <= qs->cap);
       if (ly->qpend) qset_free(seq, ly->qpend);
       ly->qpend = qs;
       return KVDEX_OK;
@@ -1367,6 +1383,7 @@ int kvdex_txn_append_landmarks(kvdex_txn *txn, uint32_t layer, uint64_t token_st
   }
 
   /* 3. The new rows. */
+  assert(cur->cap >= b1 && b1 <= ly->staged / B);
   for (uint32_t h = 0; h < nh; h++)
     memcpy(lm_row(seq, cur, h, have), src + ((size_t)h * nb + (have - b0)) * row,
            (size_t)(b1 - have) * row);
@@ -1410,7 +1427,9 @@ int kvdex_seq_landmarks(kvdex_seq *seq, uint32_t layer, uint32_t kv_head, uint64
 
 /* Drops one reference; the last frees the object and returns its bytes. */
 static void att_unref(kvdex_attachment *att) {
-  if (atomic_fetch_sub_explicit(&att->refs, 1, memory_order_acq_rel) != 1) return;
+  uint64_t refs = atomic_fetch_sub_explicit(&att->refs, 1, memory_order_acq_rel);
+  assert(refs >= 1);
+  if (refs != 1) return;
   if (att->free_fn) att->free_fn(att->obj);
   if (att->bytes) seq_uncharge(att->seq, att->bytes);
   free(att);
