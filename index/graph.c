@@ -280,6 +280,11 @@ static int u32_order(const void *a, const void *b) {
 /* Most candidate prefill queries one expansion step scores. */
 #define EXPAND_CAP 4096
 
+/* Floats that hold R gathered key rows. */
+static size_t row_floats(const graph *g, const kvdex_kv_view *keys) {
+  return ((size_t)g->R * row_bytes(keys) + sizeof(float) - 1) / sizeof(float);
+}
+
 /* Scratch sizes the beam search needs for a graph of stride R, dim d. */
 static int beam_prepare(kvdex_index_scratch *s, const graph *g, const kvdex_kv_view *keys,
                         size_t L) {
@@ -287,9 +292,23 @@ static int beam_prepare(kvdex_index_scratch *s, const graph *g, const kvdex_kv_v
   if (rc) return rc;
   /* hits are 16 bytes, beam entries 12: L hits hold L beam entries */
   if ((rc = kvdex__scratch_hits(s, L))) return rc;
-  size_t rb = row_bytes(keys);
-  size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
-  return kvdex__scratch_floats(s, rowfloats + g->R + 16 + 2 * EXPAND_CAP);
+  return kvdex__scratch_floats(s, row_floats(g, keys) + g->R + 16 + 2 * EXPAND_CAP);
+}
+
+/* The search's view of the scratch beam_prepare sized: the beam (in s->h), the visit
+ * marks of this search's epoch, R gathered rows, then their R (+16) scores; the
+ * expansion step's candidates follow those. */
+typedef struct beam_mem {
+  beam_ent *beam;
+  uint32_t *visit, epoch;
+  void *rowbuf;
+  float *sc;
+} beam_mem;
+
+static beam_mem beam_mem_of(const graph *g, const kvdex_kv_view *keys, kvdex_index_scratch *s) {
+  assert(g->R <= 1024); /* the searches batch at most R ids in a uint32_t[1024] */
+  return (beam_mem){(beam_ent *)(void *)s->h, s->visit, s->epoch, s->f,
+                    s->f + row_floats(g, keys)};
 }
 
 /* Expands the beam (*size entries, sorted, some not yet expanded) best first until
@@ -297,39 +316,33 @@ static int beam_prepare(kvdex_index_scratch *s, const graph *g, const kvdex_kv_v
 static void beam_expand(const graph *g, const kvdex_kv_view *keys, const float *q, size_t L,
                         size_t limit,
                         kvdex_index_scratch *s, size_t *size, uint64_t *touched) {
-  beam_ent *beam = (beam_ent *)(void *)s->h;
-  uint32_t *visit = s->visit, epoch = s->epoch;
-  size_t rb = row_bytes(keys);
-  size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
-  void *rowbuf = s->f;
-  float *sc = s->f + rowfloats;
+  const beam_mem bm = beam_mem_of(g, keys, s);
   uint32_t ids[1024]; /* R <= 1024 */
-  assert(g->R <= 1024);
   size_t n = *size;
   uint64_t t = 0;
   size_t k = 0;
   while (k < n && k < limit) {
-    if (beam[k].done) {
+    if (bm.beam[k].done) {
       k++;
       continue;
     }
-    beam[k].done = 1;
-    uint32_t c = beam[k].id;
+    bm.beam[k].done = 1;
+    uint32_t c = bm.beam[k].id;
     const uint32_t *nb = g->adj + (size_t)c * g->R;
     uint32_t dc = g->deg[c];
     assert(dc <= g->R); /* built so, and checked on load */
     size_t m = 0;
     for (uint32_t j = 0; j < dc; j++) {
       uint32_t id = nb[j];
-      if (visit[id] == epoch) continue;
-      visit[id] = epoch;
+      if (bm.visit[id] == bm.epoch) continue;
+      bm.visit[id] = bm.epoch;
       ids[m++] = id;
     }
-    score_ids(keys, ids, m, q, rowbuf, sc);
+    score_ids(keys, ids, m, q, bm.rowbuf, bm.sc);
     t += m;
     size_t low = n + 1;
     for (size_t i = 0; i < m; i++) {
-      size_t pos = beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+      size_t pos = beam_insert(bm.beam, &n, L, (beam_ent){bm.sc[i], ids[i], 0});
       if (pos < low) low = pos;
     }
     k = low <= k ? low : k + 1;
@@ -344,27 +357,21 @@ static void beam_expand(const graph *g, const kvdex_kv_view *keys, const float *
 static void beam_run(const graph *g, const kvdex_kv_view *keys, const float *q, size_t L,
                      size_t limit,
                      kvdex_index_scratch *s, size_t *size, uint64_t *touched) {
-  beam_ent *beam = (beam_ent *)(void *)s->h;
-  uint32_t *visit = s->visit, epoch = s->epoch;
-  size_t rb = row_bytes(keys);
-  size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
-  void *rowbuf = s->f;
-  float *sc = s->f + rowfloats;
+  const beam_mem bm = beam_mem_of(g, keys, s);
   uint32_t ids[1024]; /* R <= 1024 */
-  assert(g->R <= 1024);
   size_t n = 0;
   uint64_t t = 0;
   for (uint32_t e0 = 0; e0 < g->n_entry; e0 += g->R) {
     size_t m = 0;
     for (uint32_t e = e0; e < g->n_entry && e < e0 + g->R; e++) {
       uint32_t id = g->entry[e];
-      if (visit[id] == epoch) continue;
-      visit[id] = epoch;
+      if (bm.visit[id] == bm.epoch) continue;
+      bm.visit[id] = bm.epoch;
       ids[m++] = id;
     }
-    score_ids(keys, ids, m, q, rowbuf, sc);
+    score_ids(keys, ids, m, q, bm.rowbuf, bm.sc);
     t += m;
-    for (size_t i = 0; i < m; i++) beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+    for (size_t i = 0; i < m; i++) beam_insert(bm.beam, &n, L, (beam_ent){bm.sc[i], ids[i], 0});
   }
   *size = n;
   *touched += t;
@@ -382,17 +389,12 @@ static void answer_expand(const graph *g, uint32_t dim, const kvdex_kv_view *key
                           size_t L, size_t limit, uint32_t seeds, uint32_t fanout,
                           uint32_t expand, kvdex_index_scratch *s,
                           size_t *size, uint64_t *touched) {
-  beam_ent *beam = (beam_ent *)(void *)s->h;
-  uint32_t *visit = s->visit, epoch = s->epoch;
-  size_t rb = row_bytes(keys);
-  size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
-  void *rowbuf = s->f;
-  float *sc = s->f + rowfloats;
-  uint32_t *cq = (uint32_t *)(void *)(sc + g->R + 16);
+  const beam_mem bm = beam_mem_of(g, keys, s);
+  uint32_t *cq = (uint32_t *)(void *)(bm.sc + g->R + 16);
   float *cs = (float *)(void *)(cq + EXPAND_CAP);
   size_t n = *size, nc = 0;
   for (size_t i = 0; i < n && i < seeds && nc < EXPAND_CAP; i++) {
-    uint32_t x = beam[i].id;
+    uint32_t x = bm.beam[i].id;
     /* hubs (heavy hitters answer most queries) would flood the candidates: at most
      * `fanout` of a key's queries, spread over its list */
     uint64_t e0 = g->inv_off[x], ne = g->inv_off[x + 1] - e0;
@@ -406,16 +408,15 @@ static void answer_expand(const graph *g, uint32_t dim, const kvdex_kv_view *key
     if (cq[i] != cq[u - 1]) cq[u++] = cq[i];
   nc = u;
   /* score the candidate queries, as many per kernel call as the row buffer holds */
-  size_t qrb = (size_t)dim * sizeof(uint16_t), per = g->R * rb / qrb;
+  size_t qrb = (size_t)dim * sizeof(uint16_t), per = g->R * row_bytes(keys) / qrb;
   for (size_t c0 = 0; c0 < nc; c0 += per) {
     size_t m = nc - c0 < per ? nc - c0 : per;
     for (size_t i = 0; i < m; i++)
-      memcpy((char *)rowbuf + i * qrb, g->qv + (size_t)cq[c0 + i] * dim, qrb);
-    kvdex_score_keys(KVDEX_SIMD_AUTO, KVDEX_DTYPE_F16, rowbuf, m, dim, q, 1, cs + c0);
+      memcpy((char *)bm.rowbuf + i * qrb, g->qv + (size_t)cq[c0 + i] * dim, qrb);
+    kvdex_score_keys(KVDEX_SIMD_AUTO, KVDEX_DTYPE_F16, bm.rowbuf, m, dim, q, 1, cs + c0);
   }
   uint64_t t = nc;
   uint32_t ids[1024]; /* flushed at R <= 1024 */
-  assert(g->R <= 1024);
   for (uint32_t e = 0; e < expand && e < nc; e++) {
     size_t best = e; /* selection: expand is small */
     for (size_t i = e + 1; i < nc; i++)
@@ -430,20 +431,20 @@ static void answer_expand(const graph *g, uint32_t dim, const kvdex_kv_view *key
     size_t m = 0;
     for (uint32_t r = 0; r < g->ans_n[tq]; r++) {
       uint32_t id = a[r];
-      if (visit[id] == epoch) continue;
-      visit[id] = epoch;
+      if (bm.visit[id] == bm.epoch) continue;
+      bm.visit[id] = bm.epoch;
       ids[m++] = id;
       if (m == g->R || r + 1 == g->ans_n[tq]) {
-        score_ids(keys, ids, m, q, rowbuf, sc);
+        score_ids(keys, ids, m, q, bm.rowbuf, bm.sc);
         t += m;
-        for (size_t i = 0; i < m; i++) beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+        for (size_t i = 0; i < m; i++) beam_insert(bm.beam, &n, L, (beam_ent){bm.sc[i], ids[i], 0});
         m = 0;
       }
     }
     if (m) {
-      score_ids(keys, ids, m, q, rowbuf, sc);
+      score_ids(keys, ids, m, q, bm.rowbuf, bm.sc);
       t += m;
-      for (size_t i = 0; i < m; i++) beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+      for (size_t i = 0; i < m; i++) beam_insert(bm.beam, &n, L, (beam_ent){bm.sc[i], ids[i], 0});
     }
   }
   *size = n;

@@ -66,19 +66,13 @@ static ALWAYS_INLINE vf v_zero_outside(vtail m, vf v) {
   return _mm256_and_ps(v, _mm256_castsi256_ps(m));
 }
 
-/* Sums each of v[0..7] across its lanes: result lane 4L+e = sum(v[2e+L]). Every
- * input goes through the same pattern of adds, whatever its slot. */
-static ALWAYS_INLINE vf v_reduce(const vf v[8]) {
-  __m256 w[4], s[2];
+/* The 128-bit stage of v_reduce: 8 vectors folded to 4 by adding 128-bit halves in
+ * pairs (permute2f128 moves whole 128-bit lanes). */
+static ALWAYS_INLINE void v_reduce_128(const vf v[8], vf u[4]) {
 #pragma GCC unroll 4
   for (int i = 0; i < 4; i++)
-    w[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+    u[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
                          _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; i++)
-    s[i] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
-                         _mm256_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
-  return _mm256_add_ps(_mm256_shuffle_ps(s[0], s[1], 0x88), _mm256_shuffle_ps(s[0], s[1], 0xDD));
 }
 
 /* Bit p set where lane p of a >= b (NaN: clear), for the lanes in `lanes`. */
@@ -106,7 +100,8 @@ static ALWAYS_INLINE vf v_round(vf x) {
 
 /* y * 2^n for integral n (exponent bits built directly; n within the normal range). */
 static ALWAYS_INLINE vf v_scale2(vf y, vf n) {
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  e = _mm256_slli_epi32(e, 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
@@ -144,7 +139,9 @@ static ALWAYS_INLINE vf v_load_row_tail(const int dt, const void *base, size_t o
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-static ALWAYS_INLINE vf v_loadu_tail(const float *p, vtail m) { return _mm512_maskz_loadu_ps(m, p); }
+static ALWAYS_INLINE vf v_loadu_tail(const float *p, vtail m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
 /* Lanes outside m are `fill`. */
 static ALWAYS_INLINE vf v_loadu_tail_or(const float *p, vtail m, float fill) {
   return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), m, p);
@@ -152,10 +149,10 @@ static ALWAYS_INLINE vf v_loadu_tail_or(const float *p, vtail m, float fill) {
 static ALWAYS_INLINE void v_storeu_tail(float *p, vtail m, vf v) { _mm512_mask_storeu_ps(p, m, v); }
 static ALWAYS_INLINE vf v_zero_outside(vtail m, vf v) { return _mm512_maskz_mov_ps(m, v); }
 
-/* Sums each of v[0..15] across its lanes: result lane 4L+e = sum(v[4e+L]). Every
- * input goes through the same pattern of adds, whatever its slot. */
-static ALWAYS_INLINE vf v_reduce(const vf v[16]) {
-  __m512 w[8], u[4], s[2];
+/* The 128-bit stages of v_reduce: 16 vectors folded to 4 by adding 128-bit lanes
+ * in pairs, twice (shuffle_f32x4 moves whole 128-bit lanes). */
+static ALWAYS_INLINE void v_reduce_128(const vf v[16], vf u[4]) {
+  __m512 w[8];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; i++)
     w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
@@ -164,11 +161,6 @@ static ALWAYS_INLINE vf v_reduce(const vf v[16]) {
   for (int i = 0; i < 4; i++)
     u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
                          _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; i++)
-    s[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xDD));
 }
 
 /* Bit p set where lane p of a >= b (NaN: clear), for the lanes in `lanes`. */
@@ -194,5 +186,20 @@ static ALWAYS_INLINE vf v_zero_below(vf x, vf lo, vf v) {
 #else
 #error "define KVDEX__SIMD_W as 8 (AVX2) or 16 (AVX-512) before including simd_x86.h"
 #endif
+
+/* ---- both widths ---------------------------------------------------------------- */
+
+/* Sums each of v[0..W) across its lanes: result lane 4L+e = sum(v[(W/4)e + L]).
+ * Every input goes through the same pattern of adds, whatever its slot: the
+ * 128-bit stages above, then two in-lane stages. */
+static ALWAYS_INLINE vf v_reduce(const vf v[W]) {
+  vf u[4], s[2];
+  v_reduce_128(v, u);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; i++)
+    s[i] = V(add_ps)(V(shuffle_ps)(u[2 * i], u[2 * i + 1], 0x44),
+                     V(shuffle_ps)(u[2 * i], u[2 * i + 1], 0xEE));
+  return V(add_ps)(V(shuffle_ps)(s[0], s[1], 0x88), V(shuffle_ps)(s[0], s[1], 0xDD));
+}
 
 #endif /* KVDEX_SIMD_X86_H */

@@ -123,16 +123,32 @@ static ALWAYS_INLINE size_t scan_g(const int dt, const int G, const void *keys, 
   return c;
 }
 
-#define BY_G8(call)          \
-  switch (gq) {              \
-    case 1: call(1); break;  \
-    case 2: call(2); break;  \
-    case 3: call(3); break;  \
-    case 4: call(4); break;  \
-    case 5: call(5); break;  \
-    case 6: call(6); break;  \
-    case 7: call(7); break;  \
-    default: call(8); break; \
+/* The dispatch: call(DT, G) with the dtype DT and the group size G (1 .. gq, the
+ * largest taking the rest) as constants, so that each pair gets its own inlined
+ * kernel with its loops unrolled. */
+#define BY_G8(call, DT)          \
+  switch (gq) {                  \
+    case 1: call(DT, 1); break;  \
+    case 2: call(DT, 2); break;  \
+    case 3: call(DT, 3); break;  \
+    case 4: call(DT, 4); break;  \
+    case 5: call(DT, 5); break;  \
+    case 6: call(DT, 6); break;  \
+    case 7: call(DT, 7); break;  \
+    default: call(DT, 8); break; \
+  }
+#define BY_G4(call, DT)          \
+  switch (gq) {                  \
+    case 1: call(DT, 1); break;  \
+    case 2: call(DT, 2); break;  \
+    case 3: call(DT, 3); break;  \
+    default: call(DT, 4); break; \
+  }
+#define BY_DTYPE(by_g, call)                                 \
+  switch (dtype) {                                           \
+    case KVDEX_DTYPE_F32: by_g(call, KVDEX_DTYPE_F32); break; \
+    case KVDEX_DTYPE_F16: by_g(call, KVDEX_DTYPE_F16); break; \
+    default: by_g(call, KVDEX_DTYPE_BF16); break;            \
   }
 
 /* More than 8 queries go in groups of 8, the keys re-read (from cache) per group. */
@@ -144,14 +160,8 @@ static void score(int dtype, const void *keys, size_t n, size_t d, const float *
     const float *qg = q + j0 * d;
     float *og = out + j0 * ldo;
     const char *pf = j0 + 8 >= g ? (const char *)next : NULL;
-#define SCORE_F32(G) score_g(KVDEX_DTYPE_F32, G, keys, n, d, qg, og, ldo, pf)
-#define SCORE_F16(G) score_g(KVDEX_DTYPE_F16, G, keys, n, d, qg, og, ldo, pf)
-#define SCORE_BF16(G) score_g(KVDEX_DTYPE_BF16, G, keys, n, d, qg, og, ldo, pf)
-    switch (dtype) {
-      case KVDEX_DTYPE_F32: BY_G8(SCORE_F32); break;
-      case KVDEX_DTYPE_F16: BY_G8(SCORE_F16); break;
-      default: BY_G8(SCORE_BF16); break;
-    }
+#define SCORE(DT, G) score_g(DT, G, keys, n, d, qg, og, ldo, pf)
+    BY_DTYPE(BY_G8, SCORE);
   }
 }
 
@@ -164,14 +174,8 @@ static size_t scan(int dtype, const void *keys, size_t n, size_t d, const float 
     const float *qg = q + j0 * d, *tg = thr + j0;
     const char *pf = j0 + 8 >= g ? (const char *)next : NULL;
     kvdex__cand *cg = cand + c;
-#define SCAN_F32(G) c += scan_g(KVDEX_DTYPE_F32, G, keys, n, d, qg, tg, (uint32_t)j0, cg, pf)
-#define SCAN_F16(G) c += scan_g(KVDEX_DTYPE_F16, G, keys, n, d, qg, tg, (uint32_t)j0, cg, pf)
-#define SCAN_BF16(G) c += scan_g(KVDEX_DTYPE_BF16, G, keys, n, d, qg, tg, (uint32_t)j0, cg, pf)
-    switch (dtype) {
-      case KVDEX_DTYPE_F32: BY_G8(SCAN_F32); break;
-      case KVDEX_DTYPE_F16: BY_G8(SCAN_F16); break;
-      default: BY_G8(SCAN_BF16); break;
-    }
+#define SCAN(DT, G) c += scan_g(DT, G, keys, n, d, qg, tg, (uint32_t)j0, cg, pf)
+    BY_DTYPE(BY_G8, SCAN);
   }
   return c;
 }
@@ -309,14 +313,6 @@ static ALWAYS_INLINE void vacc_g(const int dt, const int G, const void *const *r
   }
 }
 
-#define BY_G4(call)          \
-  switch (gq) {              \
-    case 1: call(1); break;  \
-    case 2: call(2); break;  \
-    case 3: call(3); break;  \
-    default: call(4); break; \
-  }
-
 static void attn_vacc(int dtype, const void *const *rows, size_t n, size_t d, const float *p,
                       size_t ldp, size_t g, const float *alpha, float *acc) {
   assert(n >= 1 && d >= 1 && g >= 1);
@@ -324,14 +320,8 @@ static void attn_vacc(int dtype, const void *const *rows, size_t n, size_t d, co
     size_t gq = g - j0 < 4 ? g - j0 : 4;
     const float *pg = p + j0 * ldp, *ag = alpha + j0;
     float *og = acc + j0 * d;
-#define VACC_F32(G) vacc_g(KVDEX_DTYPE_F32, G, rows, n, d, pg, ldp, ag, og)
-#define VACC_F16(G) vacc_g(KVDEX_DTYPE_F16, G, rows, n, d, pg, ldp, ag, og)
-#define VACC_BF16(G) vacc_g(KVDEX_DTYPE_BF16, G, rows, n, d, pg, ldp, ag, og)
-    switch (dtype) {
-      case KVDEX_DTYPE_F32: BY_G4(VACC_F32); break;
-      case KVDEX_DTYPE_F16: BY_G4(VACC_F16); break;
-      default: BY_G4(VACC_BF16); break;
-    }
+#define VACC(DT, G) vacc_g(DT, G, rows, n, d, pg, ldp, ag, og)
+    BY_DTYPE(BY_G4, VACC);
   }
 }
 

@@ -857,21 +857,32 @@ unwind:
                        failed_size);
 }
 
-int kvdex_txn_append(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
-                     const void *k, const void *v) {
-  if (!txn) return kvdex__seterr(KVDEX_EINVAL, "append: transaction is NULL");
+/* The checks every kind of append starts with, `who` prefixing the message: a
+ * transaction that has not failed, on a sequence not deleted, a layer in range and
+ * at least one token. All but the first two fail the transaction. */
+static int txn_append_check(kvdex_txn *txn, const char *who, uint32_t layer,
+                            uint32_t n_tokens) {
+  if (!txn) return kvdex__seterr(KVDEX_EINVAL, "%s: transaction is NULL", who);
   kvdex_seq *seq = txn->seq;
   if (txn->err)
-    return kvdex__seterr(txn->err, "append: transaction already failed: %s", txn->errmsg);
+    return kvdex__seterr(txn->err, "%s: transaction already failed: %s", who, txn->errmsg);
   if (atomic_load_explicit(&seq->deleted, memory_order_acquire))
-    return txn_fail(txn, kvdex__seterr(KVDEX_ENOTFOUND, "append: sequence %s/%s was deleted",
+    return txn_fail(txn, kvdex__seterr(KVDEX_ENOTFOUND, "%s: sequence %s/%s was deleted", who,
                                        seq->ns, seq->id));
   if (layer >= seq->shape.n_layers)
     return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
-                                       "append: layer %u is out of range (n_layers = %u)",
+                                       "%s: layer %u is out of range (n_layers = %u)", who,
                                        layer, seq->shape.n_layers));
   if (n_tokens == 0)
-    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append: n_tokens is 0"));
+    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "%s: n_tokens is 0", who));
+  return KVDEX_OK;
+}
+
+int kvdex_txn_append(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
+                     const void *k, const void *v) {
+  int rc = txn_append_check(txn, "append", layer, n_tokens);
+  if (rc) return rc;
+  kvdex_seq *seq = txn->seq;
   if (!k || !v)
     return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append: %s is NULL", !k ? "k" : "v"));
   uint64_t end;
@@ -886,7 +897,6 @@ int kvdex_txn_append(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint3
                                        "append: gap in layer %u: it has %" PRIu64
                                        " tokens, append starts at %" PRIu64,
                                        layer, len, token_start));
-  int rc;
   if (token_start < len) {
     rc = txn_compare(seq, layer, token_start, end < len ? end : len, n_tokens, k, v);
     if (rc) return txn_fail(txn, kvdex__preerr(rc, "append"));
@@ -1093,18 +1103,9 @@ static int q_same(const kvdex_seq *seq, const char *q, uint32_t n, uint64_t i, c
 
 int kvdex_txn_append_q(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
                        const void *q) {
-  if (!txn) return kvdex__seterr(KVDEX_EINVAL, "append_q: transaction is NULL");
+  int rc = txn_append_check(txn, "append_q", layer, n_tokens);
+  if (rc) return rc;
   kvdex_seq *seq = txn->seq;
-  if (txn->err)
-    return kvdex__seterr(txn->err, "append_q: transaction already failed: %s", txn->errmsg);
-  if (atomic_load_explicit(&seq->deleted, memory_order_acquire))
-    return txn_fail(txn, kvdex__seterr(KVDEX_ENOTFOUND, "append_q: sequence %s/%s was deleted",
-                                       seq->ns, seq->id));
-  if (layer >= seq->shape.n_layers)
-    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
-                                       "append_q: layer %u is out of range (n_layers = %u)",
-                                       layer, seq->shape.n_layers));
-  if (n_tokens == 0) return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append_q: n_tokens is 0"));
   if (!q) return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append_q: q is NULL"));
   kvdex__layer *ly = &seq->layers[layer];
   if (token_start > ly->staged || ly->staged - token_start < n_tokens)
@@ -1299,22 +1300,9 @@ static size_t first_nonfinite(int dtype, const char *p, size_t n) {
 
 int kvdex_txn_append_landmarks(kvdex_txn *txn, uint32_t layer, uint64_t token_start,
                                uint32_t n_tokens, const void *landmarks) {
-  if (!txn) return kvdex__seterr(KVDEX_EINVAL, "append_landmarks: transaction is NULL");
+  int rc = txn_append_check(txn, "append_landmarks", layer, n_tokens);
+  if (rc) return rc;
   kvdex_seq *seq = txn->seq;
-  if (txn->err)
-    return kvdex__seterr(txn->err, "append_landmarks: transaction already failed: %s",
-                         txn->errmsg);
-  if (atomic_load_explicit(&seq->deleted, memory_order_acquire))
-    return txn_fail(txn, kvdex__seterr(KVDEX_ENOTFOUND,
-                                       "append_landmarks: sequence %s/%s was deleted", seq->ns,
-                                       seq->id));
-  if (layer >= seq->shape.n_layers)
-    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
-                                       "append_landmarks: layer %u is out of range (n_layers = "
-                                       "%u)",
-                                       layer, seq->shape.n_layers));
-  if (n_tokens == 0)
-    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append_landmarks: n_tokens is 0"));
   kvdex__layer *ly = &seq->layers[layer];
   if (token_start > ly->staged || ly->staged - token_start < n_tokens)
     return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
