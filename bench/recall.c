@@ -19,6 +19,8 @@
 #include "bench/npy.h"
 #include "index/ann.h"
 #include "index/index.h"
+#include "index/topk.h"
+#include "kvstore/base.h"
 
 #define MAX_SPECS 64
 #define SPEC_LEN 512
@@ -240,36 +242,6 @@ typedef struct gt_ctx {
   FILE *progress;
 } gt_ctx;
 
-/* Min-heap on kvdex_hit_better: the root is the worst hit kept. */
-static void heap_push(kvdex_hit *h, uint32_t *n, uint32_t cap, kvdex_hit x) {
-  if (*n < cap) {
-    uint32_t i = (*n)++;
-    while (i && kvdex_hit_better(h[(i - 1) / 2], x)) {
-      h[i] = h[(i - 1) / 2];
-      i = (i - 1) / 2;
-    }
-    h[i] = x;
-    return;
-  }
-  if (!kvdex_hit_better(x, h[0])) return;
-  uint32_t i = 0;
-  for (;;) {
-    uint32_t l = 2 * i + 1, r = l + 1, w = i;
-    kvdex_hit wv = x;
-    if (l < cap && kvdex_hit_better(wv, h[l])) w = l, wv = h[l];
-    if (r < cap && kvdex_hit_better(wv, h[r])) w = r;
-    if (w == i) break;
-    h[i] = h[w];
-    i = w;
-  }
-  h[i] = x;
-}
-
-static int hit_cmp(const void *a, const void *b) {
-  kvdex_hit x = *(const kvdex_hit *)a, y = *(const kvdex_hit *)b;
-  return kvdex_hit_better(x, y) ? -1 : kvdex_hit_better(y, x) ? 1 : 0;
-}
-
 static void gt_task(void *arg, size_t t, unsigned worker) {
   gt_ctx *c = arg;
   data *D = c->D;
@@ -277,7 +249,8 @@ static void gt_task(void *arg, size_t t, unsigned worker) {
   uint32_t g = (uint32_t)(D->nq - q0 < GT_GROUP ? D->nq - q0 : GT_GROUP);
   float *sc = c->scores + (size_t)worker * GT_GROUP * GT_CHUNK;
   kvdex_hit *heaps = c->heap + (size_t)worker * GT_GROUP * D->k;
-  uint32_t fill[GT_GROUP] = {0};
+  kvdex__topk top[GT_GROUP];
+  for (uint32_t j = 0; j < g; j++) kvdex__topk_init(&top[j], heaps + (size_t)j * D->k, D->k);
   size_t row_bytes = (size_t)D->d * kvdex_dtype_size(D->keys.dtype);
   for (uint64_t s = 0; s < D->n; s += GT_CHUNK) {
     size_t cnt = (size_t)(D->n - s < GT_CHUNK ? D->n - s : GT_CHUNK);
@@ -288,18 +261,13 @@ static void gt_task(void *arg, size_t t, unsigned worker) {
       atomic_store(&c->err, rc);
       return;
     }
-    for (uint32_t j = 0; j < g; j++)
-      for (size_t i = 0; i < cnt; i++) {
-        float v = sc[(size_t)j * cnt + i];
-        if (v != v) continue; /* a NaN score is never a hit */
-        heap_push(heaps + (size_t)j * D->k, &fill[j], D->k, (kvdex_hit){s + i, v});
-      }
+    for (uint32_t j = 0; j < g; j++) /* a NaN score is never a hit */
+      kvdex__topk_push_run(&top[j], s, sc + (size_t)j * cnt, cnt);
   }
   for (uint32_t j = 0; j < g; j++) {
-    kvdex_hit *h = heaps + (size_t)j * D->k;
-    qsort(h, fill[j], sizeof *h, hit_cmp);
-    for (uint32_t i = 0; i < fill[j]; i++) D->truth[(q0 + j) * D->k + i] = h[i].id;
-    D->n_truth[q0 + j] = fill[j];
+    uint32_t n = kvdex__topk_finish(&top[j]);
+    for (uint32_t i = 0; i < n; i++) D->truth[(q0 + j) * D->k + i] = top[j].h[i].id;
+    D->n_truth[q0 + j] = n;
   }
   size_t done = atomic_fetch_add(&c->done, 1) + 1;
   int tenth = (int)(done * 10 / c->n_tasks), shown = atomic_load(&c->shown);
@@ -342,7 +310,7 @@ typedef struct meas_buf {
 static int measure(const data *D, const kvdex_index *ix, const kvdex_index_params *p, meas_buf *b,
                    point *out) {
   uint64_t touched_sum = 0;
-  double t0 = kvdex_bench_now();
+  double t0 = kvdex__now_s();
   for (uint64_t j = 0; j < D->nq; j++) {
     uint64_t touched = 0;
     int rc = kvdex_index_search(ix, &D->view, D->q + (size_t)j * D->d, D->k, p, b->scratch,
@@ -350,7 +318,7 @@ static int measure(const data *D, const kvdex_index *ix, const kvdex_index_param
     if (rc) return rc;
     touched_sum += touched;
   }
-  double dt = kvdex_bench_now() - t0;
+  double dt = kvdex__now_s() - t0;
   double rsum = 0;
   for (uint64_t j = 0; j < D->nq; j++) {
     const uint64_t *t = D->truth + (size_t)j * D->k;
@@ -656,9 +624,9 @@ int kvdex_bench_recall(const kvdex_recall_opts *o, FILE *out) {
   say(pr, "exact top-%u of %llu queries over %llu keys x %u (%s) on %u threads", D.k,
       (unsigned long long)D.nq, (unsigned long long)D.n, D.d, kvdex_dtype_name(D.keys.dtype),
       ncpu);
-  double t0 = kvdex_bench_now();
+  double t0 = kvdex__now_s();
   if ((rc = ground_truth(&D, pool, pr))) goto done;
-  double truth_s = kvdex_bench_now() - t0;
+  double truth_s = kvdex__now_s() - t0;
   say(pr, "exact top-k done in %.2f s", truth_s);
   uint32_t needles_exact = 0;
   for (uint64_t i = 0; i < D.n_needles; i++) {
@@ -680,14 +648,14 @@ int kvdex_bench_recall(const kvdex_recall_opts *o, FILE *out) {
   for (size_t i = 0; i < n_runs; i++) {
     spec_run *r = &runs[i];
     say(pr, "[%zu/%zu] building %s", i + 1, n_runs, r->spec);
-    t0 = kvdex_bench_now();
+    t0 = kvdex__now_s();
     char pre[SPEC_LEN + 64];
     snprintf(pre, sizeof pre, "--index '%s': build failed", r->spec);
     if ((rc = kvdex_index_build(r->ix, &in, pool))) {
       kvdex__preerr(rc, pre);
       goto done;
     }
-    r->build_s = kvdex_bench_now() - t0;
+    r->build_s = kvdex__now_s() - t0;
     r->memory = kvdex_index_memory(r->ix);
     const char *desc = kvdex_index_describe(r->ix);
     if (r->knob) spec_u32(desc, r->knob, &r->def.value);

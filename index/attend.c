@@ -7,10 +7,11 @@
  * the pool), each part is a task that scores SUB tokens at a time with the index
  * kernels (kvdex__kernels.score, one key read for all G rows), folds them into a
  * running max / sum / output (online softmax) and leaves a partial (o, lse); the
- * caller merges the partials of a unit by their lse. The exp, max and V-accumulate
- * kernels are here, per SIMD level, each level under its own target pragma so the
- * file builds without target flags and runs on any x86-64 CPU.
+ * caller merges the partials of a unit by their lse. The max, exp and V-accumulate
+ * kernels are in the SIMD kernel table beside the scan's (index_int.h), chosen with
+ * it at run time, so this file needs no target flags.
  */
+#include <assert.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,421 +19,11 @@
 #include "index/attend.h"
 #include "index/index_int.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define HAVE_X86 1
-#else
-#define HAVE_X86 0
-#endif
-
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 #define SUB 64         /* tokens per softmax step (scores of G rows stay in L1) */
 #define MIN_SPAN 2048  /* fewest positions per task: partials stay few */
 #define MAX_PARTS 32   /* most tasks per unit once units are longer than that */
-
-/* ---- kernels ------------------------------------------------------------------------ */
-
-/* Per SIMD level. None checks arguments; n >= 1, d >= 1, g >= 1. */
-typedef struct akern {
-  /* max of s[0, n); -inf when all are -inf. */
-  float (*max)(const float *s, size_t n);
-  /* s[i] = e^(s[i] - m) in place; returns their sum. */
-  float (*expsum)(float *s, size_t n, float m);
-  /* out[i] += e^(s[i] - m). */
-  void (*expadd)(const float *s, size_t n, float m, float *out);
-  /* For j < g: acc[j][:] = alpha[j] * acc[j][:] + sum_{t<n} p[j*ldp + t] * row_t[:],
-   * rows of d elements of dtype; acc is [g][d]. Per element the order is fixed (scale,
-   * then tokens in order), whatever g, so a head's result does not depend on g. */
-  void (*vacc)(int dtype, const void *const *rows, size_t n, size_t d, const float *p,
-               size_t ldp, size_t g, const float *alpha, float *acc);
-} akern;
-
-/* -- scalar -- */
-
-static float sc_max(const float *s, size_t n) {
-  float m = -INFINITY;
-  for (size_t i = 0; i < n; i++)
-    if (s[i] > m) m = s[i];
-  return m;
-}
-
-static float sc_expsum(float *s, size_t n, float m) {
-  float sum = 0.0f;
-  for (size_t i = 0; i < n; i++) {
-    float e = expf(s[i] - m);
-    s[i] = e;
-    sum += e;
-  }
-  return sum;
-}
-
-static void sc_expadd(const float *s, size_t n, float m, float *out) {
-  for (size_t i = 0; i < n; i++) out[i] += expf(s[i] - m);
-}
-
-static void sc_vacc(int dtype, const void *const *rows, size_t n, size_t d, const float *p,
-                    size_t ldp, size_t g, const float *alpha, float *acc) {
-  enum { SLICE = 64 };
-  float x[SLICE];
-  for (size_t j = 0; j < g; j++)
-    for (size_t c = 0; c < d; c++) acc[j * d + c] *= alpha[j];
-  for (size_t t = 0; t < n; t++) {
-    for (size_t c0 = 0; c0 < d; c0 += SLICE) {
-      size_t w = d - c0 < SLICE ? d - c0 : SLICE;
-      kvdex_to_f32(dtype, (const char *)rows[t] + c0 * kvdex_dtype_size(dtype), x, w);
-      for (size_t j = 0; j < g; j++) {
-        float pj = p[j * ldp + t], *a = acc + j * d + c0;
-        for (size_t c = 0; c < w; c++) a[c] += pj * x[c];
-      }
-    }
-  }
-}
-
-static const akern akern_scalar = {sc_max, sc_expsum, sc_expadd, sc_vacc};
-
-#if HAVE_X86
-/* Cephes expf: range reduction by ln 2 in two parts, degree-5 polynomial, ~1 ulp.
- * Inputs below ln(FLT_MIN) give exactly 0 (so e^-inf = 0); NaN stays NaN. */
-#define EXP_LO -87.3365478515625f
-#define EXP_HI 88.3762626647949f
-#define EXP_LOG2E 1.44269504088896341f
-#define EXP_C1 0.693359375f
-#define EXP_C2 -2.12194440e-4f
-#define EXP_P0 1.9875691500e-4f
-#define EXP_P1 1.3981999507e-3f
-#define EXP_P2 8.3334519073e-3f
-#define EXP_P3 4.1665795894e-2f
-#define EXP_P4 1.6666665459e-1f
-#define EXP_P5 5.0000001201e-1f
-
-/* -- AVX2 + FMA + F16C -- */
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-
-static ALWAYS_INLINE __m256 a2_exp(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(EXP_LO);
-  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  /* min/max return their second operand for NaN: x stays NaN. */
-  x = _mm256_max_ps(lo, _mm256_min_ps(_mm256_set1_ps(EXP_HI), x));
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_C1), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_C2), x);
-  __m256 y = _mm256_set1_ps(EXP_P0);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P1));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P2));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P3));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P4));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P5));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-
-static ALWAYS_INLINE float a2_hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-static ALWAYS_INLINE __m256i a2_tail(size_t r) { /* lanes [0, r) set */
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-static float a2_max(const float *s, size_t n) {
-  __m256 m = _mm256_set1_ps(-INFINITY);
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + i));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  float r = _mm_cvtss_f32(h);
-  for (; i < n; i++)
-    if (s[i] > r) r = s[i];
-  return r;
-}
-
-static float a2_expsum(float *s, size_t n, float m) {
-  const __m256 vm = _mm256_set1_ps(m);
-  __m256 acc = _mm256_setzero_ps();
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 e = a2_exp(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
-    _mm256_storeu_ps(s + i, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  if (i < n) {
-    __m256i mk = a2_tail(n - i);
-    __m256 e = a2_exp(_mm256_sub_ps(_mm256_maskload_ps(s + i, mk), vm));
-    e = _mm256_and_ps(e, _mm256_castsi256_ps(mk));
-    _mm256_maskstore_ps(s + i, mk, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  return a2_hsum(acc);
-}
-
-static void a2_expadd(const float *s, size_t n, float m, float *out) {
-  const __m256 vm = _mm256_set1_ps(m);
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 e = a2_exp(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
-    _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), e));
-  }
-  if (i < n) {
-    __m256i mk = a2_tail(n - i);
-    __m256 e = a2_exp(_mm256_sub_ps(_mm256_maskload_ps(s + i, mk), vm));
-    _mm256_maskstore_ps(out + i, mk, _mm256_add_ps(_mm256_maskload_ps(out + i, mk), e));
-  }
-}
-
-static ALWAYS_INLINE __m256 a2_cvt(const int dt, __m128i h) {
-  if (dt == KVDEX_DTYPE_F16) return _mm256_cvtph_ps(h);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-static ALWAYS_INLINE __m256 a2_load(const int dt, const void *row, size_t off) {
-  if (dt == KVDEX_DTYPE_F32) return _mm256_loadu_ps((const float *)row + off);
-  return a2_cvt(dt, _mm_loadu_si128((const __m128i *)((const uint16_t *)row + off)));
-}
-
-/* The first r (< 8) elements, the rest zero; mk selects those r. */
-static ALWAYS_INLINE __m256 a2_load_part(const int dt, const void *row, size_t off, size_t r,
-                                         __m256i mk) {
-  if (dt == KVDEX_DTYPE_F32) return _mm256_maskload_ps((const float *)row + off, mk);
-  uint16_t tmp[8] = {0};
-  memcpy(tmp, (const uint16_t *)row + off, r * sizeof(uint16_t));
-  return a2_cvt(dt, _mm_loadu_si128((const __m128i *)tmp));
-}
-
-/* G <= 4 heads, slices of SW 8-wide vectors: G*SW <= 8 accumulators in registers. */
-static ALWAYS_INLINE void a2_vacc_g(const int dt, const int G, const void *const *rows, size_t n,
-                                    size_t d, const float *p, size_t ldp, const float *alpha,
-                                    float *acc) {
-  const int SW = G == 1 ? 8 : G == 2 ? 4 : 2;
-  for (size_t c0 = 0; c0 < d; c0 += (size_t)SW * 8) {
-    size_t cw = d - c0 < (size_t)SW * 8 ? d - c0 : (size_t)SW * 8;
-    const int full = (int)(cw / 8);
-    const size_t rem = cw % 8;
-    const __m256i mk = a2_tail(rem);
-    __m256 a[4][8];
-#pragma GCC unroll 4
-    for (int j = 0; j < G; j++) {
-      const __m256 al = _mm256_set1_ps(alpha[j]);
-      const float *src = acc + (size_t)j * d + c0;
-#pragma GCC unroll 8
-      for (int v = 0; v < SW; v++) {
-        if (v < full) a[j][v] = _mm256_mul_ps(_mm256_loadu_ps(src + v * 8), al);
-        else if (v == full && rem) a[j][v] = _mm256_mul_ps(_mm256_maskload_ps(src + v * 8, mk), al);
-        else a[j][v] = _mm256_setzero_ps();
-      }
-    }
-    for (size_t t = 0; t < n; t++) {
-      const void *row = rows[t];
-      __m256 pj[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < G; j++) pj[j] = _mm256_set1_ps(p[(size_t)j * ldp + t]);
-#pragma GCC unroll 8
-      for (int v = 0; v < SW; v++) {
-        __m256 x;
-        if (v < full) x = a2_load(dt, row, c0 + (size_t)v * 8);
-        else if (v == full && rem) x = a2_load_part(dt, row, c0 + (size_t)v * 8, rem, mk);
-        else continue;
-#pragma GCC unroll 4
-        for (int j = 0; j < G; j++) a[j][v] = _mm256_fmadd_ps(pj[j], x, a[j][v]);
-      }
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < G; j++) {
-      float *dst = acc + (size_t)j * d + c0;
-#pragma GCC unroll 8
-      for (int v = 0; v < SW; v++) {
-        if (v < full) _mm256_storeu_ps(dst + v * 8, a[j][v]);
-        else if (v == full && rem) _mm256_maskstore_ps(dst + v * 8, mk, a[j][v]);
-      }
-    }
-  }
-}
-
-#define BY_G4(call)         \
-  switch (gq) {             \
-    case 1: call(1); break; \
-    case 2: call(2); break; \
-    case 3: call(3); break; \
-    default: call(4); break; \
-  }
-
-static void a2_vacc(int dtype, const void *const *rows, size_t n, size_t d, const float *p,
-                    size_t ldp, size_t g, const float *alpha, float *acc) {
-  for (size_t j0 = 0; j0 < g; j0 += 4) {
-    size_t gq = g - j0 < 4 ? g - j0 : 4;
-    const float *pg = p + j0 * ldp, *ag = alpha + j0;
-    float *og = acc + j0 * d;
-#define A2_F32(G) a2_vacc_g(KVDEX_DTYPE_F32, G, rows, n, d, pg, ldp, ag, og)
-#define A2_F16(G) a2_vacc_g(KVDEX_DTYPE_F16, G, rows, n, d, pg, ldp, ag, og)
-#define A2_BF16(G) a2_vacc_g(KVDEX_DTYPE_BF16, G, rows, n, d, pg, ldp, ag, og)
-    switch (dtype) {
-      case KVDEX_DTYPE_F32: BY_G4(A2_F32); break;
-      case KVDEX_DTYPE_F16: BY_G4(A2_F16); break;
-      default: BY_G4(A2_BF16); break;
-    }
-  }
-}
-
-#pragma GCC pop_options
-
-static const akern akern_avx2 = {a2_max, a2_expsum, a2_expadd, a2_vacc};
-
-/* -- AVX-512 F/BW/VL/DQ + FMA + F16C -- */
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-
-static ALWAYS_INLINE __m512 a5_exp(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(EXP_LO);
-  __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ); /* not below: NaN kept */
-  x = _mm512_max_ps(lo, _mm512_min_ps(_mm512_set1_ps(EXP_HI), x));
-  __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_C1), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_C2), x);
-  __m512 y = _mm512_set1_ps(EXP_P0);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P1));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P2));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P3));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P4));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P5));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, fx));
-}
-
-static ALWAYS_INLINE __mmask16 a5_tail(size_t r) { return (__mmask16)((1u << r) - 1); }
-
-static float a5_max(const float *s, size_t n) {
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
-  if (i < n) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), a5_tail(n - i), s + i));
-  return _mm512_reduce_max_ps(m);
-}
-
-static float a5_expsum(float *s, size_t n, float m) {
-  const __m512 vm = _mm512_set1_ps(m);
-  __m512 acc = _mm512_setzero_ps();
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 e = a5_exp(_mm512_sub_ps(_mm512_loadu_ps(s + i), vm));
-    _mm512_storeu_ps(s + i, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  if (i < n) {
-    __mmask16 mk = a5_tail(n - i);
-    __m512 e = _mm512_maskz_mov_ps(mk, a5_exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + i), vm)));
-    _mm512_mask_storeu_ps(s + i, mk, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-static void a5_expadd(const float *s, size_t n, float m, float *out) {
-  const __m512 vm = _mm512_set1_ps(m);
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 e = a5_exp(_mm512_sub_ps(_mm512_loadu_ps(s + i), vm));
-    _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(out + i), e));
-  }
-  if (i < n) {
-    __mmask16 mk = a5_tail(n - i);
-    __m512 e = a5_exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + i), vm));
-    _mm512_mask_storeu_ps(out + i, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, out + i), e));
-  }
-}
-
-static ALWAYS_INLINE __m512 a5_load(const int dt, const void *row, size_t off, __mmask16 mk) {
-  if (dt == KVDEX_DTYPE_F32) return _mm512_maskz_loadu_ps(mk, (const float *)row + off);
-  __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t *)row + off);
-  if (dt == KVDEX_DTYPE_F16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* G <= 4 heads, slices of SW 16-wide vectors: G*SW <= 16 accumulators in registers
- * (a whole 128-float row per pass for one or two heads). */
-static ALWAYS_INLINE void a5_vacc_g(const int dt, const int G, const void *const *rows, size_t n,
-                                    size_t d, const float *p, size_t ldp, const float *alpha,
-                                    float *acc) {
-  const int SW = G <= 2 ? 8 : 16 / G;
-  for (size_t c0 = 0; c0 < d; c0 += (size_t)SW * 16) {
-    __mmask16 mk[8];
-#pragma GCC unroll 8
-    for (int v = 0; v < SW; v++) {
-      size_t at = c0 + (size_t)v * 16;
-      mk[v] = at >= d ? 0 : d - at >= 16 ? (__mmask16)0xFFFF : a5_tail(d - at);
-    }
-    __m512 a[4][8];
-#pragma GCC unroll 4
-    for (int j = 0; j < G; j++) {
-      const __m512 al = _mm512_set1_ps(alpha[j]);
-      const float *src = acc + (size_t)j * d + c0;
-#pragma GCC unroll 8
-      for (int v = 0; v < SW; v++)
-        a[j][v] = mk[v] ? _mm512_mul_ps(_mm512_maskz_loadu_ps(mk[v], src + v * 16), al)
-                        : _mm512_setzero_ps();
-    }
-    for (size_t t = 0; t < n; t++) {
-      const void *row = rows[t];
-      __m512 pj[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < G; j++) pj[j] = _mm512_set1_ps(p[(size_t)j * ldp + t]);
-#pragma GCC unroll 8
-      for (int v = 0; v < SW; v++) {
-        if (!mk[v]) continue;
-        __m512 x = a5_load(dt, row, c0 + (size_t)v * 16, mk[v]);
-#pragma GCC unroll 4
-        for (int j = 0; j < G; j++) a[j][v] = _mm512_fmadd_ps(pj[j], x, a[j][v]);
-      }
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < G; j++) {
-      float *dst = acc + (size_t)j * d + c0;
-#pragma GCC unroll 8
-      for (int v = 0; v < SW; v++)
-        if (mk[v]) _mm512_mask_storeu_ps(dst + v * 16, mk[v], a[j][v]);
-    }
-  }
-}
-
-static void a5_vacc(int dtype, const void *const *rows, size_t n, size_t d, const float *p,
-                    size_t ldp, size_t g, const float *alpha, float *acc) {
-  for (size_t j0 = 0; j0 < g; j0 += 4) {
-    size_t gq = g - j0 < 4 ? g - j0 : 4;
-    const float *pg = p + j0 * ldp, *ag = alpha + j0;
-    float *og = acc + j0 * d;
-#define A5_F32(G) a5_vacc_g(KVDEX_DTYPE_F32, G, rows, n, d, pg, ldp, ag, og)
-#define A5_F16(G) a5_vacc_g(KVDEX_DTYPE_F16, G, rows, n, d, pg, ldp, ag, og)
-#define A5_BF16(G) a5_vacc_g(KVDEX_DTYPE_BF16, G, rows, n, d, pg, ldp, ag, og)
-    switch (dtype) {
-      case KVDEX_DTYPE_F32: BY_G4(A5_F32); break;
-      case KVDEX_DTYPE_F16: BY_G4(A5_F16); break;
-      default: BY_G4(A5_BF16); break;
-    }
-  }
-}
-
-#pragma GCC pop_options
-
-static const akern akern_avx512 = {a5_max, a5_expsum, a5_expadd, a5_vacc};
-#endif /* HAVE_X86 */
-
-/* The attend kernels of a level already resolved by kvdex__kernels_get. */
-static const akern *akern_get(int level) {
-  if (level == KVDEX_SIMD_AUTO) level = (int)kvdex_simd_detect();
-#if HAVE_X86
-  if (level == KVDEX_SIMD_AVX512) return &akern_avx512;
-  if (level == KVDEX_SIMD_AVX2) return &akern_avx2;
-#endif
-  return &akern_scalar;
-}
 
 /* ---- merging ------------------------------------------------------------------------- */
 
@@ -611,7 +202,6 @@ typedef struct run {
   mode mode;
   const kvdex_kv_view *views;
   const kvdex__kernels *kern;
-  const akern *ak;
   int dtype;
   size_t d, rowb;
   uint32_t bt;
@@ -648,6 +238,8 @@ static void unit_set_len(unit *u, uint64_t len) {
   u->len = len;
   u->span = span_of(len);
   u->parts = (uint32_t)((len + u->span - 1) / u->span);
+  /* the callers lay out MAX_PARTS tasks and partials per unit (range units) */
+  assert(u->span % SUB == 0 && u->parts <= MAX_PARTS);
 }
 
 typedef struct setup {
@@ -655,7 +247,6 @@ typedef struct setup {
   size_t n_kv, n_q, g, d, es, rowb;
   float scale;
   const kvdex__kernels *kern;
-  const akern *ak;
   unsigned workers;
 } setup;
 
@@ -708,6 +299,7 @@ static void load_step(const run *r, const unit *u, uint64_t pos, size_t m, uint6
                       const float *q, float *S, char *kbuf, const void **vrow) {
   const kvdex_kv_view *v = &r->views[u->kv];
   size_t rowb = r->rowb;
+  assert(m >= 1 && m <= SUB && pos + m <= end);
   if (u->ids) {
     /* Row i of the next step is prefetched beside row i of this one: spread out, the
      * prefetches keep the line fill buffers busy without stalling on them in a burst. */
@@ -721,6 +313,7 @@ static void load_step(const run *r, const unit *u, uint64_t pos, size_t m, uint6
         prefetch_row((const char *)v->k_blocks[blk] + off, rowb);
         if (vrow) prefetch_row((const char *)v->v_blocks[blk] + off, rowb);
       }
+      assert(i == 0 || ids[i - 1] < ids[i]); /* lists are ascending and distinct */
       off = tok_off(r, ids[i], &blk);
       memcpy(kbuf + i * rowb, (const char *)v->k_blocks[blk] + off, rowb);
       if (vrow) vrow[i] = (const char *)v->v_blocks[blk] + off;
@@ -786,22 +379,22 @@ static void engine_task(void *ctx, size_t ti, unsigned worker) {
     if (r->mode == MODE_MASS_SUM) {
       float *out = r->mass + (size_t)u->kv * r->mass_count + pos;
       memset(out, 0, m * sizeof(float));
-      for (size_t j = 0; j < G; j++) r->ak->expadd(S + j * SUB, m, r->row_lse[u->q0 + j], out);
+      for (size_t j = 0; j < G; j++) r->kern->expadd(S + j * SUB, m, r->row_lse[u->q0 + j], out);
       continue;
     }
     for (size_t j = 0; j < G; j++) {
       float *s = S + j * SUB;
-      float mo = wm[j], cm = r->ak->max(s, m), mn = cm > mo ? cm : mo;
+      float mo = wm[j], cm = r->kern->max(s, m), mn = cm > mo ? cm : mo;
       if (mn == -INFINITY) { /* nothing but -inf scores so far: weights 0 */
         memset(s, 0, m * sizeof(float));
         al[j] = 1.0f;
         continue;
       }
       al[j] = mo == mn ? 1.0f : expf(mo - mn);
-      wl[j] = wl[j] * al[j] + r->ak->expsum(s, m, mn);
+      wl[j] = wl[j] * al[j] + r->kern->expsum(s, m, mn);
       wm[j] = mn;
     }
-    if (vrow) r->ak->vacc(r->dtype, vrow, m, d, S, SUB, G, al, acc);
+    if (vrow) r->kern->vacc(r->dtype, vrow, m, d, S, SUB, G, al, acc);
   }
   if (r->mode == MODE_MASS_SUM) return;
 
@@ -837,7 +430,6 @@ static int check_common(const char *who, kvdex_seq *seq, uint32_t layer, const f
   if (!st->kern)
     return kvdex__seterr(KVDEX_EUNIMPL, "%s: this CPU does not support %s (best: %s)", who,
                          kvdex_simd_name(o.simd), kvdex_simd_name(kvdex_simd_detect()));
-  st->ak = akern_get((int)o.simd);
   st->sh = sh;
   st->n_kv = sh->n_kv_heads;
   st->n_q = sh->n_q_heads;
@@ -870,7 +462,6 @@ static int take_views(const char *who, kvdex_seq *seq, uint32_t layer, const set
     return kvdex__seterr(KVDEX_EINTERNAL, "%s: store returned an unexpected view", who);
   r->views = views;
   r->kern = st->kern;
-  r->ak = st->ak;
   r->dtype = st->sh->dtype;
   r->d = st->d;
   r->rowb = st->rowb;

@@ -1,148 +1,17 @@
 /* exact: the exact inner-product top-k over one layer of a sequence, and its naive
  * reference twin. The scan runs as tasks over (kv head, block range) chunks on the
  * pool; each task scores the g query heads of its kv head in one pass over the keys
- * and keeps a per-query candidate buffer (threshold test per score, partial
- * selection when the buffer fills); the last chunk of a kv head to finish merges.
+ * and keeps a per-query candidate buffer (kvdex__topk_buf, topk.h: threshold test per
+ * score, partial selection when it fills); the last chunk of a kv head to finish merges.
  * It does not build or use any index structure, and never blocks on writers.
  */
+#include <assert.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
 #include "index/index.h"
 #include "index/index_int.h"
-
-/* ---- ordering: selection and sorting by kvdex_hit_better ------------------------ */
-
-static inline void swap_hits(kvdex_hit *a, size_t i, size_t j) {
-  kvdex_hit t = a[i];
-  a[i] = a[j];
-  a[j] = t;
-}
-
-static void insertion_sort(kvdex_hit *a, size_t lo, size_t hi) {
-  for (size_t i = lo + 1; i < hi; i++) {
-    kvdex_hit x = a[i];
-    size_t j = i;
-    for (; j > lo && kvdex_hit_better(x, a[j - 1]); j--) a[j] = a[j - 1];
-    a[j] = x;
-  }
-}
-
-static void sift_down(kvdex_hit *a, size_t root, size_t n) { /* heap on a[0..n), worst on top */
-  for (;;) {
-    size_t c = 2 * root + 1;
-    if (c >= n) return;
-    if (c + 1 < n && kvdex_hit_better(a[c], a[c + 1])) c++;
-    if (!kvdex_hit_better(a[root], a[c])) return;
-    swap_hits(a, root, c);
-    root = c;
-  }
-}
-
-static void heap_sort(kvdex_hit *a, size_t n) {
-  for (size_t i = n / 2; i-- > 0;) sift_down(a, i, n);
-  for (size_t end = n; end > 1; end--) {
-    swap_hits(a, 0, end - 1);
-    sift_down(a, 0, end - 1);
-  }
-}
-
-/* Median-of-three partition of a[lo, hi) (hi - lo >= 3): returns p with a[lo, p)
- * better than a[p] and a[p+1, hi) worse. Hits are distinct under the order
- * (ids are unique), so this cannot degenerate on equal scores. */
-static size_t partition(kvdex_hit *a, size_t lo, size_t hi) {
-  size_t mid = lo + (hi - lo) / 2, last = hi - 1;
-  if (kvdex_hit_better(a[mid], a[lo])) swap_hits(a, mid, lo);
-  if (kvdex_hit_better(a[last], a[lo])) swap_hits(a, last, lo);
-  if (kvdex_hit_better(a[last], a[mid])) swap_hits(a, last, mid);
-  swap_hits(a, mid, last - 1);
-  kvdex_hit pivot = a[last - 1];
-  size_t i = lo + 1;
-  for (size_t j = lo + 1; j < last - 1; j++)
-    if (kvdex_hit_better(a[j], pivot)) swap_hits(a, i++, j);
-  swap_hits(a, i, last - 1);
-  return i;
-}
-
-static int depth_budget(size_t n) {
-  int b = 8;
-  while (n >>= 1) b += 2;
-  return b;
-}
-
-/* Sorts a[0, n) best first (introsort: quicksort, insertion sort for short ranges,
- * heap sort when the recursion gets too deep). */
-static void sort_range(kvdex_hit *a, size_t lo, size_t hi, int budget) {
-  while (hi - lo > 16) {
-    if (budget-- <= 0) {
-      heap_sort(a + lo, hi - lo);
-      return;
-    }
-    size_t p = partition(a, lo, hi);
-    if (p - lo < hi - p - 1) { /* recurse on the smaller side */
-      sort_range(a, lo, p, budget);
-      lo = p + 1;
-    } else {
-      sort_range(a, p + 1, hi, budget);
-      hi = p;
-    }
-  }
-  insertion_sort(a, lo, hi);
-}
-
-static void sort_hits(kvdex_hit *a, size_t n) {
-  if (n > 1) sort_range(a, 0, n, depth_budget(n));
-}
-
-/* Rearranges a[0, n) so that a[0, k) are the k best (in no order) and a[k-1] is the
- * worst of them. 1 <= k <= n. */
-static void select_hits(kvdex_hit *a, size_t n, size_t k) {
-  size_t lo = 0, hi = n, kth = k - 1;
-  int budget = depth_budget(n);
-  while (hi - lo > 16) {
-    if (budget-- <= 0) {
-      heap_sort(a + lo, hi - lo);
-      return;
-    }
-    size_t p = partition(a, lo, hi);
-    if (kth < p) hi = p;
-    else if (kth > p) lo = p + 1;
-    else return;
-  }
-  insertion_sort(a, lo, hi);
-}
-
-/* ---- per-query candidate buffer ---------------------------------------------------- */
-
-/* Candidates of one query over one task's keys. Ids arrive in increasing order, so a
- * score equal to the threshold is never better than the hit that set it. NaN scores
- * are never taken; -inf is taken until the buffer first fills. */
-typedef struct topk {
-  kvdex_hit *buf;
-  size_t count, cap, k; /* cap > k, or cap >= every key the task can push */
-  float thr;            /* score of the k-th best so far once `full`; -inf before */
-  int full;
-} topk;
-
-static void topk_shrink(topk *t) {
-  select_hits(t->buf, t->count, t->k);
-  t->count = t->k;
-  t->thr = t->buf[t->k - 1].score;
-  t->full = 1;
-}
-
-/* Offers hit (id, x) to t: the O(1) threshold test, then rarely a push. */
-static inline void topk_push(topk *t, uint64_t id, float x) {
-  if (!(x > t->thr || (!t->full && x == t->thr))) return;
-  if (t->count == t->cap) {
-    topk_shrink(t);
-    if (!(x > t->thr)) return;
-  }
-  t->buf[t->count].id = id;
-  t->buf[t->count].score = x;
-  t->count++;
-}
 
 /* ---- argument checks shared with the reference -------------------------------------- */
 
@@ -192,45 +61,6 @@ static int take_views(const char *who, kvdex_seq *seq, uint32_t layer,
   return KVDEX_OK;
 }
 
-/* Makes res hold n_q heads of kk hits each. Allocates before it frees, so on
- * failure res is untouched. */
-static int reserve_result(kvdex_search_result *res, uint32_t n_q, size_t kk) {
-  size_t need = (size_t)n_q * kk;
-  kvdex_head_result *heads = res->heads;
-  kvdex_hit *storage = res->storage_;
-  int new_heads = res->heads_cap_ < n_q, new_storage = res->storage_cap_ < need;
-  if (new_heads && !(heads = malloc((size_t)n_q * sizeof *heads))) goto oom;
-  if (new_storage && !(storage = malloc(need * sizeof *storage))) {
-    if (new_heads) free(heads);
-    goto oom;
-  }
-  if (new_heads) {
-    free(res->heads);
-    res->heads = heads;
-    res->heads_cap_ = n_q;
-  }
-  if (new_storage) {
-    free(res->storage_);
-    res->storage_ = storage;
-    res->storage_cap_ = need;
-  }
-  res->n_q_heads = n_q;
-  for (uint32_t h = 0; h < n_q; h++) {
-    res->heads[h].n_hits = 0;
-    res->heads[h].hits = kk ? res->storage_ + (size_t)h * kk : NULL;
-  }
-  return KVDEX_OK;
-oom:
-  return kvdex__seterr(KVDEX_ENOMEM, "search: out of memory for %u x %zu hits", n_q, kk);
-}
-
-void kvdex_search_result_free(kvdex_search_result *res) {
-  if (!res) return;
-  free(res->heads);
-  free(res->storage_);
-  memset(res, 0, sizeof *res);
-}
-
 /* ---- the parallel scan -------------------------------------------------------------- */
 
 typedef struct scan {
@@ -249,7 +79,7 @@ typedef struct scan {
   kvdex__cand *cand;       /* per worker: g * sub */
   float *thr;              /* per worker: g */
   kvdex_hit *work;         /* per worker: g * cap */
-  topk *tk;                /* per worker: g */
+  kvdex__topk_buf *tk;     /* per worker: g */
   kvdex_hit *slots;        /* chunks > 1: [kv head][j][chunk][slot] */
   uint32_t *slot_n;        /* chunks > 1: [kv head][j][chunk] */
   _Atomic uint32_t *left;  /* chunks > 1: chunks of each kv head not yet finished */
@@ -259,10 +89,10 @@ typedef struct scan {
 /* Sorts the kk best of a[0, n) into query head qh of the result. */
 static void emit(scan *s, size_t qh, kvdex_hit *a, size_t n) {
   if (n > s->kk) {
-    select_hits(a, n, s->kk);
+    kvdex__hits_select(a, n, s->kk);
     n = s->kk;
   }
-  sort_hits(a, n);
+  kvdex__hits_sort(a, n);
   kvdex_head_result *hr = &s->res->heads[qh];
   if (n) memcpy(hr->hits, a, n * sizeof *a);
   hr->n_hits = (uint32_t)n;
@@ -290,10 +120,9 @@ static void scan_task(void *ctx, size_t task, unsigned worker) {
   const float *q = s->q + h * g * d;
   kvdex__cand *cand = s->cand + (size_t)worker * g * s->sub;
   float *thr = s->thr + (size_t)worker * g;
-  topk *tk = s->tk + (size_t)worker * g;
+  kvdex__topk_buf *tk = s->tk + (size_t)worker * g;
   for (size_t j = 0; j < g; j++)
-    tk[j] = (topk){.buf = s->work + ((size_t)worker * g + j) * s->cap, .cap = s->cap,
-                   .k = s->kk, .thr = -INFINITY};
+    kvdex__topk_buf_init(&tk[j], s->work + ((size_t)worker * g + j) * s->cap, s->cap, s->kk);
 
   uint64_t b0 = s->blk_lo + c * s->bpc, b1 = b0 + s->bpc;
   if (b1 > s->blk_hi) b1 = s->blk_hi;
@@ -309,7 +138,9 @@ static void scan_task(void *ctx, size_t task, unsigned worker) {
                          : b + 1 < s->blk_hi ? v->k_blocks[b + 1] : NULL;
       for (size_t j = 0; j < g; j++) thr[j] = tk[j].thr;
       size_t nc = s->kern->scan(s->dtype, keys, m, d, q, g, thr, cand, next);
-      for (size_t i = 0; i < nc; i++) topk_push(&tk[cand[i].j], t + cand[i].i, cand[i].score);
+      assert(nc <= m * g); /* cand holds g * sub */
+      for (size_t i = 0; i < nc; i++)
+        kvdex__topk_buf_push(&tk[cand[i].j], t + cand[i].i, cand[i].score);
     }
   }
 
@@ -318,7 +149,8 @@ static void scan_task(void *ctx, size_t task, unsigned worker) {
     return;
   }
   for (size_t j = 0; j < g; j++) {
-    if (tk[j].count > s->kk) topk_shrink(&tk[j]);
+    if (tk[j].count > s->kk) kvdex__topk_buf_shrink(&tk[j]);
+    assert(tk[j].count <= s->slot);
     size_t at = (h * g + j) * s->chunks + c;
     memcpy(s->slots + at * s->slot, tk[j].buf, tk[j].count * sizeof(kvdex_hit));
     s->slot_n[at] = (uint32_t)tk[j].count;
@@ -363,7 +195,7 @@ int kvdex_exact_search(kvdex_seq *seq, uint32_t layer, const float *q,
   }
   uint64_t eligible = pl.hi - pl.lo;
   if (eligible == 0) {
-    if ((rc = reserve_result(res, sh->n_q_heads, 0))) goto out;
+    if ((rc = kvdex__search_result_reserve(res, sh->n_q_heads, 0))) goto out;
     res->keys_scanned = 0;
     res->tokens = pl.n;
     goto out;
@@ -396,13 +228,14 @@ int kvdex_exact_search(kvdex_seq *seq, uint32_t layer, const float *q,
   uint64_t task_keys = s.bpc * s.bt; /* upper bound of the keys one task pushes */
   s.cap = 2 * s.kk < task_keys ? 2 * s.kk : (size_t)task_keys;
   s.slot = s.kk < task_keys ? s.kk : (size_t)task_keys;
+  assert(s.cap > s.kk || s.cap >= task_keys); /* what kvdex__topk_buf needs */
 
   unsigned workers = s.chunks * n_kv > 1 ? threads : 1;
   size_t total = 0;
   size_t at_cand = add_bytes(&total, (size_t)workers * g * s.sub * sizeof(kvdex__cand));
   size_t at_thr = add_bytes(&total, (size_t)workers * g * sizeof(float));
   size_t at_work = add_bytes(&total, (size_t)workers * g * s.cap * sizeof(kvdex_hit));
-  size_t at_tk = add_bytes(&total, (size_t)workers * g * sizeof(topk));
+  size_t at_tk = add_bytes(&total, (size_t)workers * g * sizeof(kvdex__topk_buf));
   size_t at_slots = 0, at_slot_n = 0, at_left = 0;
   if (s.chunks > 1) {
     at_slots = add_bytes(&total, n_kv * g * s.chunks * s.slot * sizeof(kvdex_hit));
@@ -414,14 +247,14 @@ int kvdex_exact_search(kvdex_seq *seq, uint32_t layer, const float *q,
     rc = kvdex__seterr(KVDEX_ENOMEM, "%s: out of memory for %zu bytes of scratch", who, total);
     goto out;
   }
-  if ((rc = reserve_result(res, sh->n_q_heads, s.kk))) {
+  if ((rc = kvdex__search_result_reserve(res, sh->n_q_heads, s.kk))) {
     free(scratch);
     goto out;
   }
   s.cand = (kvdex__cand *)(scratch + at_cand);
   s.thr = (float *)(scratch + at_thr);
   s.work = (kvdex_hit *)(scratch + at_work);
-  s.tk = (topk *)(scratch + at_tk);
+  s.tk = (kvdex__topk_buf *)(scratch + at_tk);
   if (s.chunks > 1) {
     s.slots = (kvdex_hit *)(scratch + at_slots);
     s.slot_n = (uint32_t *)(scratch + at_slot_n);
@@ -464,7 +297,7 @@ int kvdex_exact_search_ref(kvdex_seq *seq, uint32_t layer, const float *q,
     rc = kvdex__seterr(KVDEX_ENOMEM, "%s: out of memory", who);
     goto out;
   }
-  if ((rc = reserve_result(res, sh->n_q_heads, pl.kk))) goto out;
+  if ((rc = kvdex__search_result_reserve(res, sh->n_q_heads, pl.kk))) goto out;
   for (uint32_t qh = 0; qh < sh->n_q_heads; qh++) {
     const kvdex_kv_view *v = &views[qh / pl.g];
     const float *qv = q + (size_t)qh * d;
@@ -480,7 +313,7 @@ int kvdex_exact_search_ref(kvdex_seq *seq, uint32_t layer, const float *q,
       all[m].score = score;
       m++;
     }
-    sort_hits(all, m);
+    kvdex__hits_sort(all, m);
     size_t n_hits = m < pl.kk ? m : pl.kk;
     if (n_hits) memcpy(res->heads[qh].hits, all, n_hits * sizeof *all);
     res->heads[qh].n_hits = (uint32_t)n_hits;

@@ -55,6 +55,7 @@
  * query mixes in, which co-answer edges reach only by chance). touched = keys scored
  * plus prefill query vectors scored.
  */
+#include <assert.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -63,6 +64,7 @@
 #include <string.h>
 
 #include "index/ann_int.h"
+#include "index/topk.h"
 
 /* ---- settings ------------------------------------------------------------------- */
 
@@ -254,6 +256,7 @@ static inline int ent_better(beam_ent a, beam_ent b) {
  * it was not good enough. NaN scores are never inserted. */
 static size_t beam_insert(beam_ent *beam, size_t *size, size_t L, beam_ent e) {
   size_t n = *size;
+  assert(L >= 1 && n <= L);
   if (e.score != e.score) return L;
   if (n == L && !ent_better(e, beam[n - 1])) return L;
   size_t lo = 0, hi = n;
@@ -277,6 +280,11 @@ static int u32_order(const void *a, const void *b) {
 /* Most candidate prefill queries one expansion step scores. */
 #define EXPAND_CAP 4096
 
+/* Floats that hold R gathered key rows. */
+static size_t row_floats(const graph *g, const kvdex_kv_view *keys) {
+  return ((size_t)g->R * row_bytes(keys) + sizeof(float) - 1) / sizeof(float);
+}
+
 /* Scratch sizes the beam search needs for a graph of stride R, dim d. */
 static int beam_prepare(kvdex_index_scratch *s, const graph *g, const kvdex_kv_view *keys,
                         size_t L) {
@@ -284,9 +292,23 @@ static int beam_prepare(kvdex_index_scratch *s, const graph *g, const kvdex_kv_v
   if (rc) return rc;
   /* hits are 16 bytes, beam entries 12: L hits hold L beam entries */
   if ((rc = kvdex__scratch_hits(s, L))) return rc;
-  size_t rb = row_bytes(keys);
-  size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
-  return kvdex__scratch_floats(s, rowfloats + g->R + 16 + 2 * EXPAND_CAP);
+  return kvdex__scratch_floats(s, row_floats(g, keys) + g->R + 16 + 2 * EXPAND_CAP);
+}
+
+/* The search's view of the scratch beam_prepare sized: the beam (in s->h), the visit
+ * marks of this search's epoch, R gathered rows, then their R (+16) scores; the
+ * expansion step's candidates follow those. */
+typedef struct beam_mem {
+  beam_ent *beam;
+  uint32_t *visit, epoch;
+  void *rowbuf;
+  float *sc;
+} beam_mem;
+
+static beam_mem beam_mem_of(const graph *g, const kvdex_kv_view *keys, kvdex_index_scratch *s) {
+  assert(g->R <= 1024); /* the searches batch at most R ids in a uint32_t[1024] */
+  return (beam_mem){(beam_ent *)(void *)s->h, s->visit, s->epoch, s->f,
+                    s->f + row_floats(g, keys)};
 }
 
 /* Expands the beam (*size entries, sorted, some not yet expanded) best first until
@@ -294,37 +316,33 @@ static int beam_prepare(kvdex_index_scratch *s, const graph *g, const kvdex_kv_v
 static void beam_expand(const graph *g, const kvdex_kv_view *keys, const float *q, size_t L,
                         size_t limit,
                         kvdex_index_scratch *s, size_t *size, uint64_t *touched) {
-  beam_ent *beam = (beam_ent *)(void *)s->h;
-  uint32_t *visit = s->visit, epoch = s->epoch;
-  size_t rb = row_bytes(keys);
-  size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
-  void *rowbuf = s->f;
-  float *sc = s->f + rowfloats;
+  const beam_mem bm = beam_mem_of(g, keys, s);
   uint32_t ids[1024]; /* R <= 1024 */
   size_t n = *size;
   uint64_t t = 0;
   size_t k = 0;
   while (k < n && k < limit) {
-    if (beam[k].done) {
+    if (bm.beam[k].done) {
       k++;
       continue;
     }
-    beam[k].done = 1;
-    uint32_t c = beam[k].id;
+    bm.beam[k].done = 1;
+    uint32_t c = bm.beam[k].id;
     const uint32_t *nb = g->adj + (size_t)c * g->R;
     uint32_t dc = g->deg[c];
+    assert(dc <= g->R); /* built so, and checked on load */
     size_t m = 0;
     for (uint32_t j = 0; j < dc; j++) {
       uint32_t id = nb[j];
-      if (visit[id] == epoch) continue;
-      visit[id] = epoch;
+      if (bm.visit[id] == bm.epoch) continue;
+      bm.visit[id] = bm.epoch;
       ids[m++] = id;
     }
-    score_ids(keys, ids, m, q, rowbuf, sc);
+    score_ids(keys, ids, m, q, bm.rowbuf, bm.sc);
     t += m;
     size_t low = n + 1;
     for (size_t i = 0; i < m; i++) {
-      size_t pos = beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+      size_t pos = beam_insert(bm.beam, &n, L, (beam_ent){bm.sc[i], ids[i], 0});
       if (pos < low) low = pos;
     }
     k = low <= k ? low : k + 1;
@@ -339,12 +357,7 @@ static void beam_expand(const graph *g, const kvdex_kv_view *keys, const float *
 static void beam_run(const graph *g, const kvdex_kv_view *keys, const float *q, size_t L,
                      size_t limit,
                      kvdex_index_scratch *s, size_t *size, uint64_t *touched) {
-  beam_ent *beam = (beam_ent *)(void *)s->h;
-  uint32_t *visit = s->visit, epoch = s->epoch;
-  size_t rb = row_bytes(keys);
-  size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
-  void *rowbuf = s->f;
-  float *sc = s->f + rowfloats;
+  const beam_mem bm = beam_mem_of(g, keys, s);
   uint32_t ids[1024]; /* R <= 1024 */
   size_t n = 0;
   uint64_t t = 0;
@@ -352,13 +365,13 @@ static void beam_run(const graph *g, const kvdex_kv_view *keys, const float *q, 
     size_t m = 0;
     for (uint32_t e = e0; e < g->n_entry && e < e0 + g->R; e++) {
       uint32_t id = g->entry[e];
-      if (visit[id] == epoch) continue;
-      visit[id] = epoch;
+      if (bm.visit[id] == bm.epoch) continue;
+      bm.visit[id] = bm.epoch;
       ids[m++] = id;
     }
-    score_ids(keys, ids, m, q, rowbuf, sc);
+    score_ids(keys, ids, m, q, bm.rowbuf, bm.sc);
     t += m;
-    for (size_t i = 0; i < m; i++) beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+    for (size_t i = 0; i < m; i++) beam_insert(bm.beam, &n, L, (beam_ent){bm.sc[i], ids[i], 0});
   }
   *size = n;
   *touched += t;
@@ -376,17 +389,12 @@ static void answer_expand(const graph *g, uint32_t dim, const kvdex_kv_view *key
                           size_t L, size_t limit, uint32_t seeds, uint32_t fanout,
                           uint32_t expand, kvdex_index_scratch *s,
                           size_t *size, uint64_t *touched) {
-  beam_ent *beam = (beam_ent *)(void *)s->h;
-  uint32_t *visit = s->visit, epoch = s->epoch;
-  size_t rb = row_bytes(keys);
-  size_t rowfloats = ((size_t)g->R * rb + sizeof(float) - 1) / sizeof(float);
-  void *rowbuf = s->f;
-  float *sc = s->f + rowfloats;
-  uint32_t *cq = (uint32_t *)(void *)(sc + g->R + 16);
+  const beam_mem bm = beam_mem_of(g, keys, s);
+  uint32_t *cq = (uint32_t *)(void *)(bm.sc + g->R + 16);
   float *cs = (float *)(void *)(cq + EXPAND_CAP);
   size_t n = *size, nc = 0;
   for (size_t i = 0; i < n && i < seeds && nc < EXPAND_CAP; i++) {
-    uint32_t x = beam[i].id;
+    uint32_t x = bm.beam[i].id;
     /* hubs (heavy hitters answer most queries) would flood the candidates: at most
      * `fanout` of a key's queries, spread over its list */
     uint64_t e0 = g->inv_off[x], ne = g->inv_off[x + 1] - e0;
@@ -400,15 +408,15 @@ static void answer_expand(const graph *g, uint32_t dim, const kvdex_kv_view *key
     if (cq[i] != cq[u - 1]) cq[u++] = cq[i];
   nc = u;
   /* score the candidate queries, as many per kernel call as the row buffer holds */
-  size_t qrb = (size_t)dim * sizeof(uint16_t), per = g->R * rb / qrb;
+  size_t qrb = (size_t)dim * sizeof(uint16_t), per = g->R * row_bytes(keys) / qrb;
   for (size_t c0 = 0; c0 < nc; c0 += per) {
     size_t m = nc - c0 < per ? nc - c0 : per;
     for (size_t i = 0; i < m; i++)
-      memcpy((char *)rowbuf + i * qrb, g->qv + (size_t)cq[c0 + i] * dim, qrb);
-    kvdex_score_keys(KVDEX_SIMD_AUTO, KVDEX_DTYPE_F16, rowbuf, m, dim, q, 1, cs + c0);
+      memcpy((char *)bm.rowbuf + i * qrb, g->qv + (size_t)cq[c0 + i] * dim, qrb);
+    kvdex_score_keys(KVDEX_SIMD_AUTO, KVDEX_DTYPE_F16, bm.rowbuf, m, dim, q, 1, cs + c0);
   }
   uint64_t t = nc;
-  uint32_t ids[1024];
+  uint32_t ids[1024]; /* flushed at R <= 1024 */
   for (uint32_t e = 0; e < expand && e < nc; e++) {
     size_t best = e; /* selection: expand is small */
     for (size_t i = e + 1; i < nc; i++)
@@ -423,20 +431,20 @@ static void answer_expand(const graph *g, uint32_t dim, const kvdex_kv_view *key
     size_t m = 0;
     for (uint32_t r = 0; r < g->ans_n[tq]; r++) {
       uint32_t id = a[r];
-      if (visit[id] == epoch) continue;
-      visit[id] = epoch;
+      if (bm.visit[id] == bm.epoch) continue;
+      bm.visit[id] = bm.epoch;
       ids[m++] = id;
       if (m == g->R || r + 1 == g->ans_n[tq]) {
-        score_ids(keys, ids, m, q, rowbuf, sc);
+        score_ids(keys, ids, m, q, bm.rowbuf, bm.sc);
         t += m;
-        for (size_t i = 0; i < m; i++) beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+        for (size_t i = 0; i < m; i++) beam_insert(bm.beam, &n, L, (beam_ent){bm.sc[i], ids[i], 0});
         m = 0;
       }
     }
     if (m) {
-      score_ids(keys, ids, m, q, rowbuf, sc);
+      score_ids(keys, ids, m, q, bm.rowbuf, bm.sc);
       t += m;
-      for (size_t i = 0; i < m; i++) beam_insert(beam, &n, L, (beam_ent){sc[i], ids[i], 0});
+      for (size_t i = 0; i < m; i++) beam_insert(bm.beam, &n, L, (beam_ent){bm.sc[i], ids[i], 0});
     }
   }
   *size = n;
@@ -600,6 +608,7 @@ static void select_heaviest(cand *c, size_t n, size_t k) {
 static void ip_to(build *B, worker *w, uint32_t x, cand *c, size_t nc) {
   const kvdex_kv_view *v = B->keys;
   size_t rb = row_bytes(v);
+  assert(w->cap_rows >= 256); /* worker_rows at setup: max(R, 256) */
   kvdex__view_row_f32(v, x, w->xf);
   for (size_t i0 = 0; i0 < nc; i0 += 256) {
     size_t m = nc - i0 < 256 ? nc - i0 : 256;
@@ -622,6 +631,7 @@ static void prune(build *B, worker *w, uint32_t x, cand *c, size_t nc, size_t nf
   size_t rb = row_bytes(v);
   uint32_t R = B->R, nk = 0;
   float slack = B->alpha - 1.0f;
+  assert(w->cap_rows >= R); /* w->ip holds a score per kept row */
   ip_to(B, w, x, c, nc);
   if (nfixed < nc) qsort(c + nfixed, nc - nfixed, sizeof *c, cand_order);
   for (size_t i = 0; i < nc && nk < R; i++) {
@@ -663,37 +673,6 @@ typedef struct gt_job {
   kvdex_hit *heap; /* [workers][GT_QC * K] */
 } gt_job;
 
-/* Heap with the worst hit on top. */
-static void heap_push(kvdex_hit *h, uint32_t *cnt, uint32_t K, kvdex_hit x) {
-  size_t i;
-  if (*cnt < K) {
-    i = (*cnt)++;
-    while (i > 0) {
-      size_t p = (i - 1) / 2;
-      if (!kvdex_hit_better(h[p], x)) break;
-      h[i] = h[p];
-      i = p;
-    }
-    h[i] = x;
-    return;
-  }
-  i = 0;
-  for (;;) {
-    size_t c = 2 * i + 1;
-    if (c >= K) break;
-    if (c + 1 < K && kvdex_hit_better(h[c], h[c + 1])) c++;
-    if (!kvdex_hit_better(x, h[c])) break;
-    h[i] = h[c];
-    i = c;
-  }
-  h[i] = x;
-}
-
-static int hit_order(const void *a, const void *b) {
-  kvdex_hit x = *(const kvdex_hit *)a, y = *(const kvdex_hit *)b;
-  return kvdex_hit_better(x, y) ? -1 : kvdex_hit_better(y, x);
-}
-
 static void gt_task(void *ctx, size_t t, unsigned wi) {
   gt_job *J = ctx;
   build *B = J->B;
@@ -703,7 +682,8 @@ static void gt_task(void *ctx, size_t t, unsigned wi) {
   size_t g = B->m - q0 < GT_QC ? (size_t)(B->m - q0) : GT_QC;
   float *s = J->sbuf + (size_t)wi * GT_QC * GT_KT;
   kvdex_hit *H = J->heap + (size_t)wi * GT_QC * K;
-  uint32_t cnt[GT_QC] = {0};
+  kvdex__topk top[GT_QC];
+  for (size_t j = 0; j < g; j++) kvdex__topk_init(&top[j], H + j * K, K);
   size_t rb = row_bytes(v);
   for (uint64_t i0 = 0; i0 < B->n;) {
     uint64_t b = i0 / v->block_tokens, off = i0 % v->block_tokens;
@@ -712,27 +692,14 @@ static void gt_task(void *ctx, size_t t, unsigned wi) {
     if (nt > B->n - i0) nt = (size_t)(B->n - i0);
     const char *base = (const char *)v->k_blocks[b] + off * rb;
     kvdex_score_keys(KVDEX_SIMD_AUTO, v->dtype, base, nt, d, B->tq + q0 * d, g, s);
-    for (size_t j = 0; j < g; j++) {
-      kvdex_hit *h = H + j * K;
-      const float *sj = s + j * nt;
-      uint32_t *c = &cnt[j];
-      float thr = *c == K ? h[0].score : -INFINITY;
-      for (size_t i = 0; i < nt; i++) {
-        float x = sj[i];
-        if (x > thr || (*c < K && x == x)) {
-          heap_push(h, c, K, (kvdex_hit){i0 + i, x});
-          if (*c == K) thr = h[0].score;
-        }
-      }
-    }
+    for (size_t j = 0; j < g; j++) kvdex__topk_push_run(&top[j], i0, s + j * nt, nt);
     i0 += nt;
   }
   for (size_t j = 0; j < g; j++) {
-    kvdex_hit *h = H + j * K;
-    qsort(h, cnt[j], sizeof *h, hit_order);
+    uint32_t n = kvdex__topk_finish(&top[j]);
     uint32_t *row = B->gt + (q0 + j) * K;
-    for (uint32_t r = 0; r < cnt[j]; r++) row[r] = (uint32_t)h[r].id;
-    B->gt_n[q0 + j] = cnt[j];
+    for (uint32_t r = 0; r < n; r++) row[r] = (uint32_t)top[j].h[r].id;
+    B->gt_n[q0 + j] = n;
   }
 }
 

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "index/topk.h"
 #include "kvstore/kvstore.h"
 
 #ifdef __cplusplus
@@ -66,15 +67,8 @@ int kvdex_score_keys(kvdex_simd level, int dtype, const void *keys, size_t n, si
 
 /* ---- Top-k ------------------------------------------------------------------- */
 
-typedef struct kvdex_hit {
-  uint64_t id;
-  float score;
-} kvdex_hit;
-
-/* Order used everywhere: higher score first, equal scores by lower id first. */
-static inline int kvdex_hit_better(kvdex_hit a, kvdex_hit b) {
-  return a.score > b.score || (a.score == b.score && a.id < b.id);
-}
+/* kvdex_hit, kvdex_hit_better (the order of every result) and kvdex_search_result
+ * live in index/topk.h, included above. */
 
 /* ---- Exact search -------------------------------------------------------------- */
 
@@ -86,28 +80,6 @@ typedef struct kvdex_search_opts {
 } kvdex_search_opts;
 
 #define KVDEX_MAX_K 65536
-
-/* Per query head: n_hits hits (<= k) in kvdex_hit_better order. Fewer than k only
- * when fewer tokens are eligible (or some keys score NaN: those are never hits). */
-typedef struct kvdex_head_result {
-  uint32_t n_hits;
-  kvdex_hit *hits; /* points into the kvdex_search_result's storage */
-} kvdex_head_result;
-
-typedef struct kvdex_search_result {
-  uint32_t n_q_heads;
-  kvdex_head_result *heads; /* n_q_heads entries */
-  uint64_t keys_scanned;  /* keys scored, summed over kv heads */
-  uint64_t tokens;        /* committed tokens of the layer at search time */
-  /* internal storage, owned */
-  kvdex_hit *storage_;
-  size_t storage_cap_;
-  size_t heads_cap_;
-} kvdex_search_result;
-
-/* Zero-initialise with {0}; reused across searches (grows, never shrinks); a failed
- * search leaves it as it was. Free frees the storage and zeroes it (NULL: no-op). */
-void kvdex_search_result_free(kvdex_search_result *res);
 
 /* Exact top-k for all query heads of one layer of one sequence.
  * q: f32 [n_q_heads][head_dim]. Query head h maps to kv head h / (n_q_heads/n_kv_heads);

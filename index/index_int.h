@@ -1,7 +1,8 @@
-/* index internals: the kernel table behind kvdex_score_keys and the exact scan, one
- * entry per SIMD level, each level compiled in its own translation unit with its
- * own target flags (see index/BUILD). Private to index/: nothing here is public
- * API, and nothing here checks arguments (simd.c and exact.c do, before calling).
+/* index internals: the kernel table behind kvdex_score_keys, the exact scan and
+ * attention (attend.c), one table per SIMD level, each level compiled in its own
+ * translation unit with its own target flags (see index/BUILD). Private to index/:
+ * nothing here is public API, and nothing here checks arguments (simd.c, exact.c and
+ * attend.c do, before calling).
  */
 #ifndef KVDEX_INDEX_INT_H
 #define KVDEX_INDEX_INT_H
@@ -22,7 +23,10 @@ typedef struct kvdex__cand {
   float score;
 } kvdex__cand;
 
-/* Both kernels score n keys (row-major [n][d] of `dtype`) against g f32 queries
+/* One table per SIMD level: the scan's kernels and the attention kernels of
+ * attend.c, chosen together by kvdex__kernels_get. None checks arguments.
+ *
+ * score and scan score n keys (row-major [n][d] of `dtype`) against g f32 queries
  * ([g][d], rows d apart), s(i, j) = sum_t q[j][t] * key[i][t] accumulated in f32.
  * The value of s(i, j) depends only on key i, query j and d: never on the key's
  * position in the call, on n or on g, so scanning a range in pieces gives the same
@@ -37,6 +41,19 @@ typedef struct kvdex__kernels {
    * j in increasing i, and returns how many; cand has room for n * g. */
   size_t (*scan)(int dtype, const void *keys, size_t n, size_t d, const float *q, size_t g,
                  const float *thr, kvdex__cand *cand, const void *next);
+
+  /* Attention (attend.c's online softmax); n >= 1, and d >= 1, g >= 1 for vacc. */
+  /* max of s[0, n); -inf when all are -inf. */
+  float (*max)(const float *s, size_t n);
+  /* s[i] = e^(s[i] - m) in place; returns their sum. */
+  float (*expsum)(float *s, size_t n, float m);
+  /* out[i] += e^(s[i] - m). */
+  void (*expadd)(const float *s, size_t n, float m, float *out);
+  /* For j < g: acc[j][:] = alpha[j] * acc[j][:] + sum_{t<n} p[j*ldp + t] * row_t[:],
+   * rows of d elements of dtype; acc is [g][d]. Per element the order is fixed (scale,
+   * then tokens in order), whatever g, so a head's result does not depend on g. */
+  void (*vacc)(int dtype, const void *const *rows, size_t n, size_t d, const float *p,
+               size_t ldp, size_t g, const float *alpha, float *acc);
 } kvdex__kernels;
 
 extern const kvdex__kernels kvdex__kernels_scalar;

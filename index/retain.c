@@ -1,57 +1,17 @@
 /* retain: SnapKV / InfiniRetri token selection (contract in retain.h). The mass
  * comes from kvdex_attend_mass; here it is pooled over a centred window and the top
- * `budget` per kv head are kept with a bounded candidate buffer (threshold test,
- * partial selection when it fills), one kv head per task.
+ * `budget` per kv head are kept with a bounded candidate buffer (kvdex__topk_buf,
+ * topk.h: threshold test, partial selection when it fills), one kv head per task.
  */
+#include <assert.h>
 #include <math.h>
 #include <stdlib.h>
 
 #include "index/retain.h"
 
-/* ---- selection by kvdex_hit_better ---------------------------------------------- */
-
-static int cmp_better(const void *pa, const void *pb) {
-  kvdex_hit a = *(const kvdex_hit *)pa, b = *(const kvdex_hit *)pb;
-  return kvdex_hit_better(a, b) ? -1 : kvdex_hit_better(b, a) ? 1 : 0;
-}
-
 static int cmp_id(const void *pa, const void *pb) {
   uint64_t a = ((const kvdex_hit *)pa)->id, b = ((const kvdex_hit *)pb)->id;
   return a < b ? -1 : a > b;
-}
-
-static inline void swap_hits(kvdex_hit *a, size_t i, size_t j) {
-  kvdex_hit t = a[i];
-  a[i] = a[j];
-  a[j] = t;
-}
-
-/* Rearranges a[0, n) so that a[0, k) are the k best and a[k-1] the worst of them
- * (1 <= k <= n). Quickselect with median-of-three pivots; ids are distinct, so no two
- * hits compare equal. A sort finishes ranges that keep splitting badly. */
-static void select_best(kvdex_hit *a, size_t n, size_t k) {
-  size_t lo = 0, hi = n, kth = k - 1;
-  int budget = 64;
-  while (hi - lo > 16) {
-    if (budget-- == 0) {
-      qsort(a + lo, hi - lo, sizeof *a, cmp_better);
-      return;
-    }
-    size_t mid = lo + (hi - lo) / 2, last = hi - 1;
-    if (kvdex_hit_better(a[mid], a[lo])) swap_hits(a, mid, lo);
-    if (kvdex_hit_better(a[last], a[lo])) swap_hits(a, last, lo);
-    if (kvdex_hit_better(a[last], a[mid])) swap_hits(a, last, mid);
-    swap_hits(a, mid, last - 1);
-    kvdex_hit pivot = a[last - 1];
-    size_t i = lo + 1;
-    for (size_t j = lo + 1; j < last - 1; j++)
-      if (kvdex_hit_better(a[j], pivot)) swap_hits(a, i++, j);
-    swap_hits(a, i, last - 1);
-    if (kth < i) hi = i;
-    else if (kth > i) lo = i + 1;
-    else return;
-  }
-  qsort(a + lo, hi - lo, sizeof *a, cmp_better);
 }
 
 /* ---- pooling and selection, one kv head per task --------------------------------- */
@@ -88,27 +48,19 @@ static void sel_task(void *ctx, size_t g, unsigned worker) {
   (void)worker;
   const sel *s = ctx;
   const float *m = s->mass + g * s->e;
-  kvdex_hit *buf = s->buf + g * s->cap, worst = {0, 0.0f};
-  size_t count = 0, k = s->budget;
-  int full = 0;
-  for (uint64_t i = 0; i < s->e; i++) {
+  size_t k = s->budget;
+  kvdex__topk_buf b;
+  kvdex__topk_buf_init(&b, s->buf + g * s->cap, s->cap, k);
+  for (uint64_t i = 0; i < s->e; i++) { /* a NaN window ranks lowest, but still ranks */
     float v = pooled(s, m, i);
-    kvdex_hit h = {s->lo + i, isnan(v) ? -INFINITY : v};
-    if (full && !kvdex_hit_better(h, worst)) continue;
-    if (count == s->cap) {
-      select_best(buf, count, k);
-      count = k;
-      worst = buf[k - 1];
-      full = 1;
-      if (!kvdex_hit_better(h, worst)) continue;
-    }
-    buf[count++] = h;
+    kvdex__topk_buf_push(&b, s->lo + i, isnan(v) ? -INFINITY : v);
   }
-  if (count > k) select_best(buf, count, k);
-  qsort(buf, k, sizeof *buf, cmp_id);
+  assert(b.count >= k); /* budget <= e, and every position is taken until it fills */
+  if (b.count > k) kvdex__topk_buf_shrink(&b);
+  qsort(b.buf, k, sizeof *b.buf, cmp_id);
   for (size_t i = 0; i < k; i++) {
-    s->ids[g * k + i] = buf[i].id;
-    if (s->scores) s->scores[g * k + i] = buf[i].score;
+    s->ids[g * k + i] = b.buf[i].id;
+    if (s->scores) s->scores[g * k + i] = b.buf[i].score;
   }
 }
 

@@ -1,8 +1,10 @@
-/* simd_scalar: the portable kernels (no target flags), used where the CPU has neither
- * AVX2 nor AVX-512, and the twin the SIMD kernels are tested against. Each key row
- * is converted to f32 once, in slices, and reused for all g queries; each score is
- * a plain left-to-right f32 sum.
+/* simd_scalar: the portable kernels of index_int.h's table (no target flags), used
+ * where the CPU has neither AVX2 nor AVX-512, and the twin the SIMD kernels are
+ * tested against. Each key row is converted to f32 once, in slices, and reused for
+ * all g queries; each score is a plain left-to-right f32 sum; exp is libm's expf.
  */
+#include <math.h>
+
 #include "index/index_int.h"
 
 #define SLICE 64
@@ -40,6 +42,8 @@ static void score_key(int dtype, const void *keys, size_t i, size_t d, const flo
   }
 }
 
+/* ---- scan ------------------------------------------------------------------------------ */
+
 static void score(int dtype, const void *keys, size_t n, size_t d, const float *q, size_t g,
                   float *out, size_t ldo, const void *next) {
   (void)next;
@@ -64,4 +68,49 @@ static size_t scan(int dtype, const void *keys, size_t n, size_t d, const float 
   return c;
 }
 
-const kvdex__kernels kvdex__kernels_scalar = {.score = score, .scan = scan};
+/* ---- attention ----------------------------------------------------------------------- */
+
+static float attn_max(const float *s, size_t n) {
+  float m = -INFINITY;
+  for (size_t i = 0; i < n; i++)
+    if (s[i] > m) m = s[i];
+  return m;
+}
+
+static float attn_expsum(float *s, size_t n, float m) {
+  float sum = 0.0f;
+  for (size_t i = 0; i < n; i++) {
+    float e = expf(s[i] - m);
+    s[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+static void attn_expadd(const float *s, size_t n, float m, float *out) {
+  for (size_t i = 0; i < n; i++) out[i] += expf(s[i] - m);
+}
+
+static void attn_vacc(int dtype, const void *const *rows, size_t n, size_t d, const float *p,
+                      size_t ldp, size_t g, const float *alpha, float *acc) {
+  float x[SLICE];
+  for (size_t j = 0; j < g; j++)
+    for (size_t c = 0; c < d; c++) acc[j * d + c] *= alpha[j];
+  for (size_t t = 0; t < n; t++) {
+    for (size_t c0 = 0; c0 < d; c0 += SLICE) {
+      size_t w = d - c0 < SLICE ? d - c0 : SLICE;
+      convert(dtype, rows[t], c0, x, w);
+      for (size_t j = 0; j < g; j++) {
+        float pj = p[j * ldp + t], *a = acc + j * d + c0;
+        for (size_t c = 0; c < w; c++) a[c] += pj * x[c];
+      }
+    }
+  }
+}
+
+const kvdex__kernels kvdex__kernels_scalar = {.score = score,
+                                              .scan = scan,
+                                              .max = attn_max,
+                                              .expsum = attn_expsum,
+                                              .expadd = attn_expadd,
+                                              .vacc = attn_vacc};

@@ -1,5 +1,6 @@
-/* kvdex base: thread-local error messages, dtype helpers, the logger, and the checks
- * of names and shapes (shared by the store and the remote client, which has no store).
+/* kvdex base: thread-local error messages, the monotonic clock, dtype helpers, the
+ * logger, and the checks of names and shapes (shared by the store and the remote
+ * client, which has no store).
  * The logger and its level are the only process-wide state in kvdex. */
 #include "kvstore/base.h"
 
@@ -27,6 +28,18 @@ int kvdex__preerr(int rc, const char *prefix) {
   memcpy(old, tl_errmsg, sizeof old);
   snprintf(tl_errmsg, sizeof tl_errmsg, "%s: %s", prefix, old);
   return rc;
+}
+
+double kvdex__now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int64_t kvdex__now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 const char *kvdex_errname(int rc) {

@@ -1,7 +1,8 @@
 /* kvdex base, internal: the floor every kvdex module may use. The public part (codes,
  * dtypes, shape, kvdex_errmsg, log configuration) is kvstore/kvdex_base.h, included
  * here; this header adds what stays inside kvdex: kvdex__seterr/kvdex__preerr, the
- * KVDEX_LOG macro, half-precision conversion and the synthetic-data generators. It
+ * monotonic clock, the KVDEX_LOG macro, half-precision conversion and the
+ * synthetic-data generators. It
  * depends on nothing but libc and is never installed.
  */
 #ifndef KVDEX_BASE_H
@@ -28,6 +29,12 @@ int kvdex_shape_check(const kvdex_shape *shape);
 /* Validates a namespace / sequence id (lengths and characters, see kvdex.proto).
  * An empty or NULL namespace is valid and means KVDEX_DEFAULT_NAMESPACE. */
 int kvdex_name_check(const char *ns, const char *seq_id);
+
+/* Internal: the monotonic clock (CLOCK_MONOTONIC) every duration, timeout and deadline
+ * in kvdex is read from: seconds, and whole milliseconds, since an arbitrary point
+ * fixed at boot. Never wall-clock time (log timestamps use CLOCK_REALTIME). */
+double kvdex__now_s(void);
+int64_t kvdex__now_ms(void);
 
 /* Half-precision conversions (scalar, exact; round to nearest even). */
 static inline float kvdex_f16_to_f32(uint16_t h) {

@@ -35,6 +35,7 @@
  */
 #include "kvstore/kvstore.h"
 
+#include <assert.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -192,6 +193,8 @@ static int store_reserve(kvdex_store *st, uint64_t n) {
 }
 
 static void store_unreserve(kvdex_store *st, uint64_t n) {
+  /* only bytes reserved earlier come back, so they are still counted in `used` */
+  assert(atomic_load_explicit(&st->used, memory_order_relaxed) >= n);
   atomic_fetch_sub_explicit(&st->used, n, memory_order_relaxed);
 }
 
@@ -202,6 +205,7 @@ static int seq_charge(kvdex_seq *seq, uint64_t n) {
 }
 
 static void seq_uncharge(kvdex_seq *seq, uint64_t n) {
+  assert(atomic_load_explicit(&seq->bytes, memory_order_relaxed) >= n);
   atomic_fetch_sub_explicit(&seq->bytes, n, memory_order_relaxed);
   store_unreserve(seq->store, n);
 }
@@ -444,7 +448,9 @@ static void seq_free(kvdex_seq *seq, bool unlink) {
 
 void kvdex_seq_release(kvdex_seq *seq) {
   if (!seq) return;
-  if (atomic_fetch_sub_explicit(&seq->refs, 1, memory_order_acq_rel) == 1) seq_free(seq, true);
+  uint64_t refs = atomic_fetch_sub_explicit(&seq->refs, 1, memory_order_acq_rel);
+  assert(refs >= 1); /* a release without its reference */
+  if (refs == 1) seq_free(seq, true);
 }
 
 void kvdex_seq_retain(kvdex_seq *seq) {
@@ -679,6 +685,8 @@ static int txn_compare(kvdex_seq *seq, uint32_t layer, uint64_t s, uint64_t e, u
  * [len, end) from k/v (rows from token s on). Nothing changes on failure. */
 static int txn_grow_and_copy(kvdex_seq *seq, uint32_t layer, uint64_t s, uint64_t len,
                              uint64_t end, uint32_t n, const char *k, const char *v) {
+  assert(atomic_load_explicit(&seq->txn_active, memory_order_relaxed));
+  assert(s <= len && len < end);
   kvdex__alloc *a = seq->store->alloc;
   const uint32_t bt = seq->shape.block_tokens, nh = seq->shape.n_kv_heads;
   const size_t row = seq->row_bytes, pair = block_pair_bytes(seq);
@@ -732,6 +740,7 @@ static int txn_grow_and_copy(kvdex_seq *seq, uint32_t layer, uint64_t s, uint64_
   for (uint32_t h = 0; h < nh; h++) {
     kvdex__blocks *tgt = seq->scratch[h] ? seq->scratch[h] : head_cur(seq_head(seq, layer, h));
     for (uint64_t b = nb_old; b < nb_new; b++) {
+      assert(tgt->ptrs[b] == NULL && tgt->ptrs[tgt->cap + b] == NULL);
       char *p = kvdex__alloc_malloc(a, pair);
       if (!p) {
         failed_size = pair;
@@ -790,21 +799,32 @@ unwind:
                        failed_size);
 }
 
-int kvdex_txn_append(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
-                     const void *k, const void *v) {
-  if (!txn) return kvdex__seterr(KVDEX_EINVAL, "append: transaction is NULL");
+/* The checks every kind of append starts with, `who` prefixing the message: a
+ * transaction that has not failed, on a sequence not deleted, a layer in range and
+ * at least one token. All but the first two fail the transaction. */
+static int txn_append_check(kvdex_txn *txn, const char *who, uint32_t layer,
+                            uint32_t n_tokens) {
+  if (!txn) return kvdex__seterr(KVDEX_EINVAL, "%s: transaction is NULL", who);
   kvdex_seq *seq = txn->seq;
   if (txn->err)
-    return kvdex__seterr(txn->err, "append: transaction already failed: %s", txn->errmsg);
+    return kvdex__seterr(txn->err, "%s: transaction already failed: %s", who, txn->errmsg);
   if (atomic_load_explicit(&seq->deleted, memory_order_acquire))
-    return txn_fail(txn, kvdex__seterr(KVDEX_ENOTFOUND, "append: sequence %s/%s was deleted",
+    return txn_fail(txn, kvdex__seterr(KVDEX_ENOTFOUND, "%s: sequence %s/%s was deleted", who,
                                        seq->ns, seq->id));
   if (layer >= seq->shape.n_layers)
     return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
-                                       "append: layer %u is out of range (n_layers = %u)",
+                                       "%s: layer %u is out of range (n_layers = %u)", who,
                                        layer, seq->shape.n_layers));
   if (n_tokens == 0)
-    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append: n_tokens is 0"));
+    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "%s: n_tokens is 0", who));
+  return KVDEX_OK;
+}
+
+int kvdex_txn_append(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
+                     const void *k, const void *v) {
+  int rc = txn_append_check(txn, "append", layer, n_tokens);
+  if (rc) return rc;
+  kvdex_seq *seq = txn->seq;
   if (!k || !v)
     return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append: %s is NULL", !k ? "k" : "v"));
   uint64_t end;
@@ -819,7 +839,6 @@ int kvdex_txn_append(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint3
                                        "append: gap in layer %u: it has %" PRIu64
                                        " tokens, append starts at %" PRIu64,
                                        layer, len, token_start));
-  int rc;
   if (token_start < len) {
     rc = txn_compare(seq, layer, token_start, end < len ? end : len, n_tokens, k, v);
     if (rc) return txn_fail(txn, kvdex__preerr(rc, "append"));
@@ -839,6 +858,7 @@ int kvdex_txn_append(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint3
 /* Drops everything staged by the transaction. Txn owner only. */
 static void txn_rollback(kvdex_txn *txn) {
   kvdex_seq *seq = txn->seq;
+  assert(atomic_load_explicit(&seq->txn_active, memory_order_relaxed));
   kvdex__alloc *a = seq->store->alloc;
   const uint32_t bt = seq->shape.block_tokens;
   const size_t pair = block_pair_bytes(seq);
@@ -855,6 +875,7 @@ static void txn_rollback(kvdex_txn *txn) {
     }
     ly->lm_staged = ly->lmpub ? ly->lmpub->n : 0; /* rows written past n are ignored */
     uint64_t committed = atomic_load_explicit(&ly->committed, memory_order_relaxed);
+    assert(ly->staged >= committed); /* a transaction only adds tokens */
     if (ly->staged == committed) continue;
     uint64_t nb_c = blocks_for(committed, bt), nb_s = blocks_for(ly->staged, bt);
     for (uint32_t h = 0; h < seq->shape.n_kv_heads; h++) {
@@ -902,8 +923,10 @@ int kvdex_txn_commit(kvdex_txn *txn, kvdex_txn_result *result) {
     txn_end(txn);
     return rc;
   }
+  assert(atomic_load_explicit(&seq->txn_active, memory_order_relaxed));
   for (uint32_t l = 0; l < seq->shape.n_layers; l++) {
     kvdex__layer *ly = &seq->layers[l];
+    assert(ly->staged >= atomic_load_explicit(&ly->committed, memory_order_relaxed));
     if (ly->qpend) { /* readers copy qpub under seq->mu: the old set goes at once */
       pthread_mutex_lock(&seq->mu);
       kvdex__qset *old = ly->qpub;
@@ -929,6 +952,7 @@ int kvdex_txn_commit(kvdex_txn *txn, kvdex_txn_result *result) {
     /* Landmarks after their tokens: a reader never sees more landmark blocks than
      * complete committed blocks. Readers copy lmpub under seq->mu: the old set goes. */
     if (ly->lmpend || (ly->lmpub && ly->lmpub->n != ly->lm_staged)) {
+      assert(ly->lm_staged <= ly->staged / seq->shape.block_tokens);
       kvdex__lmset *old = NULL;
       pthread_mutex_lock(&seq->mu);
       if (ly->lmpend) {
@@ -936,6 +960,7 @@ int kvdex_txn_commit(kvdex_txn *txn, kvdex_txn_result *result) {
         ly->lmpub = ly->lmpend;
         ly->lmpend = NULL;
       }
+      assert(ly->lm_staged <= ly->lmpub->cap);
       ly->lmpub->n = ly->lm_staged;
       pthread_mutex_unlock(&seq->mu);
       lmset_free(seq, old);
@@ -1020,18 +1045,9 @@ static int q_same(const kvdex_seq *seq, const char *q, uint32_t n, uint64_t i, c
 
 int kvdex_txn_append_q(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uint32_t n_tokens,
                        const void *q) {
-  if (!txn) return kvdex__seterr(KVDEX_EINVAL, "append_q: transaction is NULL");
+  int rc = txn_append_check(txn, "append_q", layer, n_tokens);
+  if (rc) return rc;
   kvdex_seq *seq = txn->seq;
-  if (txn->err)
-    return kvdex__seterr(txn->err, "append_q: transaction already failed: %s", txn->errmsg);
-  if (atomic_load_explicit(&seq->deleted, memory_order_acquire))
-    return txn_fail(txn, kvdex__seterr(KVDEX_ENOTFOUND, "append_q: sequence %s/%s was deleted",
-                                       seq->ns, seq->id));
-  if (layer >= seq->shape.n_layers)
-    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
-                                       "append_q: layer %u is out of range (n_layers = %u)",
-                                       layer, seq->shape.n_layers));
-  if (n_tokens == 0) return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append_q: n_tokens is 0"));
   if (!q) return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append_q: q is NULL"));
   kvdex__layer *ly = &seq->layers[layer];
   if (token_start > ly->staged || ly->staged - token_start < n_tokens)
@@ -1106,6 +1122,7 @@ int kvdex_txn_append_q(kvdex_txn *txn, uint32_t layer, uint64_t token_start, uin
         q_gather(seq, src, n_tokens, t - token_start, qs->rows + qs->n * qrow);
         qs->ids[qs->n++] = t;
       }
+      assert(qs->n == keep && keep <= qs->cap);
       if (ly->qpend) qset_free(seq, ly->qpend);
       ly->qpend = qs;
       return KVDEX_OK;
@@ -1225,22 +1242,9 @@ static size_t first_nonfinite(int dtype, const char *p, size_t n) {
 
 int kvdex_txn_append_landmarks(kvdex_txn *txn, uint32_t layer, uint64_t token_start,
                                uint32_t n_tokens, const void *landmarks) {
-  if (!txn) return kvdex__seterr(KVDEX_EINVAL, "append_landmarks: transaction is NULL");
+  int rc = txn_append_check(txn, "append_landmarks", layer, n_tokens);
+  if (rc) return rc;
   kvdex_seq *seq = txn->seq;
-  if (txn->err)
-    return kvdex__seterr(txn->err, "append_landmarks: transaction already failed: %s",
-                         txn->errmsg);
-  if (atomic_load_explicit(&seq->deleted, memory_order_acquire))
-    return txn_fail(txn, kvdex__seterr(KVDEX_ENOTFOUND,
-                                       "append_landmarks: sequence %s/%s was deleted", seq->ns,
-                                       seq->id));
-  if (layer >= seq->shape.n_layers)
-    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
-                                       "append_landmarks: layer %u is out of range (n_layers = "
-                                       "%u)",
-                                       layer, seq->shape.n_layers));
-  if (n_tokens == 0)
-    return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL, "append_landmarks: n_tokens is 0"));
   kvdex__layer *ly = &seq->layers[layer];
   if (token_start > ly->staged || ly->staged - token_start < n_tokens)
     return txn_fail(txn, kvdex__seterr(KVDEX_EINVAL,
@@ -1309,6 +1313,7 @@ int kvdex_txn_append_landmarks(kvdex_txn *txn, uint32_t layer, uint64_t token_st
   }
 
   /* 3. The new rows. */
+  assert(cur->cap >= b1 && b1 <= ly->staged / B);
   for (uint32_t h = 0; h < nh; h++)
     memcpy(lm_row(seq, cur, h, have), src + ((size_t)h * nb + (have - b0)) * row,
            (size_t)(b1 - have) * row);
@@ -1352,7 +1357,9 @@ int kvdex_seq_landmarks(kvdex_seq *seq, uint32_t layer, uint32_t kv_head, uint64
 
 /* Drops one reference; the last frees the object and returns its bytes. */
 static void att_unref(kvdex_attachment *att) {
-  if (atomic_fetch_sub_explicit(&att->refs, 1, memory_order_acq_rel) != 1) return;
+  uint64_t refs = atomic_fetch_sub_explicit(&att->refs, 1, memory_order_acq_rel);
+  assert(refs >= 1);
+  if (refs != 1) return;
   if (att->free_fn) att->free_fn(att->obj);
   if (att->bytes) seq_uncharge(att->seq, att->bytes);
   free(att);

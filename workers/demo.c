@@ -52,60 +52,26 @@ static void progress(const char *what, const char *unit, uint64_t done, uint64_t
   last_pct = pct;
 }
 
-/* Top-k of the naive scalar reference for one query head (f64 accumulation). */
-typedef struct ref_hit {
-  uint64_t id;
-  double score;
-} ref_hit;
-
-static int ref_worse(ref_hit a, ref_hit b) { /* a ranks below b */
-  return a.score < b.score || (a.score == b.score && a.id > b.id);
-}
-
-static void heap_down(ref_hit *h, size_t n, size_t i) {
-  for (;;) {
-    size_t l = 2 * i + 1, r = l + 1, m = i;
-    if (l < n && ref_worse(h[l], h[m])) m = l;
-    if (r < n && ref_worse(h[r], h[m])) m = r;
-    if (m == i) return;
-    ref_hit t = h[i];
-    h[i] = h[m];
-    h[m] = t;
-    i = m;
-  }
-}
-
-static int cmp_ref(const void *a, const void *b) {
-  ref_hit x = *(const ref_hit *)a, y = *(const ref_hit *)b;
-  return ref_worse(x, y) ? 1 : ref_worse(y, x) ? -1 : 0;
-}
-
+/* Top-k of the naive scalar reference for one query head: f64 accumulation rounded to
+ * f32, as kvdex_exact_search_ref does, kept by topk.h's heap; best first in heap. */
 static size_t ref_topk(const demo *d, uint32_t layer, uint32_t kvh, const float *q, uint64_t lo,
-                       uint64_t hi, uint32_t k, ref_hit *heap, float *row) {
-  size_t n = 0;
+                       uint64_t hi, uint32_t k, kvdex_hit *heap, float *row) {
+  kvdex__topk top;
+  kvdex__topk_init(&top, heap, k);
   const char *base = (const char *)d->keys[layer] + (size_t)kvh * d->tokens * d->sh.head_dim * d->es;
   for (uint64_t t = lo; t < hi; t++) {
     kvdex_to_f32(d->sh.dtype, base + t * d->sh.head_dim * d->es, row, d->sh.head_dim);
     double s = 0;
     for (uint32_t i = 0; i < d->sh.head_dim; i++) s += (double)q[i] * (double)row[i];
-    ref_hit h = {t, s};
-    if (n < k) {
-      heap[n++] = h;
-      if (n == k)
-        for (size_t i = k / 2 + 1; i-- > 0;) heap_down(heap, n, i);
-    } else if (ref_worse(heap[0], h)) {
-      heap[0] = h;
-      heap_down(heap, n, 0);
-    }
+    kvdex__topk_push(&top, t, (float)s);
   }
-  qsort(heap, n, sizeof *heap, cmp_ref);
-  return n;
+  return kvdex__topk_finish(&top);
 }
 
 /* Compares one head's result with the reference: same count, scores equal within
  * f32 rounding, and every returned id is one the reference ranks in its top-k
  * unless its score ties the k-th score within that rounding. */
-static int check_head(const kvdex_hits *got, const ref_hit *want, size_t n_want, char *why,
+static int check_head(const kvdex_hits *got, const kvdex_hit *want, size_t n_want, char *why,
                       size_t why_len) {
   if (got->n != n_want) {
     snprintf(why, why_len, "%u hits, reference has %zu", got->n, n_want);
@@ -169,7 +135,7 @@ int kvdex_cmd_demo(int argc, char **argv) {
   int created = 0;
   void *vbuf = NULL, *kbuf = NULL;
   float *q = NULL, *row = NULL, *gen = NULL;
-  ref_hit *heap = NULL;
+  kvdex_hit *heap = NULL;
   double *lat = NULL;
   unsigned char *check_step = NULL;
   kvdex_pool *pool = NULL;
@@ -279,7 +245,7 @@ int kvdex_cmd_demo(int argc, char **argv) {
   q = malloc(qn * sizeof(float));
   row = malloc(d.sh.head_dim * sizeof(float));
   uint32_t kk = req.k < eligible ? req.k : (uint32_t)eligible;
-  heap = malloc((size_t)kk * sizeof(ref_hit));
+  heap = malloc((size_t)kk * sizeof(kvdex_hit));
   if (!check_step || !lat || !q || !row || !heap) goto oom;
   if (do_attend) {
     att_o = malloc(qn * sizeof(float));
