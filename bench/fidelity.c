@@ -574,7 +574,7 @@ static int frun_step(frun *R, uint32_t s, const char *kind, uint32_t k, frow *r,
     float om[KVDEX_MAX_HEAD_DIM], lm;
     const size_t sh = (size_t)s * Hq + h;
     const float *ref = R->o_ref + sh * D;
-    kvdex_attend_merge(R->o_a + (size_t)h * D, R->lse_a[h], R->o_st + sh * D, R->lse_st[sh], D,
+    kvdex_merge_partials(R->o_a + (size_t)h * D, R->lse_a[h], R->o_st + sh * D, R->lse_st[sh], D,
                        om, &lm);
     double num = 0, den = 0;
     for (uint32_t t = 0; t < D; t++) {

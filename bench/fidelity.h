@@ -12,7 +12,7 @@
  *     together: the latency of one layer's Attend;
  *   - the static part an engine keeps on its GPU (sinks + the recent window),
  *     simulated on the CPU with the same attention code;
- *   - the two merged by log-sum-exp (kvdex_attend_merge) and compared with dense
+ *   - the two merged by log-sum-exp (kvdex_merge_partials) and compared with dense
  *     attention over all tokens: relative L2 error of the output per query head, the
  *     attention mass the kept tokens carry (exp(lse_kept - lse_dense)), keys touched;
  *   - planted needles (the generator's): the needle counts as hit when it is among

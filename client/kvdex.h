@@ -429,18 +429,8 @@ int kvdex_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const float *
                  uint32_t n_obs, const kvdex_retain_options *opts, uint64_t *ids /* OUT */,
                  float *scores /* OUT, or NULL */);
 
-/* Merges two partial attention results over disjoint token sets of one query head
- * into the result over their union, the way an engine combines its own part (sinks
- * and window, attended on the GPU) with kvdex_attend's:
- *   o_out = (e^lse_a o_a + e^lse_b o_b) / (e^lse_a + e^lse_b),
- *   lse_out = log(e^lse_a + e^lse_b),
- * computed stably (relative to the larger lse, weights in double). A side with lse
- * -INFINITY (no tokens) has weight 0 and its o is not read; both empty give o_out = 0,
- * lse_out = -INFINITY. o_out may be o_a or o_b; otherwise no overlap. d floats each.
- * For many heads, call it per head (o + h * head_dim, lse[h]). Never fails, never
- * allocates, thread-safe, needs no handle. */
-void kvdex_merge_partials(const float *o_a, float lse_a, const float *o_b, float lse_b,
-                          uint32_t d, float *o_out /* OUT */, float *lse_out /* OUT */);
+/* kvdex_merge_partials (the LSE merge of two partial results) is declared in
+ * <kvdex/kvdex_base.h>: index/attend.c and the remote client use the same one. */
 
 #ifdef __cplusplus
 }

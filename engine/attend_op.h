@@ -64,7 +64,7 @@ typedef struct kvdex_attend_stats {
  * tokens retrieved for it (top-k of `index`, as kvdex_indexer_search, or of the
  * retained set) plus `extra`, then
  *   o[h] = softmax(scale q_h.K^T) V over them (head_dim f32), lse[h] = log-sum-exp.
- * The caller merges o/lse with its own part (sinks + window) by kvdex_attend_merge.
+ * The caller merges o/lse with its own part (sinks + window) by kvdex_merge_partials.
  * Errors (nothing written): KVDEX_EINVAL (k 0 or > KVDEX_MAX_K without dense, layer
  * out of range, non-finite query, bad scale, unknown index, an extra token >= n or
  * inside sinks/window, too many extras), KVDEX_ECONFLICT (index names a kind that is

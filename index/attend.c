@@ -72,31 +72,6 @@ void kvdex_attend_merge_n(const float *o, const float *lse, uint32_t n, uint32_t
   merge_rows(o, d, lse, 1, n, d, o_out, lse_out);
 }
 
-void kvdex_attend_merge(const float *o_a, float lse_a, const float *o_b, float lse_b, uint32_t d,
-                        float *o_out, float *lse_out) {
-  if (isnan(lse_a) || isnan(lse_b) || lse_a == INFINITY || lse_b == INFINITY) {
-    for (uint32_t c = 0; c < d; c++) o_out[c] = NAN;
-    *lse_out = NAN;
-    return;
-  }
-  double m = lse_a > lse_b ? lse_a : lse_b;
-  if (m == -INFINITY) {
-    for (uint32_t c = 0; c < d; c++) o_out[c] = 0.0f;
-    *lse_out = -INFINITY;
-    return;
-  }
-  double ea = exp(lse_a - m), eb = exp(lse_b - m), sum = ea + eb;
-  float wa = (float)(ea / sum), wb = (float)(eb / sum);
-  /* Element-wise, so o_out may be either input; an empty side is not read. */
-  if (lse_b == -INFINITY) {
-    for (uint32_t c = 0; c < d; c++) o_out[c] = wa * o_a[c];
-  } else if (lse_a == -INFINITY) {
-    for (uint32_t c = 0; c < d; c++) o_out[c] = wb * o_b[c];
-  } else {
-    for (uint32_t c = 0; c < d; c++) o_out[c] = wa * o_a[c] + wb * o_b[c];
-  }
-  *lse_out = (float)(m + log(sum));
-}
 
 /* ---- scratch ------------------------------------------------------------------------- */
 

@@ -51,9 +51,9 @@ typedef struct kvdex_attend_opts {
  * and its token set T the result is, in f32,
  *   o[h]   = sum_{t in T} softmax_t(scale * q_h . k_t) * v_t      (head_dim floats)
  *   lse[h] = log sum_{t in T} exp(scale * q_h . k_t)                 (natural log)
- * An empty T gives o[h] = 0 and lse[h] = -INFINITY, which kvdex_attend_merge treats
+ * An empty T gives o[h] = 0 and lse[h] = -INFINITY, which kvdex_merge_partials treats
  * as "no tokens". Partial results over disjoint token sets combine exactly with
- * kvdex_attend_merge, so the caller can add tokens held elsewhere (e.g. on the GPU).
+ * kvdex_merge_partials, so the caller can add tokens held elsewhere (e.g. on the GPU).
  * The committed length n is taken once, when the call starts (appends committed
  * later are not seen). Non-finite keys or values make the affected heads' outputs
  * non-finite (unspecified which); they are not detected.
@@ -114,18 +114,8 @@ int kvdex_attend_mass(kvdex_seq *seq, uint32_t layer, const float *q, uint32_t n
 
 /* ---- Merging partial results ------------------------------------------------------------ */
 
-/* Combines two partial attention results over disjoint token sets into the result
- * over their union:
- *   M = max(lse_a, lse_b),  w_i = e^(lse_i - M) / (e^(lse_a - M) + e^(lse_b - M))
- *   o_out = w_a o_a + w_b o_b,  lse_out = M + log(e^(lse_a - M) + e^(lse_b - M))
- * (weights in double; no overflow however large or small the lse values). A side
- * with lse -INFINITY (no tokens) has weight 0 and its o is not read, so merging with
- * an empty result gives the other side unchanged, bit for bit; both empty give
- * o_out = 0, lse_out = -INFINITY. NaN in an lse gives NaN outputs. o_out may be o_a
- * or o_b (element-wise in place); otherwise the buffers must not overlap. d may be 0.
- * Never fails, never allocates, thread-safe. */
-void kvdex_attend_merge(const float *o_a, float lse_a, const float *o_b, float lse_b,
-                        uint32_t d, float *o_out /* OUT */, float *lse_out /* OUT */);
+/* The pairwise merge is kvdex_merge_partials (<kvdex/kvdex_base.h>, kvstore/base.c):
+ * one definition for the engine, the benches and the public API. */
 
 /* The n-way merge: o is [n][d] (row i the result over token set i, sets disjoint),
  * lse is [n]; the same formula with M the largest lse. n == 0 gives o_out = 0 and

@@ -1,8 +1,9 @@
-/* index: retrieval over the keys kvstore holds. This version has the exact
- * inner-product top-k (the ground truth every later index is measured against):
- * GQA-aware (each key is read once for all query heads of its group), f16/bf16
- * converted on the fly, SIMD kernels chosen at run time (AVX-512, AVX2+F16C,
- * scalar), parallel over (kv head, block range) on a fixed thread pool.
+/* index: the exact inner-product top-k over the keys kvstore holds (the ground truth
+ * every index kind of ann.h is measured against) and the thread pool the rest of
+ * index/ and the engine run on. The scan is GQA-aware (each key is read once for all
+ * query heads of its group), converts f16/bf16 on the fly, takes its SIMD kernels from
+ * the run-time dispatch table (AVX-512, AVX2+F16C, scalar) and runs in parallel over
+ * (kv head, block range) on the pool.
  * It does not allocate on error paths and never prints.
  */
 #ifndef KVDEX_INDEX_H

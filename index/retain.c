@@ -31,7 +31,7 @@ typedef struct sel {
 static float pooled(const sel *s, const float *m, uint64_t i) {
   uint64_t a = i >= s->half ? i - s->half : 0;
   uint64_t b = i + s->half < s->e ? i + s->half : s->e - 1;
-  if (s->pooling == KVDEX_RETAIN_POOL_AVG) {
+  if (s->pooling == KVDEX_POOLING_AVG) {
     double sum = 0.0;
     for (uint64_t u = a; u <= b; u++) sum += m[u];
     return (float)(sum / (double)(b - a + 1));
@@ -77,7 +77,7 @@ int kvdex_retain_select(kvdex_seq *seq, uint32_t layer, const float *q_obs, uint
   if (opts->pool_window % 2 == 0 || opts->pool_window > KVDEX_RETAIN_MAX_POOL_WINDOW)
     return kvdex__seterr(KVDEX_EINVAL, "%s: pool_window %u (must be odd, 1..%d)", who,
                          opts->pool_window, KVDEX_RETAIN_MAX_POOL_WINDOW);
-  if (opts->pooling != KVDEX_RETAIN_POOL_MAX && opts->pooling != KVDEX_RETAIN_POOL_AVG)
+  if (opts->pooling != KVDEX_POOLING_MAX && opts->pooling != KVDEX_POOLING_AVG)
     return kvdex__seterr(KVDEX_EINVAL, "%s: unknown pooling %d", who, opts->pooling);
   if (n_obs == 0 || n_obs > KVDEX_ATTEND_MAX_OBS)
     return kvdex__seterr(KVDEX_EINVAL, "%s: %u observation queries (must be 1..%d)", who, n_obs,

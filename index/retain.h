@@ -18,11 +18,9 @@
 extern "C" {
 #endif
 
-typedef enum kvdex_retain_pooling {
-  KVDEX_RETAIN_POOL_MAX = 0, /* pooled(t) = max of the mass in the window */
-  KVDEX_RETAIN_POOL_AVG = 1, /* pooled(t) = mean of the mass in the window (clipped: divided by
-                                the number of tokens in it, not by its nominal width) */
-} kvdex_retain_pooling;
+/* Pooling is kvdex_pooling of <kvdex/kvdex_base.h>: KVDEX_POOLING_MAX (the max of the
+ * mass in the window) or KVDEX_POOLING_AVG (the mean, clipped at the ends: divided by
+ * the number of tokens in the window, not by its nominal width). */
 
 /* Widest pooling window kvdex_retain_select takes (pooling costs tokens x width). */
 #define KVDEX_RETAIN_MAX_POOL_WINDOW 255
@@ -32,7 +30,7 @@ typedef struct kvdex_retain_opts {
   uint64_t window;      /* nor are the last `window` committed tokens */
   uint32_t budget;      /* tokens kept per kv head: 1 .. eligible tokens */
   uint32_t pool_window; /* odd width w of the centred pooling window, 1 .. 255; 1 = none */
-  int pooling;          /* kvdex_retain_pooling */
+  int pooling;          /* kvdex_pooling */
   float scale;          /* logits are scale * q.k; 0 = 1/sqrt(head_dim) */
   kvdex_simd simd;      /* KVDEX_SIMD_AUTO normally */
 } kvdex_retain_opts;

@@ -4,6 +4,7 @@
  * The logger and its level are the only process-wide state in kvdex. */
 #include "kvstore/base.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -208,4 +209,32 @@ int kvdex_name_check(const char *ns, const char *seq_id) {
   }
   if (!seq_id) return kvdex__seterr(KVDEX_EINVAL, "sequence id is missing");
   return name_check_one("sequence id", seq_id, KVDEX_MAX_SEQ_ID, "._:/-");
+}
+
+/* ---- the LSE merge of partial attention results ------------------------------------ */
+
+void kvdex_merge_partials(const float *o_a, float lse_a, const float *o_b, float lse_b,
+                          uint32_t d, float *o_out, float *lse_out) {
+  if (isnan(lse_a) || isnan(lse_b) || lse_a == INFINITY || lse_b == INFINITY) {
+    for (uint32_t c = 0; c < d; c++) o_out[c] = NAN;
+    *lse_out = NAN;
+    return;
+  }
+  double m = lse_a > lse_b ? lse_a : lse_b;
+  if (m == -INFINITY) {
+    for (uint32_t c = 0; c < d; c++) o_out[c] = 0.0f;
+    *lse_out = -INFINITY;
+    return;
+  }
+  double ea = exp(lse_a - m), eb = exp(lse_b - m), sum = ea + eb;
+  float wa = (float)(ea / sum), wb = (float)(eb / sum);
+  /* Element-wise, so o_out may be either input; an empty side is not read. */
+  if (lse_b == -INFINITY) {
+    for (uint32_t c = 0; c < d; c++) o_out[c] = wa * o_a[c];
+  } else if (lse_a == -INFINITY) {
+    for (uint32_t c = 0; c < d; c++) o_out[c] = wb * o_b[c];
+  } else {
+    for (uint32_t c = 0; c < d; c++) o_out[c] = wa * o_a[c] + wb * o_b[c];
+  }
+  *lse_out = (float)(m + log(sum));
 }

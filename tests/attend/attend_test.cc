@@ -358,7 +358,7 @@ TEST_P(AttendTest, MergedPartialsEqualUnion) {
     std::vector<float> acc(po[0].begin() + h * d, po[0].begin() + (h + 1) * d);
     float lacc = pl[0][h];
     for (size_t i = 1; i < parts; i++)
-      kvdex_attend_merge(acc.data(), lacc, &po[i][h * d], pl[i][h], (uint32_t)d, acc.data(), &lacc);
+      kvdex_merge_partials(acc.data(), lacc, &po[i][h * d], pl[i][h], (uint32_t)d, acc.data(), &lacc);
     ExpectNear(acc.data(), lacc, ref, 1e-4, "pairwise head " + std::to_string(h));
     ExpectNear(acc.data(), lacc,
                RefOut{std::vector<double>(ou.begin() + h * d, ou.begin() + (h + 1) * d), lu[h]},
@@ -368,8 +368,8 @@ TEST_P(AttendTest, MergedPartialsEqualUnion) {
     float lb;
     std::vector<float> a01(d);
     float l01;
-    kvdex_attend_merge(&po[0][h * d], pl[0][h], &po[1][h * d], pl[1][h], (uint32_t)d, a01.data(), &l01);
-    kvdex_attend_merge(&po[0][h * d], pl[0][h], b.data(), pl[1][h], (uint32_t)d, b.data(), &lb);
+    kvdex_merge_partials(&po[0][h * d], pl[0][h], &po[1][h * d], pl[1][h], (uint32_t)d, a01.data(), &l01);
+    kvdex_merge_partials(&po[0][h * d], pl[0][h], b.data(), pl[1][h], (uint32_t)d, b.data(), &lb);
     EXPECT_TRUE(SameBits(b, a01));
     EXPECT_EQ(lb, l01);
     // n ways, in place over row 0.
@@ -518,14 +518,14 @@ TEST(AttendNumerics, LseStableForHugeAndTinyScores) {
 TEST(AttendNumerics, MergeOfHugeLsesIsStable) {
   const float a[2] = {1.0f, 2.0f}, b[2] = {3.0f, -4.0f};
   float o[2], l;
-  kvdex_attend_merge(a, 1e30f, b, 1e30f, 2, o, &l);
+  kvdex_merge_partials(a, 1e30f, b, 1e30f, 2, o, &l);
   EXPECT_FLOAT_EQ(o[0], 2.0f);
   EXPECT_FLOAT_EQ(o[1], -1.0f);
   EXPECT_FLOAT_EQ(l, 1e30f);
-  kvdex_attend_merge(a, -1e30f, b, -1e30f + 1e24f, 2, o, &l);
+  kvdex_merge_partials(a, -1e30f, b, -1e30f + 1e24f, 2, o, &l);
   EXPECT_FLOAT_EQ(o[0], 3.0f);
   EXPECT_FLOAT_EQ(l, -1e30f + 1e24f);
-  kvdex_attend_merge(a, 0.0f, b, std::log(3.0f), 2, o, &l);
+  kvdex_merge_partials(a, 0.0f, b, std::log(3.0f), 2, o, &l);
   EXPECT_NEAR(o[0], 0.25f * 1 + 0.75f * 3, 1e-6);
   EXPECT_NEAR(l, std::log(4.0f), 1e-6);
 }
@@ -545,13 +545,13 @@ TEST(AttendEdge, EmptyListGivesZeroAndMinusInfAndMergesAsIdentity) {
   }
   // Merging with the empty result leaves the other side's bits; two empties stay empty.
   float out[64], lo;
-  kvdex_attend_merge(&o[64], l[1], &o[0], l[0], 64, out, &lo);
+  kvdex_merge_partials(&o[64], l[1], &o[0], l[0], 64, out, &lo);
   EXPECT_EQ(std::memcmp(out, &o[64], sizeof out), 0);
   EXPECT_EQ(lo, l[1]);
-  kvdex_attend_merge(&o[0], l[0], &o[64], l[1], 64, out, &lo);
+  kvdex_merge_partials(&o[0], l[0], &o[64], l[1], 64, out, &lo);
   EXPECT_EQ(std::memcmp(out, &o[64], sizeof out), 0);
   EXPECT_EQ(lo, l[1]);
-  kvdex_attend_merge(&o[0], l[0], &o[128], l[2], 64, out, &lo);
+  kvdex_merge_partials(&o[0], l[0], &o[128], l[2], 64, out, &lo);
   EXPECT_EQ(lo, -kInf);
   for (float x : out) EXPECT_EQ(x, 0.0f);
   // n-way: empties anywhere are ignored; n = 0 is empty.
@@ -773,10 +773,10 @@ RetainRef RefRetain(const Seq &s, uint32_t layer, const std::vector<float> &q, u
     int64_t half = opts.pool_window / 2;
     for (int64_t t = 0; t < (int64_t)e; t++) {
       int64_t a = std::max<int64_t>(0, t - half), b = std::min<int64_t>(e - 1, t + half);
-      double v = opts.pooling == KVDEX_RETAIN_POOL_MAX ? -1e300 : 0.0;
+      double v = opts.pooling == KVDEX_POOLING_MAX ? -1e300 : 0.0;
       for (int64_t u = a; u <= b; u++)
-        v = opts.pooling == KVDEX_RETAIN_POOL_MAX ? std::max(v, mass[u]) : v + mass[u];
-      if (opts.pooling == KVDEX_RETAIN_POOL_AVG) v /= (double)(b - a + 1);
+        v = opts.pooling == KVDEX_POOLING_MAX ? std::max(v, mass[u]) : v + mass[u];
+      if (opts.pooling == KVDEX_POOLING_AVG) v /= (double)(b - a + 1);
       pooled[t] = v;
     }
     std::vector<uint64_t> order(e);
@@ -804,7 +804,7 @@ TEST(Retain, EqualsReference) {
     std::mt19937 rng(15);
     const uint32_t n_obs = 5;
     auto q = Uniform((size_t)n_obs * p.n_q * p.d, 3.0f, &rng);
-    for (int pooling : {KVDEX_RETAIN_POOL_MAX, KVDEX_RETAIN_POOL_AVG})
+    for (int pooling : {KVDEX_POOLING_MAX, KVDEX_POOLING_AVG})
       for (uint32_t w : {1u, 3u, 5u})
         for (uint32_t budget : {1u, 37u, 400u}) {
           SCOPED_TRACE("pooling " + std::to_string(pooling) + " w " + std::to_string(w) +
@@ -855,7 +855,7 @@ TEST(Retain, BadInputsAreRefused) {
   good.window = 6;
   good.budget = 10;
   good.pool_window = 3;
-  good.pooling = KVDEX_RETAIN_POOL_AVG;
+  good.pooling = KVDEX_POOLING_AVG;
   const uint64_t kSentinel = 777;
   std::vector<uint64_t> ids(2 * 400, kSentinel);
   auto run = [&](const kvdex_retain_opts &o, uint32_t n_obs, const std::vector<float> &qq,
