@@ -83,7 +83,13 @@ int kvdex_index_needs_landmarks(const kvdex_index *ix);
  * "graph:K=32,degree=32,ef=128 (key-only kNN: no prefill queries)". */
 const char *kvdex_index_describe(const kvdex_index *ix);
 
-/* Serialises a built index (not the keys) into a malloc'ed buffer (caller frees). */
+/* Serialises a built index (not the keys) into a malloc'ed buffer (caller frees).
+ * Who calls these two: today only tests/ann (round trips of every kind). They are
+ * kept for the disk tier (a node's evicted blocks and their indexes spill to local
+ * files and are reloaded after a restart, without a rebuild) and for moving a built
+ * index with a sequence between nodes. The frame (ann.c: magic, format version, kind,
+ * spec, checksum) makes a buffer from another build or a torn file fail with
+ * KVDEX_EINVAL instead of being read. */
 int kvdex_index_serialize(const kvdex_index *ix, void **buf /* OUT */, size_t *len /* OUT */);
 /* Rebuilds an index from kvdex_index_serialize output. KVDEX_EINVAL if corrupt. */
 int kvdex_index_deserialize(const void *buf, size_t len, kvdex_index **out /* OUT */);
