@@ -13,6 +13,7 @@
 
 #include "bench/bench.h"
 #include "client/kvdex.h"
+#include "kvstore/base.h"
 #include "workers/client_opts.h"
 #include "workers/cmd.h"
 #include "workers/commands.h"
@@ -207,9 +208,9 @@ int kvdex_cmd_demo(int argc, char **argv) {
       for (uint32_t h = 0; h < d.sh.n_kv_heads; h++)
         memcpy((char *)d.keys[l] + ((size_t)h * head_elems + t0 * d.sh.head_dim) * d.es,
                (char *)kbuf + (size_t)h * n * d.sh.head_dim * d.es, (size_t)n * d.sh.head_dim * d.es);
-      double t = kvdex_bench_now();
+      double t = kvdex__now_s();
       rc = kvdex_append_kv(ap, l, t0, n, kbuf, vbuf);
-      ingest_s += kvdex_bench_now() - t;
+      ingest_s += kvdex__now_s() - t;
       if (rc) {
         kvdex_append_abort(ap);
         goto fail;
@@ -218,10 +219,10 @@ int kvdex_cmd_demo(int argc, char **argv) {
       if (!json) progress("ingest", "tokens", done_tok, total_tok, done_tok * kv_bytes / total_tok / ingest_s / 1e9, tty);
     }
   }
-  double t = kvdex_bench_now();
+  double t = kvdex__now_s();
   uint64_t appended = 0;
   rc = kvdex_append_commit(ap, &appended);
-  ingest_s += kvdex_bench_now() - t;
+  ingest_s += kvdex__now_s() - t;
   if (rc) goto fail;
   if (appended != total_tok) {
     fprintf(stderr, "kvdex demo: server stored %llu tokens, expected %llu\n",
@@ -277,9 +278,9 @@ int kvdex_cmd_demo(int argc, char **argv) {
     }
     kvdex_search_out res = {0};
     const float *qs[1] = {q};
-    double t1 = kvdex_bench_now();
+    double t1 = kvdex__now_s();
     rc = kvdex_search(db, layer, &req, 1, ids, qs, &res);
-    lat[st] = kvdex_bench_now() - t1;
+    lat[st] = kvdex__now_s() - t1;
     if (rc) goto fail;
     search_s += lat[st];
     scanned_bytes += (double)res.keys_scanned * d.sh.head_dim * d.es;
@@ -304,13 +305,13 @@ int kvdex_cmd_demo(int argc, char **argv) {
       kvdex_attend_options ao = {.k = req.k, .sinks = req.sinks, .window = req.window,
                                  .index = "auto"};
       float *o1[1] = {att_o}, *l1[1] = {att_lse}, *o2[1] = {den_o}, *l2[1] = {den_lse};
-      double t2 = kvdex_bench_now();
+      double t2 = kvdex__now_s();
       if (kvdex_attend(db, layer, &ao, 1, &item, o1, l1, NULL)) goto fail;
-      att_lat[n_att] = kvdex_bench_now() - t2;
+      att_lat[n_att] = kvdex__now_s() - t2;
       ao.dense = 1;
-      t2 = kvdex_bench_now();
+      t2 = kvdex__now_s();
       if (kvdex_attend(db, layer, &ao, 1, &item, o2, l2, NULL)) goto fail;
-      den_lat[n_att] = kvdex_bench_now() - t2;
+      den_lat[n_att] = kvdex__now_s() - t2;
       n_att++;
       for (uint32_t h = 0; h < d.sh.n_q_heads; h++) {
         double num = 0, den = 0;
