@@ -11,9 +11,6 @@
 
 #include "index/index.h"
 
-/* Monotonic clock in seconds. */
-double kvdex_bench_now(void);
-
 /* Measures read bandwidth (bytes/s) over a freshly allocated buffer of `bytes`,
  * read by `threads` threads through `pool` (NULL pool = 1 thread); best of `repeat`.
  * Returns a negative value (and sets kvdex_errmsg) if memory cannot be had. */

@@ -6,7 +6,6 @@
 #include <string.h>
 #include <time.h>
 
-#include "bench/bench.h"
 #include "bench/gen.h"
 #include "bench/npy.h"
 #include "engine/node.h"
@@ -224,7 +223,7 @@ static int fill_store(const kvdex_fidelity_opts *o, const fdata *f, kvdex_seq *s
     rc = kvdex__seterr(KVDEX_ENOMEM, "fidelity: out of memory for append buffers");
     goto out;
   }
-  double t0 = kvdex_bench_now();
+  double t0 = kvdex__now_s();
   for (uint64_t s = 0; s < f->n; s += APPEND_CHUNK) {
     uint32_t c = (uint32_t)(f->n - s < APPEND_CHUNK ? f->n - s : APPEND_CHUNK);
     for (uint32_t g = 0; g < f->H; g++) {
@@ -240,7 +239,7 @@ static int fill_store(const kvdex_fidelity_opts *o, const fdata *f, kvdex_seq *s
     if (o->progress && ((s / APPEND_CHUNK) % 32 == 31 || s + c == f->n))
       fprintf(o->progress, "bench fidelity: appended %llu/%llu tokens (%.0f MB/s)\n",
               (unsigned long long)(s + c), (unsigned long long)f->n,
-              (double)(s + c) * f->H * row * 2 / 1e6 / (kvdex_bench_now() - t0));
+              (double)(s + c) * f->H * row * 2 / 1e6 / (kvdex__now_s() - t0));
   }
   if (!f->n_train) goto out;
   uint64_t stride = 1;
@@ -503,10 +502,10 @@ static int frun_reference(frun *R) {
   const size_t HqD = (size_t)R->Hq * R->D;
   for (uint32_t s = 0; s < R->steps; s++) {
     frun_query(R, s);
-    double t0 = kvdex_bench_now();
+    double t0 = kvdex__now_s();
     int rc = kvdex_attend_dense(R->seq, 0, R->q, 0, 0, &R->ao, R->pool, R->as,
                                 R->o_ref + s * HqD, R->lse_ref + (size_t)s * R->Hq);
-    R->lat[s] = (kvdex_bench_now() - t0) * 1e3;
+    R->lat[s] = (kvdex__now_s() - t0) * 1e3;
     if (rc || (rc = kvdex_attend_ids(R->seq, 0, R->q, R->st_p, R->st_n, &R->ao, R->pool, R->as,
                                      R->o_st + s * HqD, R->lse_st + (size_t)s * R->Hq)))
       return rc;
@@ -554,7 +553,7 @@ static int frun_step(frun *R, uint32_t s, const char *kind, uint32_t k, frow *r,
   kvdex_search_opts so = {.k = k, .sinks = (uint32_t)o->sinks, .window = (uint32_t)o->window};
   const char *used = NULL;
   const kvdex_search_result *res = NULL;
-  double t0 = kvdex_bench_now();
+  double t0 = kvdex__now_s();
   int rc = kvdex_node_search(R->node, R->nctx, R->seq, 0, R->q, &so, kind, NULL, &res, &used);
   if (rc) return rc;
   for (uint32_t h = 0; h < Hq; h++) {
@@ -564,7 +563,7 @@ static int frun_step(frun *R, uint32_t s, const char *kind, uint32_t k, frow *r,
   }
   rc = kvdex_attend_ids(R->seq, 0, R->q, (const uint64_t *const *)R->idp, R->n_ids, &R->ao,
                         R->pool, R->as, R->o_a, R->lse_a);
-  R->lat[s] = (kvdex_bench_now() - t0) * 1e3;
+  R->lat[s] = (kvdex__now_s() - t0) * 1e3;
   if (rc) return rc;
   snprintf(r->used, sizeof r->used, "%s", used);
   *touched += strcmp(used, "exact") == 0

@@ -8,10 +8,6 @@
 #include "bench/bench.h"
 #include "kvstore/base.h"
 
-/* Kept for the bench and worker callers not yet on kvdex__now_s (the clock itself is
- * base's). */
-double kvdex_bench_now(void) { return kvdex__now_s(); }
-
 typedef struct probe {
   const uint64_t *buf;
   size_t words, chunk;

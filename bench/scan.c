@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "bench/bench.h"
+#include "kvstore/base.h"
 
 
 static float uniform(uint64_t *s) { return (float)((kvdex_splitmix64(s) >> 40) * (1.0 / 16777216.0)) * 2 - 1; }
@@ -53,9 +54,9 @@ static int time_search(kvdex_seq *seq, const float *q, const kvdex_search_opts *
   if (!dts) return kvdex__seterr(KVDEX_ENOMEM, "bench: out of memory");
   int rc = kvdex_exact_search(seq, 0, q, o, pool, &res); /* warm-up */
   for (int r = 0; r < repeat && !rc; r++) {
-    double t0 = kvdex_bench_now();
+    double t0 = kvdex__now_s();
     rc = kvdex_exact_search(seq, 0, q, o, pool, &res);
-    dts[r] = kvdex_bench_now() - t0;
+    dts[r] = kvdex__now_s() - t0;
   }
   if (!rc) {
     t->median = kvdex_percentile(dts, (size_t)repeat, 50);

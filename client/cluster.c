@@ -83,7 +83,7 @@ size_t kvdex__cl_n_owners(const kvdex__cluster *c, size_t n_nodes) {
 static size_t read_order(kvdex__cluster *c, const char *ns, const char *id, kvdex__cl_node **out) {
   kvdex__cl_node *r[KVDEX__MAX_NODES];
   size_t n = kvdex__cl_rank(c, ns, id, r), owners = kvdex__cl_n_owners(c, n), k = 0;
-  int64_t now = kvdex__cl_now_ms();
+  int64_t now = kvdex__now_ms();
   for (int part = 0; part < 4; part++) {
     size_t lo = part < 2 ? 0 : owners, hi = part < 2 ? owners : n;
     for (size_t i = lo; i < hi; i++) {
@@ -109,7 +109,7 @@ static int read_try_in(kvdex__cluster *c, const char *what, const char *id, read
   for (size_t i = 0; i < n; i++) {
     kvdex__cl_node *nd = order[i];
     if (!nd->db) continue;
-    if (tried > 0 && kvdex__cl_now_ms() >= deadline) {
+    if (tried > 0 && kvdex__now_ms() >= deadline) {
       return kvdex__seterr(KVDEX_ETIMEDOUT,
                            "%s %s: the deadline of %u ms passed after %zu nodes; last: %s", what,
                            id, c->timeout_ms, tried, transport_why[0] ? transport_why : nf_why);
@@ -136,7 +136,7 @@ static int read_try_in(kvdex__cluster *c, const char *what, const char *id, read
 }
 
 static int read_try(kvdex__cluster *c, const char *what, const char *id, read_fn fn, void *arg) {
-  int64_t deadline = kvdex__cl_now_ms() + c->timeout_ms;
+  int64_t deadline = kvdex__now_ms() + c->timeout_ms;
   kvdex__grpc_set_deadline(deadline);
   int rc = read_try_in(c, what, id, fn, arg, deadline);
   kvdex__grpc_set_deadline(0);
@@ -154,7 +154,7 @@ static int write_owners(kvdex__cluster *c, const char *what, const char *id, wri
                         void *arg) {
   kvdex__cl_node *r[KVDEX__MAX_NODES];
   size_t n = kvdex__cl_rank(c, c->base.ns, id, r), owners = kvdex__cl_n_owners(c, n);
-  int64_t now = kvdex__cl_now_ms();
+  int64_t now = kvdex__now_ms();
   size_t ok = 0, down = 0;
   int fatal = 0;
   char fatal_why[400] = "", nf_why[400] = "", down_why[400] = "";
@@ -383,7 +383,7 @@ static int cl_append_begin(kvdex_db *db, const char *seq_id, kvdex_appender **ou
   snprintf(cap->id, sizeof cap->id, "%s", seq_id);
   kvdex__cl_node *r[KVDEX__MAX_NODES];
   size_t n = kvdex__cl_rank(c, c->base.ns, seq_id, r), owners = kvdex__cl_n_owners(c, n);
-  int64_t now = kvdex__cl_now_ms();
+  int64_t now = kvdex__now_ms();
   int fatal = 0, saw_down = 0;
   char why[400] = "";
   kvdex__cl_node *missed[KVDEX__MAX_REPLICAS];
@@ -631,7 +631,7 @@ static int fan_out(kvdex__cluster *c, const char *what, size_t n, const char *co
   kvdex__cl_node *dead[KVDEX__MAX_NODES];
   size_t n_dead = 0;
   char down_why[400] = "", nf_why[400] = "";
-  int64_t deadline = kvdex__cl_now_ms() + c->timeout_ms;
+  int64_t deadline = kvdex__now_ms() + c->timeout_ms;
   for (int round = 0;; round++) {
     /* Next node per pending item; group them. */
     size_t n_groups = 0;
@@ -668,7 +668,7 @@ static int fan_out(kvdex__cluster *c, const char *what, size_t n, const char *co
       gof[i] = g;
     }
     if (n_groups == 0) break; /* every item done */
-    if (round > 0 && kvdex__cl_now_ms() >= deadline) {
+    if (round > 0 && kvdex__now_ms() >= deadline) {
       rc = kvdex__seterr(KVDEX_ETIMEDOUT, "%s: the deadline of %u ms passed with items left: %s",
                          what, c->timeout_ms, down_why[0] ? down_why : nf_why);
       goto out;
@@ -1005,7 +1005,7 @@ int kvdex__cluster_open(const char *uri, const kvdex_open_opts *opts, kvdex_db *
     snprintf(c->dns_host, sizeof c->dns_host, "%.*s", (int)(colon - hosts), hosts);
     snprintf(c->dns_port, sizeof c->dns_port, "%s", colon + 1);
     if ((rc = kvdex__cl_resolve(c, addrs, &n))) goto fail;
-    atomic_store(&c->next_resolve, kvdex__cl_now_ms() + c->resolve_ms);
+    atomic_store(&c->next_resolve, kvdex__now_ms() + c->resolve_ms);
   } else {
     for (char *h = hosts, *next; h; h = next) {
       char *comma = strchr(h, ',');

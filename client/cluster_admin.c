@@ -77,12 +77,12 @@ void kvdex__cl_replica_missed(kvdex__cluster *c, kvdex__cl_node *nd, const char 
 static int repair_hint(kvdex__cluster *c, const kvdex__cl_hint *h) {
   kvdex__cl_node *dst = kvdex__cl_node_by_addr(c, h->addr);
   if (!dst) return 1; /* no longer a node (DNS): nothing to repair there */
-  if (kvdex__cl_node_skipped(dst, kvdex__cl_now_ms())) return 0;
+  if (kvdex__cl_node_skipped(dst, kvdex__now_ms())) return 0;
   kvdex__cl_node *r[KVDEX__MAX_NODES];
   size_t n = kvdex__cl_rank(c, h->ns, h->id, r);
   int tried = 0, missing = 0;
   for (size_t i = 0; i < n; i++) {
-    if (r[i] == dst || kvdex__cl_node_skipped(r[i], kvdex__cl_now_ms()) ||
+    if (r[i] == dst || kvdex__cl_node_skipped(r[i], kvdex__now_ms()) ||
         kvdex__cl_hint_has(c, r[i], h->ns, h->id))
       continue;
     tried++;
@@ -316,7 +316,7 @@ static int report_fill(kvdex__cluster *c, const snapshot *s, int verify,
     kvdex_cluster_report_free(out);
     return kvdex__seterr(KVDEX_ENOMEM, "cluster status: out of memory");
   }
-  int64_t now = kvdex__cl_now_ms();
+  int64_t now = kvdex__now_ms();
   out->n_nodes = s->n;
   for (size_t i = 0; i < s->n; i++) {
     kvdex_cluster_node *rn = &out->nodes[i];

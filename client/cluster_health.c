@@ -12,7 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 
 #include "client/cluster_int.h"
 
@@ -20,13 +19,7 @@
 #define BREAKER_BASE_MS 200
 #define BREAKER_MAX_MS 10000
 
-/* ---- clock and circuit breaker ------------------------------------------------------ */
-
-int64_t kvdex__cl_now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
+/* ---- circuit breaker ---------------------------------------------------------------- */
 
 int kvdex__cl_is_transport(int rc) { return rc == KVDEX_EUNAVAIL || rc == KVDEX_ETIMEDOUT; }
 
@@ -45,7 +38,7 @@ void kvdex__cl_node_result(kvdex__cl_node *nd, int rc) {
     int shift = f - BREAKER_FAILS;
     int64_t ms = shift >= 6 ? BREAKER_MAX_MS : (int64_t)BREAKER_BASE_MS << shift;
     if (ms > BREAKER_MAX_MS) ms = BREAKER_MAX_MS;
-    atomic_store(&nd->open_until, kvdex__cl_now_ms() + ms);
+    atomic_store(&nd->open_until, kvdex__now_ms() + ms);
   }
 }
 
@@ -143,9 +136,9 @@ int kvdex__cl_resolve(kvdex__cluster *c, char (*addrs)[KVDEX__CL_ADDR_MAX], size
 /* One caller re-resolves; the others go on with the current ring. A failed lookup
  * keeps the ring. */
 void kvdex__cl_maybe_resolve(kvdex__cluster *c) {
-  if (!c->dns || kvdex__cl_now_ms() < atomic_load(&c->next_resolve)) return;
+  if (!c->dns || kvdex__now_ms() < atomic_load(&c->next_resolve)) return;
   if (pthread_mutex_trylock(&c->resolve_mu) != 0) return;
-  if (kvdex__cl_now_ms() >= atomic_load(&c->next_resolve)) {
+  if (kvdex__now_ms() >= atomic_load(&c->next_resolve)) {
     char (*addrs)[KVDEX__CL_ADDR_MAX] = malloc(KVDEX__MAX_NODES * sizeof *addrs);
     size_t n = 0;
     if (!addrs) {
@@ -155,7 +148,7 @@ void kvdex__cl_maybe_resolve(kvdex__cluster *c) {
       KVDEX_LOG(KVDEX_LOG_WARN, "kvdex cluster: keeping the node list: %s", kvdex_errmsg());
     }
     free(addrs);
-    atomic_store(&c->next_resolve, kvdex__cl_now_ms() + c->resolve_ms);
+    atomic_store(&c->next_resolve, kvdex__now_ms() + c->resolve_ms);
   }
   pthread_mutex_unlock(&c->resolve_mu);
 }

@@ -99,8 +99,6 @@ size_t kvdex__cl_n_owners(const kvdex__cluster *c, size_t n_nodes);
 
 /* ---- node health (cluster_health.c) ------------------------------------------------- */
 
-/* CLOCK_MONOTONIC in ms: the clock of breakers, deadlines and re-resolution. */
-int64_t kvdex__cl_now_ms(void);
 /* 1 for the codes that say the node did not answer (UNAVAILABLE, DEADLINE_EXCEEDED). */
 int kvdex__cl_is_transport(int rc);
 /* 1 when calls skip the node: it could not be opened, or its breaker is open. */

@@ -5,7 +5,6 @@
  */
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
 
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
@@ -20,7 +19,7 @@ void kvdex__grpc_auth_op(const kvdex__grpc_db *g, grpc_op *op) {
   op->data.send_initial_metadata.metadata = (grpc_metadata *)&g->auth_md;
 }
 
-/* The calling thread's overall deadline (CLOCK_MONOTONIC ms, 0 = none): a cluster
+/* The calling thread's overall deadline (kvdex__now_ms, 0 = none): a cluster
  * handle sets it so that failover across nodes stays within the caller's timeout. */
 static _Thread_local int64_t tl_deadline_ms;
 
@@ -29,9 +28,7 @@ void kvdex__grpc_set_deadline(int64_t monotonic_ms) { tl_deadline_ms = monotonic
 /* The timeout of a call starting now: the handle's, cut to the thread's deadline. */
 static uint32_t call_timeout_ms(const kvdex__grpc_db *g) {
   if (!tl_deadline_ms) return g->timeout_ms;
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  int64_t left = tl_deadline_ms - ((int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
+  int64_t left = tl_deadline_ms - kvdex__now_ms();
   if (left < 1) left = 1;
   return left < (int64_t)g->timeout_ms ? (uint32_t)left : g->timeout_ms;
 }

@@ -5,9 +5,9 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "index/ann.h"
+#include "index/topk.h"
 #include "kvstore/base.h"
 
 struct kvdex_attend_ctx {
@@ -86,30 +86,6 @@ uint32_t kvdex_retained_budget(kvdex_seq *seq, uint32_t layer) {
   return b;
 }
 
-static int reserve(kvdex_search_result *res, uint32_t n_q, size_t kk) {
-  size_t need = (size_t)n_q * kk;
-  if (res->heads_cap_ < n_q) {
-    kvdex_head_result *h = malloc((size_t)n_q * sizeof *h);
-    if (!h) return KVDEX_ENOMEM;
-    free(res->heads);
-    res->heads = h;
-    res->heads_cap_ = n_q;
-  }
-  if (res->storage_cap_ < need) {
-    kvdex_hit *s = malloc(need * sizeof *s);
-    if (!s) return KVDEX_ENOMEM;
-    free(res->storage_);
-    res->storage_ = s;
-    res->storage_cap_ = need;
-  }
-  res->n_q_heads = n_q;
-  for (uint32_t h = 0; h < n_q; h++) {
-    res->heads[h].n_hits = 0;
-    res->heads[h].hits = kk ? res->storage_ + (size_t)h * kk : NULL;
-  }
-  return 0;
-}
-
 /* The retained search, with the context's row buffer (NULL ctx: one made here). */
 static int retained_search(kvdex_seq *seq, uint32_t layer, const float *q,
                            const kvdex_search_opts *opts, kvdex_attend_ctx *c,
@@ -138,7 +114,6 @@ static int retained_search(kvdex_seq *seq, uint32_t layer, const float *q,
   const uint64_t lo = opts->sinks, hi = n > opts->window ? n - opts->window : 0;
   const size_t kk = opts->k < r->budget ? opts->k : r->budget;
   size_t es = kvdex_dtype_size(sh->dtype), rb = (size_t)d * es;
-  if ((rc = reserve(res, n_q, kk))) goto oom;
   if (c->rows_cap < r->budget) {
     void *rows = malloc((size_t)r->budget * rb);
     float *sc = malloc((size_t)r->budget * group * sizeof(float) + 1);
@@ -153,6 +128,8 @@ static int retained_search(kvdex_seq *seq, uint32_t layer, const float *q,
     c->sc = sc;
     c->rows_cap = r->budget;
   }
+  /* Last, so that a failed search leaves res as it was. */
+  if ((rc = kvdex__search_result_reserve(res, n_q, kk))) goto oom;
   uint64_t scanned = 0;
   for (uint32_t g = 0; g < sh->n_kv_heads; g++) {
     kvdex_kv_view v;
@@ -171,21 +148,10 @@ static int retained_search(kvdex_seq *seq, uint32_t layer, const float *q,
     kvdex_score_keys(KVDEX_SIMD_AUTO, sh->dtype, c->rows, m, d, q + (size_t)g * group * d, group,
                      c->sc);
     for (uint32_t j = 0; j < group; j++) {
-      kvdex_hit *h = res->heads[g * group + j].hits;
-      /* top-kk of m by selection into a sorted buffer (kk <= budget, small) */
-      size_t cnt = 0;
-      for (size_t i = 0; i < m; i++) {
-        kvdex_hit x = {keep[i], c->sc[(size_t)j * m + i]};
-        if (x.score != x.score) continue;
-        if (cnt == kk && !kvdex_hit_better(x, h[kk - 1])) continue;
-        size_t p = cnt < kk ? cnt++ : kk - 1;
-        while (p > 0 && kvdex_hit_better(x, h[p - 1])) {
-          h[p] = h[p - 1];
-          p--;
-        }
-        h[p] = x;
-      }
-      res->heads[g * group + j].n_hits = (uint32_t)cnt;
+      kvdex__topk t;
+      kvdex__topk_init(&t, res->heads[g * group + j].hits, (uint32_t)kk);
+      for (size_t i = 0; i < m; i++) kvdex__topk_push(&t, keep[i], c->sc[(size_t)j * m + i]);
+      res->heads[g * group + j].n_hits = kvdex__topk_finish(&t);
     }
   }
   kvdex_attachment_release(att);
@@ -216,18 +182,12 @@ int kvdex_retained_search(kvdex_seq *seq, uint32_t layer, const float *q,
 
 /* ---- Attend --------------------------------------------------------------------- */
 
-static double now_seconds(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 int kvdex_attend_layer(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const float *q,
                        const kvdex_attend_req *req, kvdex_pool *pool, kvdex_attend_ctx *c,
                        float *o, float *lse, kvdex_attend_stats *stats) {
   if (!seq || !q || !req || !c || !o || !lse)
     return kvdex__seterr(KVDEX_EINVAL, "attend: NULL argument");
-  const double t0 = now_seconds();
+  const double t0 = kvdex__now_s();
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   if (layer >= sh->n_layers)
     return kvdex__seterr(KVDEX_EINVAL, "attend: layer %u out of [0, %u)", layer, sh->n_layers);
@@ -272,7 +232,7 @@ int kvdex_attend_layer(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const
         st.attended += eligible;
       }
     }
-    st.seconds = now_seconds() - t0;
+    st.seconds = kvdex__now_s() - t0;
     if (stats) *stats = st;
     return 0;
   }
@@ -313,7 +273,7 @@ int kvdex_attend_layer(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const
   }
   if ((rc = kvdex_attend_ids(seq, layer, q, c->idp, c->n_ids, &ao, pool, c->as, o, lse)))
     return rc;
-  st.seconds = now_seconds() - t0;
+  st.seconds = kvdex__now_s() - t0;
   if (stats) *stats = st;
   return 0;
 }

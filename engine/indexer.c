@@ -22,7 +22,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+
+#include "index/topk.h"
+#include "kvstore/base.h"
 
 #define MAX_BUILD_THREADS 64
 #define TAIL_CHUNK 1024 /* tail keys scored per kvdex_score_keys call */
@@ -116,12 +118,6 @@ static const char *status_name(int rc) {
   }
 }
 
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* 1 if an index made from spec (already parsed once) needs the layer's landmarks. */
 static bool spec_needs_landmarks(const char *spec) {
   kvdex_index *probe = NULL;
@@ -162,7 +158,7 @@ static int job_run(kvdex_indexer *ixr, ix_job *job, char *err, size_t err_len) {
   kvdex_seq *seq = job->seq;
   const kvdex_shape *sh = kvdex_seq_shape(seq);
   const uint32_t n_kv = sh->n_kv_heads, group = sh->n_q_heads / sh->n_kv_heads;
-  double t0 = now_s();
+  double t0 = kvdex__now_s();
   uint64_t n = kvdex_seq_tokens(seq, job->layer);
   /* landmark:mode=given covers the blocks that have landmarks, [0, n_lm * B): one
    * count for every kv head, read after n (landmarks are published after their tokens
@@ -240,7 +236,7 @@ static int job_run(kvdex_indexer *ixr, ix_job *job, char *err, size_t err_len) {
   }
   free(lms);
   lms = NULL;
-  set->build_seconds = now_s() - t0;
+  set->build_seconds = kvdex__now_s() - t0;
   snprintf(set->describe, sizeof set->describe, "%s", kvdex_index_describe(set->ix[0]));
   int rc = kvdex_seq_attach(seq, job->layer, KVDEX_INDEXER_SLOT_SET, set, memory, ix_set_free);
   if (rc == KVDEX_ENOTFOUND) goto discard;
@@ -525,86 +521,6 @@ int kvdex_indexer_info_get(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer,
 
 /* ---- search ----------------------------------------------------------------------------- */
 
-/* A bounded heap of the best hits, worst on top (kvdex_hit_better order). */
-typedef struct topk {
-  kvdex_hit *h;
-  uint32_t n, k;
-} topk;
-
-static void topk_sift_down(kvdex_hit *h, uint32_t root, uint32_t n) {
-  for (;;) {
-    uint32_t c = 2 * root + 1;
-    if (c >= n) return;
-    if (c + 1 < n && kvdex_hit_better(h[c], h[c + 1])) c++; /* the worse child */
-    if (!kvdex_hit_better(h[root], h[c])) return;
-    kvdex_hit x = h[root];
-    h[root] = h[c];
-    h[c] = x;
-    root = c;
-  }
-}
-
-static void topk_push(topk *t, uint64_t id, float score) {
-  if (score != score || t->k == 0) return; /* NaN is never a hit */
-  kvdex_hit x = {id, score};
-  if (t->n < t->k) {
-    uint32_t i = t->n++;
-    while (i > 0) {
-      uint32_t p = (i - 1) / 2;
-      if (!kvdex_hit_better(t->h[p], x)) break;
-      t->h[i] = t->h[p];
-      i = p;
-    }
-    t->h[i] = x;
-  } else if (kvdex_hit_better(x, t->h[0])) {
-    t->h[0] = x;
-    topk_sift_down(t->h, 0, t->n);
-  }
-}
-
-/* Sorts the heap best first in place; returns the count. */
-static uint32_t topk_finish(topk *t) {
-  for (uint32_t end = t->n; end > 1; end--) {
-    kvdex_hit x = t->h[0];
-    t->h[0] = t->h[end - 1];
-    t->h[end - 1] = x;
-    topk_sift_down(t->h, 0, end - 1);
-  }
-  return t->n;
-}
-
-/* Makes res hold n_q heads of room kk each (as index/exact.c does: allocates before it
- * frees, so res is untouched on failure). */
-static int reserve_result(kvdex_search_result *res, uint32_t n_q, size_t kk) {
-  size_t need = (size_t)n_q * kk;
-  kvdex_head_result *heads = res->heads;
-  kvdex_hit *storage = res->storage_;
-  bool new_heads = res->heads_cap_ < n_q, new_storage = res->storage_cap_ < need;
-  if (new_heads && !(heads = malloc((size_t)n_q * sizeof *heads))) goto oom;
-  if (new_storage && !(storage = malloc(need * sizeof *storage))) {
-    if (new_heads) free(heads);
-    goto oom;
-  }
-  if (new_heads) {
-    free(res->heads);
-    res->heads = heads;
-    res->heads_cap_ = n_q;
-  }
-  if (new_storage) {
-    free(res->storage_);
-    res->storage_ = storage;
-    res->storage_cap_ = need;
-  }
-  res->n_q_heads = n_q;
-  for (uint32_t h = 0; h < n_q; h++) {
-    res->heads[h].n_hits = 0;
-    res->heads[h].hits = kk ? res->storage_ + (size_t)h * kk : NULL;
-  }
-  return KVDEX_OK;
-oom:
-  return kvdex__seterr(KVDEX_ENOMEM, "search: out of memory for %u x %zu hits", n_q, kk);
-}
-
 /* One indexed search of a layer, shared by its per-kv-head tasks. */
 typedef struct search_job {
   kvdex_indexer *ixr;
@@ -621,7 +537,7 @@ typedef struct search_job {
   uint32_t group, d;
   kvdex_hit *cand;   /* [n_kv][kf] */
   float *sc;         /* [n_kv][group * TAIL_CHUNK] */
-  topk *heaps;       /* [n_kv][group] */
+  kvdex__topk *heaps; /* [n_kv][group] */
   uint64_t *scanned; /* [n_kv] */
   int *rcs;          /* [n_kv] */
 } search_job;
@@ -634,7 +550,7 @@ static void search_task(void *ctx, size_t kvi, unsigned worker) {
   const kvdex_search_opts *opts = J->opts;
   kvdex_hit *cand = J->cand ? J->cand + (size_t)kv * J->kf : NULL;
   float *sc = J->sc ? J->sc + (size_t)kv * group * TAIL_CHUNK : NULL;
-  topk *heaps = J->heaps + (size_t)kv * group;
+  kvdex__topk *heaps = J->heaps + (size_t)kv * group;
   const uint64_t lo = J->lo, hi = J->hi;
   uint64_t scanned = 0;
   kvdex_kv_view view;
@@ -645,7 +561,7 @@ static void search_task(void *ctx, size_t kvi, unsigned worker) {
   if (rc) goto out;
   view.n_tokens = J->n; /* one length for every kv head */
   for (uint32_t j = 0; j < group; j++)
-    heaps[j] = (topk){.h = J->res->heads[kv * group + j].hits, .n = 0, .k = (uint32_t)J->kk};
+    kvdex__topk_init(&heaps[j], J->res->heads[kv * group + j].hits, (uint32_t)J->kk);
   for (uint32_t j = 0; J->use_index && j < group && !rc; j++) {
     uint32_t nh = 0;
     uint64_t touched = 0;
@@ -663,7 +579,8 @@ static void search_task(void *ctx, size_t kvi, unsigned worker) {
       scanned += touched;
     }
     for (uint32_t i = 0; i < nh; i++)
-      if (cand[i].id >= lo && cand[i].id < hi) topk_push(&heaps[j], cand[i].id, cand[i].score);
+      if (cand[i].id >= lo && cand[i].id < hi)
+        kvdex__topk_push(&heaps[j], cand[i].id, cand[i].score);
   }
   if (rc) goto out;
   /* The tail: eligible tokens the index does not cover, scored exactly for the
@@ -678,12 +595,12 @@ static void search_task(void *ctx, size_t kvi, unsigned worker) {
     rc = kvdex_score_keys(opts->simd, view.dtype, keys, run, d, J->q + (size_t)kv * group * d,
                           group, sc);
     for (uint32_t j = 0; !rc && j < group; j++)
-      for (uint64_t i = 0; i < run; i++) topk_push(&heaps[j], t + i, sc[j * run + i]);
+      kvdex__topk_push_run(&heaps[j], t, sc + j * run, run);
     t += run;
   }
   if (J->use_tail) scanned += J->tail_hi - J->tail_lo;
   for (uint32_t j = 0; j < group; j++)
-    J->res->heads[kv * group + j].n_hits = topk_finish(&heaps[j]);
+    J->res->heads[kv * group + j].n_hits = kvdex__topk_finish(&heaps[j]);
 out:
   if (scratch) scratch_give(J->ixr, scratch);
   J->scanned[kv] = scanned;
@@ -719,7 +636,7 @@ static int search_set(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const 
   const uint64_t tail_lo = lo > built ? lo : built, tail_hi = hi;
   const bool use_tail = kk > 0 && tail_lo < tail_hi;
 
-  int rc = reserve_result(res, n_q, kk);
+  int rc = kvdex__search_result_reserve(res, n_q, kk);
   if (rc) return rc;
   const uint32_t n_kv = sh->n_kv_heads;
   search_job J = {ixr, seq, layer, set, q, opts, params, res, n, lo, hi, kf, kf1,

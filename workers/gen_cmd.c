@@ -12,10 +12,10 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "bench/bench.h"
 #include "bench/gen.h"
 #include "bench/npy.h"
 #include "index/index.h"
+#include "kvstore/base.h"
 #include "workers/cmd.h"
 #include "workers/commands.h"
 #include "workers/settings.h"
@@ -59,7 +59,7 @@ static int write_matrix(const char *dir, const char *name, int dtype, const floa
   file_path(path, sizeof path, dir, name, 1);
   uint64_t shape[2] = {rows, dim};
   size_t n = (size_t)rows * dim;
-  double t0 = kvdex_bench_now();
+  double t0 = kvdex__now_s();
   int rc;
   if (dtype == KVDEX_DTYPE_F32) {
     rc = kvdex_npy_write(path, dtype, 2, shape, src);
@@ -73,7 +73,7 @@ static int write_matrix(const char *dir, const char *name, int dtype, const floa
   if (!rc)
     fprintf(stderr, "gen: wrote %s/%s [%llu, %u] %s, %.1f MiB in %.2f s\n", dir, name,
             (unsigned long long)rows, dim, kvdex_dtype_name(dtype),
-            (double)n * kvdex_dtype_size(dtype) / 1048576.0, kvdex_bench_now() - t0);
+            (double)n * kvdex_dtype_size(dtype) / 1048576.0, kvdex__now_s() - t0);
   return rc;
 }
 
@@ -219,14 +219,14 @@ int kvdex_cmd_gen(int argc, char **argv) {
     return 2;
   }
   kvdex_gen_data g;
-  double t0 = kvdex_bench_now();
+  double t0 = kvdex__now_s();
   rc = kvdex_gen(&o, &g);
   if (rc) {
     fprintf(stderr, "kvdex gen: %s\n", kvdex_errmsg());
     kvdex_settings_free(&s);
     return rc == KVDEX_EINVAL ? 2 : 1;
   }
-  fprintf(stderr, "gen: generated in %.2f s; writing %s\n", kvdex_bench_now() - t0, dir);
+  fprintf(stderr, "gen: generated in %.2f s; writing %s\n", kvdex__now_s() - t0, dir);
   float *needles = malloc(((size_t)o.n_needles * 2 + 1) * sizeof(float));
   if (!needles) rc = kvdex__seterr(KVDEX_ENOMEM, "out of memory");
   for (uint32_t i = 0; !rc && i < o.n_needles; i++) {

@@ -9,7 +9,8 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+
+#include "kvstore/base.h"
 
 #define FAIL(rc, ...) kvdex__seterr((rc), __VA_ARGS__)
 
@@ -158,12 +159,6 @@ typedef struct loop {
   void **full_k, **full_v; /* --check: per layer [n_kv_heads][cap_tokens][head_dim] */
   uint64_t cap_tokens;
 } loop;
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static int pool_map(loop *L, pool *p, uint32_t kvh, uint32_t blk) {
   int32_t *e = &p->table[(size_t)kvh * L->max_blocks + blk];
@@ -489,35 +484,35 @@ int kvdex_gw_run(kvdex_db *db, const kvdex_gw_config *cfg, const kvdex_gw_backen
     if ((rc = pool_init(&L, &L.pools[l], cfg->s2_vert_stride && (l % 2 == 1)))) goto out;
 
   /* ---- prefill: the prompt into the store, then the held tokens back out of it ---- */
-  double t0 = now_s();
+  double t0 = kvdex__now_s();
   if ((rc = kvdex_create(db, cfg->seq_id, sh))) goto out;
   st->created = 1;
   if ((rc = prefill(db, &L))) goto out;
-  double t1 = now_s();
+  double t1 = kvdex__now_s();
   st->prefill_s = t1 - t0;
   if ((rc = load_held(db, &L)) || (rc = be->sync(be->ctx))) goto out;
-  st->load_s = now_s() - t1;
+  st->load_s = kvdex__now_s() - t1;
 
   /* ---- decode ---- */
   for (uint32_t step = 0; step < cfg->steps; step++) {
     uint64_t stored = cfg->context + step, n_tok = stored + 1;
-    double check_s = 0, ts = now_s(), ta;
+    double check_s = 0, ts = kvdex__now_s(), ta;
     int32_t len32 = (int32_t)n_tok;
     if ((rc = be->upload(be->ctx, d_len, &len32, sizeof len32))) goto out;
     if ((rc = kvdex_append_begin(db, cfg->seq_id, &ap))) goto out;
     for (uint32_t l = 0; l < sh->n_layers; l++) {
       pool *p = &L.pools[l];
       /* the model's part: this layer's q and the new token's k, v */
-      ta = now_s();
+      ta = kvdex__now_s();
       kvdex_gw_gen_kv(sh, cfg->seed, l, stored, gk, gv);
       kvdex_from_f32(sh->dtype, gk, k_new, row_f);
       kvdex_from_f32(sh->dtype, gv, v_new, row_f);
       gen_q(sh, cfg->seed, l, step, n_tok, q, tk, tv);
-      st->gen_s += now_s() - ta;
+      st->gen_s += kvdex__now_s() - ta;
 
       /* local attention: the new token joins the pool, then sinks + window (or the
        * S2 shard) on the backend */
-      ta = now_s();
+      ta = kvdex__now_s();
       for (uint32_t h = 0; h < Hkv && !rc; h++)
         rc = pool_put(&L, p, h, stored, 1, (char *)k_new + h * L.row_bytes,
                       (char *)v_new + h * L.row_bytes);
@@ -532,12 +527,12 @@ int kvdex_gw_run(kvdex_db *db, const kvdex_gw_config *cfg, const kvdex_gw_backen
                                ws_bytes);
       }
       if (rc || (rc = be->sync(be->ctx))) goto out;
-      st->local_s += now_s() - ta;
+      st->local_s += kvdex__now_s() - ta;
 
       if (p->s2) {
-        ta = now_s();
+        ta = kvdex__now_s();
         if ((rc = be->download(be->ctx, o, d_o, qn * sizeof(float)))) goto out;
-        st->merge_s += now_s() - ta;
+        st->merge_s += kvdex__now_s() - ta;
       } else {
         uint64_t lo = cfg->sinks < n_tok ? cfg->sinks : n_tok;
         uint64_t rs = n_tok > (uint64_t)cfg->window + 1 ? n_tok - cfg->window - 1 : 0;
@@ -549,24 +544,24 @@ int kvdex_gw_run(kvdex_db *db, const kvdex_gw_config *cfg, const kvdex_gw_backen
                                    .index = dense ? NULL : cfg->index, .dense = dense};
         kvdex_attend_info info;
         float *op[1] = {o_net}, *lp[1] = {lse_net};
-        ta = now_s();
+        ta = kvdex__now_s();
         rc = kvdex_attend(db, l, &ao, 1, &item, op, lp, &info);
-        st->store_s += now_s() - ta;
+        st->store_s += kvdex__now_s() - ta;
         if (rc) goto out;
         st->store_cpu_s += info.seconds;
         st->store_attended += info.attended;
         /* merge the two partials by LSE on the backend */
-        ta = now_s();
+        ta = kvdex__now_s();
         if ((rc = be->upload(be->ctx, d_parts + qn, o_net, qn * sizeof(float))) ||
             (rc = be->upload(be->ctx, d_lse_parts + Hq, lse_net, Hq * sizeof(float))) ||
             (rc = be->lse_merge(be->ctx, 2, Hq, D, d_parts, d_lse_parts, d_o, d_lse)) ||
             (rc = be->sync(be->ctx)) || (rc = be->download(be->ctx, o, d_o, qn * sizeof(float))))
           goto out;
-        st->merge_s += now_s() - ta;
+        st->merge_s += kvdex__now_s() - ta;
       }
 
       /* checks and callbacks: not timed */
-      ta = now_s();
+      ta = kvdex__now_s();
       if (L.full_k) {
         for (uint32_t h = 0; h < Hkv; h++) {
           size_t fo = ((size_t)h * L.cap_tokens + stored) * L.row_bytes;
@@ -576,18 +571,18 @@ int kvdex_gw_run(kvdex_db *db, const kvdex_gw_config *cfg, const kvdex_gw_backen
         check_one(&L, l, n_tok, q, o, ref_acc, ref_w, st);
       }
       if (output) output(cb_ctx, step, l, stored, q, k_new, v_new, o);
-      check_s += now_s() - ta;
+      check_s += kvdex__now_s() - ta;
 
       /* the new token's K/V to the store (committed with the step) */
-      ta = now_s();
+      ta = kvdex__now_s();
       rc = kvdex_append_kv(ap, l, stored, 1, k_new, v_new);
-      st->append_s += now_s() - ta;
+      st->append_s += kvdex__now_s() - ta;
       if (rc) goto out;
     }
-    ta = now_s();
+    ta = kvdex__now_s();
     rc = kvdex_append_commit(ap, NULL);
     ap = NULL;
-    st->append_s += now_s() - ta;
+    st->append_s += kvdex__now_s() - ta;
     if (rc) goto out;
     /* blocks nobody reads again go back to the free list: only blocks just below the
      * window (or just below an S2 layer's local blocks) can have left */
@@ -596,7 +591,7 @@ int kvdex_gw_run(kvdex_db *db, const kvdex_gw_config *cfg, const kvdex_gw_backen
       for (uint32_t h = 0; h < Hkv; h++)
         for (uint64_t j = cur > span ? cur - span : 0; j <= cur && j < L.max_blocks; j++)
           if (!held(&L, &L.pools[l], h, j, n_tok + 1)) pool_unmap(&L, &L.pools[l], h, (uint32_t)j);
-    st->total_s += now_s() - ts - check_s;
+    st->total_s += kvdex__now_s() - ts - check_s;
     st->steps_done = step + 1;
     if (progress) progress(cb_ctx, step, st);
   }

@@ -8,9 +8,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "kvstore/base.h"
 #include "workers/client_opts.h"
 #include "workers/cmd.h"
 #include "workers/commands.h"
@@ -36,16 +36,10 @@ typedef struct report {
   int quiet;
 } report;
 
-static double wall(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static void on_progress(void *ctx, uint32_t step, const kvdex_gw_stats *st) {
   report *r = ctx;
   if (r->quiet || r->every_ms <= 0) return;
-  double t = wall();
+  double t = kvdex__now_s();
   if ((t - r->last) * 1000.0 < (double)r->every_ms && step + 1 != r->steps) return;
   r->last = t;
   fprintf(stderr, "%s: step %u/%u, %.1f tokens/s\n", r->prog, step + 1, r->steps,
@@ -146,7 +140,7 @@ int kvdex_gpu_worker_main(int argc, char **argv, const kvdex_gw_backend *gpu,
            strcmp(cfg.index, "dense") ? "" : " (every token outside sinks + window)");
   fflush(stdout);
   report rep = {.prog = prog, .steps = cfg.steps,
-                .every_ms = kvdex_setting_num(&s, KVDEX_SET_GW_PROGRESS), .last = wall(),
+                .every_ms = kvdex_setting_num(&s, KVDEX_SET_GW_PROGRESS), .last = kvdex__now_s(),
                 .quiet = json};
   rc = kvdex_gw_run(db, &cfg, be, on_progress, NULL, &rep, &st);
   created = st.created;

@@ -14,8 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 
+#include "kvstore/base.h"
 #include "proto/wire.h"
 #include "workers/server_int.h"
 
@@ -192,10 +192,7 @@ void kvdex__srv_finish(kvdex__call *c, grpc_status_code code, const char *detail
               details ? details : "");
   c->state = KVDEX__ST_FINISH;
   if (c->w->srv->metrics) {
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    double secs = (double)(now.tv_sec - c->t0.tv_sec) + (double)(now.tv_nsec - c->t0.tv_nsec) / 1e9;
-    kvdex_metrics_rpc(c->w->srv->metrics, (unsigned)c->method, (int)code, secs);
+    kvdex_metrics_rpc(c->w->srv->metrics, (unsigned)c->method, (int)code, kvdex__now_s() - c->t0);
   }
   kvdex__srv_start_ops(c, ops, n);
   grpc_slice_unref(det); /* not retained past grpc_call_start_batch */
@@ -264,7 +261,7 @@ static void kvdex__call_on_new(kvdex__call *c, bool success) {
     c->state = KVDEX__ST_DONE;
     return;
   }
-  clock_gettime(CLOCK_MONOTONIC, &c->t0);
+  c->t0 = kvdex__now_s();
   if (!atomic_load(&srv->stopping)) kvdex__srv_request_slot(w, c->method);
 
   grpc_op op;

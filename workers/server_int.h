@@ -18,7 +18,6 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <time.h>
 
 #include "engine/node.h"
 #include "grpc/health/v1/health.pb-c.h"
@@ -100,7 +99,7 @@ struct kvdex__call {
   gpr_timespec deadline;      /* registered methods */
   grpc_call_details details;  /* unregistered methods (deadline, method name) */
   grpc_metadata_array md;
-  struct timespec t0;         /* when the call arrived (CLOCK_MONOTONIC), for metrics */
+  double t0;                  /* when the call arrived (kvdex__now_s), for metrics */
   grpc_byte_buffer *payload;  /* request of unary and server-streaming methods */
   grpc_byte_buffer *recv_buf; /* AppendKV: the message being received */
   grpc_byte_buffer *send_buf; /* the message being sent */
