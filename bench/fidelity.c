@@ -52,7 +52,7 @@ static void to_dtype(int dtype, const float *src, size_t count, void *dst) {
   } else {
     uint16_t *o = dst;
     for (size_t i = 0; i < count; i++)
-      o[i] = dtype == KVDEX_DTYPE_F16 ? kvdex_f32_to_f16(src[i]) : kvdex_f32_to_bf16(src[i]);
+      o[i] = dtype == KVDEX_DTYPE_F16 ? kvdex__f32_to_f16(src[i]) : kvdex__f32_to_bf16(src[i]);
   }
 }
 
@@ -61,7 +61,7 @@ static float *npy_f32(const kvdex_npy *a) { /* a fresh f32 copy of an f32/f16 ar
   if (!o) return NULL;
   for (uint64_t i = 0; i < a->count; i++)
     o[i] = a->dtype == KVDEX_DTYPE_F32 ? ((const float *)a->data)[i]
-                                       : kvdex_f16_to_f32(((const uint16_t *)a->data)[i]);
+                                       : kvdex__f16_to_f32(((const uint16_t *)a->data)[i]);
   return o;
 }
 
@@ -189,8 +189,8 @@ static int load_npy(const kvdex_fidelity_opts *o, fdata *f, uint32_t *steps) {
       pos = ((float *)N.data)[2 * i];
       row = ((float *)N.data)[2 * i + 1];
     } else {
-      pos = kvdex_f16_to_f32(((uint16_t *)N.data)[2 * i]);
-      row = kvdex_f16_to_f32(((uint16_t *)N.data)[2 * i + 1]);
+      pos = kvdex__f16_to_f32(((uint16_t *)N.data)[2 * i]);
+      row = kvdex__f16_to_f32(((uint16_t *)N.data)[2 * i + 1]);
     }
     if (!(pos >= 0 && pos < (float)f->n && row >= 0 && row < (float)f->n_test)) {
       rc = kvdex__seterr(KVDEX_EINVAL, "fidelity: needles.npy row %u is out of range", i);

@@ -8,7 +8,7 @@
 #include "kvstore/base.h"
 
 
-static double unif(uint64_t *s) { return ((kvdex_splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+static double unif(uint64_t *s) { return ((kvdex__splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
 
 static float gauss(uint64_t *s) { /* Box-Muller */
   double u = unif(s), v = unif(s);
@@ -53,7 +53,7 @@ void kvdex_gen_free(kvdex_gen_data *d) {
 static void make_query(const kvdex_gen_opts *o, uint64_t *s, const float *centres,
                        const float *qoff, const float *heavy_dir, float *q) {
   uint32_t d = o->dim;
-  uint32_t t1 = (uint32_t)(kvdex_splitmix64(s) % o->topics), t2 = (uint32_t)(kvdex_splitmix64(s) % o->topics);
+  uint32_t t1 = (uint32_t)(kvdex__splitmix64(s) % o->topics), t2 = (uint32_t)(kvdex__splitmix64(s) % o->topics);
   float w2 = (float)unif(s) * 0.5f;
   for (uint32_t i = 0; i < d; i++)
     q[i] = o->query_scale * (centres[(size_t)t1 * d + i] + w2 * centres[(size_t)t2 * d + i]) +
@@ -104,7 +104,7 @@ int kvdex_gen(const kvdex_gen_opts *in, kvdex_gen_data *out) {
   uint64_t run_left = 0;
   for (uint64_t t = 0; t < o.n_keys; t++) {
     if (!run_left) {
-      topic = (uint32_t)(kvdex_splitmix64(&s) % o.topics);
+      topic = (uint32_t)(kvdex__splitmix64(&s) % o.topics);
       run_left = 1 + (uint64_t)(-log(unif(&s)) * o.span);
     }
     run_left--;

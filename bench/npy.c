@@ -165,6 +165,6 @@ float *kvdex_npy_to_f32(const kvdex_npy *a) {
     kvdex__seterr(KVDEX_ENOMEM, "npy: out of memory");
     return NULL;
   }
-  kvdex_to_f32(a->dtype, a->data, f, (size_t)a->count);
+  kvdex__to_f32(a->dtype, a->data, f, (size_t)a->count);
   return f;
 }

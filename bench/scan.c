@@ -9,7 +9,7 @@
 #include "kvstore/base.h"
 
 
-static float uniform(uint64_t *s) { return (float)((kvdex_splitmix64(s) >> 40) * (1.0 / 16777216.0)) * 2 - 1; }
+static float uniform(uint64_t *s) { return (float)((kvdex__splitmix64(s) >> 40) * (1.0 / 16777216.0)) * 2 - 1; }
 
 /* Fills a sequence with random keys and values, in appends of `chunk` tokens. */
 static int fill(kvdex_seq *seq, const kvdex_shape *sh, uint64_t tokens, uint64_t seed) {
@@ -29,9 +29,9 @@ static int fill(kvdex_seq *seq, const kvdex_shape *sh, uint64_t tokens, uint64_t
     uint32_t n = (uint32_t)(tokens - t < chunk ? tokens - t : chunk);
     size_t cnt = (size_t)sh->n_kv_heads * n * sh->head_dim;
     for (size_t i = 0; i < cnt; i++) tmp[i] = uniform(&seed);
-    kvdex_from_f32(sh->dtype, tmp, k, cnt);
+    kvdex__from_f32(sh->dtype, tmp, k, cnt);
     for (size_t i = 0; i < cnt; i++) tmp[i] = uniform(&seed);
-    kvdex_from_f32(sh->dtype, tmp, v, cnt);
+    kvdex__from_f32(sh->dtype, tmp, v, cnt);
     if ((rc = kvdex_txn_append(txn, 0, t, n, k, v))) break;
   }
   if (rc) kvdex_txn_abort(txn);
@@ -79,7 +79,7 @@ int kvdex_bench_scan(const kvdex_scan_bench_opts *o, FILE *out) {
   kvdex_pool *pool = NULL;
   float *q = NULL;
   int rc;
-  if ((rc = kvdex_shape_check(&sh))) return rc;
+  if ((rc = kvdex__shape_check(&sh))) return rc;
   unsigned ncpu = o->threads ? o->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
   if (ncpu < 1) ncpu = 1;
   if ((rc = kvdex_store_create(0, &store))) goto done;

@@ -121,7 +121,7 @@ int kvdex__grpc_stat_ns(kvdex__grpc_db *g, const char *ns, const char *seq_id,
     rc = kvdex__seterr(KVDEX_EINTERNAL, "StatSequence: the server sent no sequence info");
   } else {
     kvdex_wire_shape_from_pb(resp->info->shape, shape);
-    if (kvdex_shape_check(shape) != KVDEX_OK)
+    if (kvdex__shape_check(shape) != KVDEX_OK)
       rc = kvdex__preerr(KVDEX_EINTERNAL, "StatSequence: the server sent a bad shape");
   }
   if (rc == KVDEX_OK && info) {

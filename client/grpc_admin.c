@@ -36,7 +36,7 @@ int kvdex__grpc_list_node(kvdex_db *db, const char *ns, kvdex__node_list *out) {
     kvdex__node_seq *q = &out->seqs[out->n];
     kvdex_wire_shape_from_pb(si->shape, &q->shape);
     if (strlen(sns) > KVDEX_MAX_NAMESPACE || strlen(si->seq->sequence_id) > KVDEX_MAX_SEQ_ID ||
-        kvdex_shape_check(&q->shape) || si->n_layer_tokens != q->shape.n_layers) {
+        kvdex__shape_check(&q->shape) || si->n_layer_tokens != q->shape.n_layers) {
       rc = kvdex__seterr(KVDEX_EINTERNAL, "ListSequences: the server sent a malformed entry");
       break;
     }
@@ -265,14 +265,14 @@ static int copy_replays(kvdex__grpc_db *src, const char *ns, const char *seq_id,
   for (size_t i = 0; !rc && i < cc->qn; i++) {
     uint64_t *at = bsearch(&cc->qids[i], ids, u, sizeof *ids, cmp_u64);
     ROWS_OF((size_t)(at - ids));
-    kvdex_from_f32(s->dtype, cc->q + i * s->n_q_heads * d, q1, (size_t)s->n_q_heads * d);
+    kvdex__from_f32(s->dtype, cc->q + i * s->n_q_heads * d, q1, (size_t)s->n_q_heads * d);
     rc = cc->ap->db->vt->append_kv(cc->ap, cc->layer, cc->qids[i], 1, k1, v1, q1, NULL);
   }
   for (size_t b = 0; !rc && b < n_lm; b++) {
     uint64_t t = (lm_from + b + 1) * s->block_tokens - 1;
     uint64_t *at = bsearch(&t, ids, u, sizeof *ids, cmp_u64);
     ROWS_OF((size_t)(at - ids));
-    kvdex_from_f32(s->dtype, cc->lm + (lm_from + b) * heads * d, lm1, heads * d);
+    kvdex__from_f32(s->dtype, cc->lm + (lm_from + b) * heads * d, lm1, heads * d);
     rc = cc->ap->db->vt->append_kv(cc->ap, cc->layer, t, 1, k1, v1, NULL, lm1);
   }
 #undef ROWS_OF

@@ -73,7 +73,7 @@ int kvdex_open(const char *uri, const kvdex_open_opts *opts, kvdex_db **out) {
   if (!uri) return kvdex__seterr(KVDEX_EINVAL, "kvdex_open: uri is NULL; " URI_FORMS);
   const char *ns = (opts && opts->name_space && opts->name_space[0]) ? opts->name_space
                                                                      : KVDEX_DEFAULT_NAMESPACE;
-  if (strlen(ns) > KVDEX_MAX_NAMESPACE || kvdex_name_check(ns, "x") != 0)
+  if (strlen(ns) > KVDEX_MAX_NAMESPACE || kvdex__name_check(ns, "x") != 0)
     return kvdex__seterr(KVDEX_EINVAL,
                          "kvdex_open: bad namespace \"%.80s\": 1..%d bytes of [A-Za-z0-9._-]", ns,
                          KVDEX_MAX_NAMESPACE);
@@ -117,7 +117,7 @@ static int check_db(const kvdex_db *db, const char *fn) {
 
 static int check_seq(const kvdex_db *db, const char *seq_id, const char *fn) {
   if (!seq_id) return kvdex__seterr(KVDEX_EINVAL, "%s: seq_id is NULL", fn);
-  if (seq_id[0] == '\0' || strlen(seq_id) > KVDEX_MAX_SEQ_ID || kvdex_name_check(db->ns, seq_id))
+  if (seq_id[0] == '\0' || strlen(seq_id) > KVDEX_MAX_SEQ_ID || kvdex__name_check(db->ns, seq_id))
     return kvdex__seterr(KVDEX_EINVAL,
                          "%s: bad sequence id \"%.80s\": 1..%d bytes of [A-Za-z0-9._:/-]", fn,
                          seq_id, KVDEX_MAX_SEQ_ID);
@@ -139,7 +139,7 @@ int kvdex_create(kvdex_db *db, const char *seq_id, const kvdex_shape *shape) {
   CHECK(check_db(db, "kvdex_create"));
   CHECK(check_seq(db, seq_id, "kvdex_create"));
   if (!shape) return kvdex__seterr(KVDEX_EINVAL, "kvdex_create: shape is NULL");
-  if (kvdex_shape_check(shape)) return kvdex__preerr(KVDEX_EINVAL, "kvdex_create");
+  if (kvdex__shape_check(shape)) return kvdex__preerr(KVDEX_EINVAL, "kvdex_create");
   return pre(db->vt->create(db, seq_id, shape), "kvdex_create");
 }
 

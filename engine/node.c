@@ -147,7 +147,7 @@ float *kvdex_node_ctx_floats(kvdex_node_ctx *ctx, size_t n) {
 
 int kvdex_node_create_seq(kvdex_node *node, const char *ns, const char *seq_id,
                           const kvdex_shape *shape, int importing) {
-  int rc = kvdex_shape_check(shape);
+  int rc = kvdex__shape_check(shape);
   if (rc) return rc;
   return kvdex_seq_create_ex(node->store, ns, seq_id, shape, importing);
 }

@@ -12,11 +12,11 @@
 
 static float load_elem(int dtype, const void *base, int64_t i) {
   uint16_t h = ((const uint16_t *)base)[i];
-  return dtype == KVDEX_DTYPE_BF16 ? kvdex_bf16_to_f32(h) : kvdex_f16_to_f32(h);
+  return dtype == KVDEX_DTYPE_BF16 ? kvdex__bf16_to_f32(h) : kvdex__f16_to_f32(h);
 }
 
 static void store_elem(int dtype, void *base, int64_t i, float f) {
-  ((uint16_t *)base)[i] = dtype == KVDEX_DTYPE_BF16 ? kvdex_f32_to_bf16(f) : kvdex_f32_to_f16(f);
+  ((uint16_t *)base)[i] = dtype == KVDEX_DTYPE_BF16 ? kvdex__f32_to_bf16(f) : kvdex__f32_to_f16(f);
 }
 
 /* Attention of one f32 query over n rows (element offsets into kv->k / kv->v).

@@ -77,5 +77,5 @@ int kvdex__scratch_hits(kvdex_index_scratch *s, size_t n) {
 }
 
 void kvdex__view_row_f32(const kvdex_kv_view *v, uint64_t id, float *out) {
-  kvdex_to_f32(v->dtype, kvdex__view_row(v, id), out, v->head_dim);
+  kvdex__to_f32(v->dtype, kvdex__view_row(v, id), out, v->head_dim);
 }

@@ -275,8 +275,8 @@ out:
 static double key_elem(int dtype, const void *row, size_t t) {
   switch (dtype) {
     case KVDEX_DTYPE_F32: return ((const float *)row)[t];
-    case KVDEX_DTYPE_F16: return kvdex_f16_to_f32(((const uint16_t *)row)[t]);
-    default: return kvdex_bf16_to_f32(((const uint16_t *)row)[t]);
+    case KVDEX_DTYPE_F16: return kvdex__f16_to_f32(((const uint16_t *)row)[t]);
+    default: return kvdex__bf16_to_f32(((const uint16_t *)row)[t]);
   }
 }
 

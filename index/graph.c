@@ -1139,7 +1139,7 @@ static int keep_queries(build *B, graph *g) {
     double nn = 0;
     for (uint32_t j = 0; j < B->d; j++) nn += (double)x[j] * x[j];
     float inv = nn > 0 ? (float)(1.0 / sqrt(nn)) : 0.0f;
-    for (uint32_t j = 0; j < B->d; j++) g->qv[i * B->d + j] = kvdex_f32_to_f16(x[j] * inv);
+    for (uint32_t j = 0; j < B->d; j++) g->qv[i * B->d + j] = kvdex__f32_to_f16(x[j] * inv);
   }
   g->m = (uint32_t)B->m;
   g->K = B->K;

@@ -14,12 +14,12 @@ static void convert(int dtype, const void *keys, size_t off, float *dst, size_t 
     case KVDEX_DTYPE_F32: memcpy(dst, (const float *)keys + off, m * sizeof(float)); break;
     case KVDEX_DTYPE_F16: {
       const uint16_t *h = (const uint16_t *)keys + off;
-      for (size_t t = 0; t < m; t++) dst[t] = kvdex_f16_to_f32(h[t]);
+      for (size_t t = 0; t < m; t++) dst[t] = kvdex__f16_to_f32(h[t]);
       break;
     }
     default: { /* KVDEX_DTYPE_BF16 */
       const uint16_t *h = (const uint16_t *)keys + off;
-      for (size_t t = 0; t < m; t++) dst[t] = kvdex_bf16_to_f32(h[t]);
+      for (size_t t = 0; t < m; t++) dst[t] = kvdex__bf16_to_f32(h[t]);
       break;
     }
   }

@@ -90,22 +90,22 @@ int kvdex_dtype_parse(const char *name) {
   return -1;
 }
 
-void kvdex_to_f32(int src_dtype, const void *src, float *dst, size_t n) {
+void kvdex__to_f32(int src_dtype, const void *src, float *dst, size_t n) {
   const uint16_t *h = src;
   switch (src_dtype) {
     case KVDEX_DTYPE_F32: memcpy(dst, src, n * 4); break;
-    case KVDEX_DTYPE_F16: for (size_t i = 0; i < n; i++) dst[i] = kvdex_f16_to_f32(h[i]); break;
-    case KVDEX_DTYPE_BF16: for (size_t i = 0; i < n; i++) dst[i] = kvdex_bf16_to_f32(h[i]); break;
+    case KVDEX_DTYPE_F16: for (size_t i = 0; i < n; i++) dst[i] = kvdex__f16_to_f32(h[i]); break;
+    case KVDEX_DTYPE_BF16: for (size_t i = 0; i < n; i++) dst[i] = kvdex__bf16_to_f32(h[i]); break;
     default: break;
   }
 }
 
-void kvdex_from_f32(int dst_dtype, const float *src, void *dst, size_t n) {
+void kvdex__from_f32(int dst_dtype, const float *src, void *dst, size_t n) {
   uint16_t *h = dst;
   switch (dst_dtype) {
     case KVDEX_DTYPE_F32: memcpy(dst, src, n * 4); break;
-    case KVDEX_DTYPE_F16: for (size_t i = 0; i < n; i++) h[i] = kvdex_f32_to_f16(src[i]); break;
-    case KVDEX_DTYPE_BF16: for (size_t i = 0; i < n; i++) h[i] = kvdex_f32_to_bf16(src[i]); break;
+    case KVDEX_DTYPE_F16: for (size_t i = 0; i < n; i++) h[i] = kvdex__f32_to_f16(src[i]); break;
+    case KVDEX_DTYPE_BF16: for (size_t i = 0; i < n; i++) h[i] = kvdex__f32_to_bf16(src[i]); break;
     default: break;
   }
 }
@@ -155,7 +155,7 @@ void kvdex__log(int level, const char *fmt, ...) {
 
 /* ---- names and shapes ---------------------------------------------------------- */
 
-int kvdex_shape_check(const kvdex_shape *s) {
+int kvdex__shape_check(const kvdex_shape *s) {
   if (!s) return kvdex__seterr(KVDEX_EINVAL, "shape is missing");
   if (s->n_layers < 1 || s->n_layers > KVDEX_MAX_LAYERS)
     return kvdex__seterr(KVDEX_EINVAL, "shape: n_layers = %u is outside 1..%d", s->n_layers,
@@ -202,7 +202,7 @@ static int name_check_one(const char *what, const char *name, size_t max, const 
   return KVDEX_OK;
 }
 
-int kvdex_name_check(const char *ns, const char *seq_id) {
+int kvdex__name_check(const char *ns, const char *seq_id) {
   if (ns && *ns) {
     int rc = name_check_one("namespace", ns, KVDEX_MAX_NAMESPACE, "._-");
     if (rc) return rc;

@@ -24,11 +24,11 @@ int kvdex__seterr(int rc, const char *fmt, ...) __attribute__((format(printf, 2,
 int kvdex__preerr(int rc, const char *prefix);
 
 /* Validates a shape (bounds above, GQA divisibility, known dtype). 0 or KVDEX_EINVAL. */
-int kvdex_shape_check(const kvdex_shape *shape);
+int kvdex__shape_check(const kvdex_shape *shape);
 
 /* Validates a namespace / sequence id (lengths and characters, see kvdex.proto).
  * An empty or NULL namespace is valid and means KVDEX_DEFAULT_NAMESPACE. */
-int kvdex_name_check(const char *ns, const char *seq_id);
+int kvdex__name_check(const char *ns, const char *seq_id);
 
 /* Internal: the monotonic clock (CLOCK_MONOTONIC) every duration, timeout and deadline
  * in kvdex is read from: seconds, and whole milliseconds, since an arbitrary point
@@ -37,7 +37,7 @@ double kvdex__now_s(void);
 int64_t kvdex__now_ms(void);
 
 /* Half-precision conversions (scalar, exact; round to nearest even). */
-static inline float kvdex_f16_to_f32(uint16_t h) {
+static inline float kvdex__f16_to_f32(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000) << 16;
   uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
   if (exp == 0) {
@@ -59,7 +59,7 @@ static inline float kvdex_f16_to_f32(uint16_t h) {
   return f;
 }
 
-static inline uint16_t kvdex_f32_to_f16(float f) {
+static inline uint16_t kvdex__f32_to_f16(float f) {
   uint32_t x;
   memcpy(&x, &f, 4);
   uint32_t sign = (x >> 16) & 0x8000;
@@ -83,14 +83,14 @@ static inline uint16_t kvdex_f32_to_f16(float f) {
   return (uint16_t)(sign | h);
 }
 
-static inline float kvdex_bf16_to_f32(uint16_t b) {
+static inline float kvdex__bf16_to_f32(uint16_t b) {
   uint32_t bits = (uint32_t)b << 16;
   float f;
   memcpy(&f, &bits, 4);
   return f;
 }
 
-static inline uint16_t kvdex_f32_to_bf16(float f) {
+static inline uint16_t kvdex__f32_to_bf16(float f) {
   uint32_t x;
   memcpy(&x, &f, 4);
   if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40);
@@ -99,21 +99,21 @@ static inline uint16_t kvdex_f32_to_bf16(float f) {
 }
 
 /* Converts n elements of dtype `src_dtype` at src to f32. */
-void kvdex_to_f32(int src_dtype, const void *src, float *dst, size_t n);
+void kvdex__to_f32(int src_dtype, const void *src, float *dst, size_t n);
 /* Converts n f32 values to dtype `dst_dtype`. */
-void kvdex_from_f32(int dst_dtype, const float *src, void *dst, size_t n);
+void kvdex__from_f32(int dst_dtype, const float *src, void *dst, size_t n);
 
 /* Synthetic data (benchmarks, demo, the decode-loop worker): SplitMix64, and a cheap
  * roughly normal float (a sum of four uniforms, unit variance). Not for anything that
  * needs real randomness. */
-static inline uint64_t kvdex_splitmix64(uint64_t *state) {
+static inline uint64_t kvdex__splitmix64(uint64_t *state) {
   uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);
 }
-static inline float kvdex_gauss4(uint64_t *state) {
-  uint64_t r = kvdex_splitmix64(state);
+static inline float kvdex__gauss4(uint64_t *state) {
+  uint64_t r = kvdex__splitmix64(state);
   float a = (float)(r & 0xffff), b = (float)((r >> 16) & 0xffff), c = (float)((r >> 32) & 0xffff),
         d = (float)(r >> 48);
   return ((a + b + c + d) / 65536.0f - 2.0f) * 1.7320508f;

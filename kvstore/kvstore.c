@@ -313,9 +313,9 @@ int kvdex_seq_create(kvdex_store *st, const char *ns, const char *seq_id,
 int kvdex_seq_create_ex(kvdex_store *st, const char *ns, const char *seq_id,
                         const kvdex_shape *shape, int importing) {
   if (!st) return kvdex__seterr(KVDEX_EINVAL, "seq_create: store is NULL");
-  int rc = kvdex_name_check(ns, seq_id);
+  int rc = kvdex__name_check(ns, seq_id);
   if (rc) return kvdex__preerr(rc, "seq_create");
-  rc = kvdex_shape_check(shape);
+  rc = kvdex__shape_check(shape);
   if (rc) return kvdex__preerr(rc, "seq_create");
   ns = ns_or_default(ns);
   uint64_t hash = name_hash(ns, seq_id);
@@ -472,7 +472,7 @@ void kvdex_seq_publish(kvdex_seq *seq) {
 int kvdex_seq_delete(kvdex_store *st, const char *ns, const char *seq_id, uint64_t *bytes_freed) {
   if (bytes_freed) *bytes_freed = 0;
   if (!st) return kvdex__seterr(KVDEX_EINVAL, "seq_delete: store is NULL");
-  int rc = kvdex_name_check(ns, seq_id);
+  int rc = kvdex__name_check(ns, seq_id);
   if (rc) return kvdex__preerr(rc, "seq_delete");
   ns = ns_or_default(ns);
   uint64_t hash = name_hash(ns, seq_id);
@@ -499,7 +499,7 @@ int kvdex_seq_open(kvdex_store *st, const char *ns, const char *seq_id, kvdex_se
   if (!out) return kvdex__seterr(KVDEX_EINVAL, "seq_open: out is NULL");
   *out = NULL;
   if (!st) return kvdex__seterr(KVDEX_EINVAL, "seq_open: store is NULL");
-  int rc = kvdex_name_check(ns, seq_id);
+  int rc = kvdex__name_check(ns, seq_id);
   if (rc) return kvdex__preerr(rc, "seq_open");
   ns = ns_or_default(ns);
   uint64_t hash = name_hash(ns, seq_id);
@@ -1168,7 +1168,7 @@ int kvdex_seq_queries(kvdex_seq *seq, uint32_t layer, uint32_t q_head0, uint32_t
     } else {
       for (uint32_t h = 0; h < n_heads; h++)
         for (uint64_t i = 0; i < n; i++)
-          kvdex_to_f32(seq->shape.dtype, qs->rows + i * qrow + (size_t)(q_head0 + h) * seq->row_bytes,
+          kvdex__to_f32(seq->shape.dtype, qs->rows + i * qrow + (size_t)(q_head0 + h) * seq->row_bytes,
                        f + ((size_t)h * n + i) * d, d);
       if (idc) memcpy(idc, qs->ids, n * sizeof(uint64_t));
     }
@@ -1347,7 +1347,7 @@ int kvdex_seq_landmarks(kvdex_seq *seq, uint32_t layer, uint32_t kv_head, uint64
   const kvdex__lmset *ls = seq->layers[layer].lmpub;
   uint64_t n = ls ? ls->n : 0;
   if (n > max_blocks) n = max_blocks;
-  if (n) kvdex_to_f32(seq->shape.dtype, lm_row(seq, ls, kv_head, 0), out, (size_t)n * d);
+  if (n) kvdex__to_f32(seq->shape.dtype, lm_row(seq, ls, kv_head, 0), out, (size_t)n * d);
   pthread_mutex_unlock(&seq->mu);
   *n_blocks = n;
   return KVDEX_OK;

@@ -26,8 +26,8 @@
 extern "C" {
 #endif
 
-/* The limits of names and shapes (KVDEX_MAX_*), kvdex_shape_check and
- * kvdex_name_check are in kvstore/kvdex_base.h and kvstore/base.h. */
+/* The limits of names and shapes (KVDEX_MAX_*), kvdex__shape_check and
+ * kvdex__name_check are in kvstore/kvdex_base.h and kvstore/base.h. */
 
 typedef struct kvdex_store kvdex_store;
 typedef struct kvdex_seq kvdex_seq;

@@ -23,7 +23,7 @@ int kvdex_wire_rc(grpc_status_code status);
 const char *kvdex_wire_status_name(grpc_status_code status);
 
 void kvdex_wire_shape_to_pb(const kvdex_shape *in, Kvdex__V1__Shape *out /* OUT, initialised */);
-/* Copies without validating (kvdex_shape_check does that). */
+/* Copies without validating (kvdex__shape_check does that). */
 void kvdex_wire_shape_from_pb(const Kvdex__V1__Shape *in, kvdex_shape *out /* OUT */);
 
 /* The namespace to use for a SequenceRef's namespace field ("" -> "default"). */

@@ -104,7 +104,7 @@ static int parse_line(const char *p, const char *end, const char *origin, int li
       memcpy(name, s, n);
       name[n] = 0;
       e->ns[e->n_ns++] = name;
-      if (n == 0 || kvdex_name_check(name, "x"))
+      if (n == 0 || kvdex__name_check(name, "x"))
         return kvdex__seterr(KVDEX_EINVAL, "%s:%d: bad namespace \"%.80s\"", origin, lineno,
                              name);
     }

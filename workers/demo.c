@@ -90,7 +90,7 @@ static size_t ref_topk(const demo *d, uint32_t layer, uint32_t kvh, const float 
   kvdex__topk_init(&top, heap, k);
   const char *base = (const char *)d->keys[layer] + (size_t)kvh * d->tokens * d->sh.head_dim * d->es;
   for (uint64_t t = lo; t < hi; t++) {
-    kvdex_to_f32(d->sh.dtype, base + t * d->sh.head_dim * d->es, row, d->sh.head_dim);
+    kvdex__to_f32(d->sh.dtype, base + t * d->sh.head_dim * d->es, row, d->sh.head_dim);
     double s = 0;
     for (uint32_t i = 0; i < d->sh.head_dim; i++) s += (double)q[i] * (double)row[i];
     kvdex__topk_push(&top, t, (float)s);
@@ -201,10 +201,10 @@ static void gen_chunk(demo *d, uint32_t l, uint64_t t0, uint32_t n, float *gen, 
                       void *vbuf) {
   const uint32_t hd = d->sh.head_dim;
   const size_t cnt = (size_t)d->sh.n_kv_heads * n * hd, head_elems = (size_t)d->tokens * hd;
-  for (size_t i = 0; i < cnt; i++) gen[i] = kvdex_gauss4(&d->rng) + ((i % hd) < 4 ? 1.5f : 0);
-  kvdex_from_f32(d->sh.dtype, gen, kbuf, cnt);
-  for (size_t i = 0; i < cnt; i++) gen[i] = kvdex_gauss4(&d->rng);
-  kvdex_from_f32(d->sh.dtype, gen, vbuf, cnt);
+  for (size_t i = 0; i < cnt; i++) gen[i] = kvdex__gauss4(&d->rng) + ((i % hd) < 4 ? 1.5f : 0);
+  kvdex__from_f32(d->sh.dtype, gen, kbuf, cnt);
+  for (size_t i = 0; i < cnt; i++) gen[i] = kvdex__gauss4(&d->rng);
+  kvdex__from_f32(d->sh.dtype, gen, vbuf, cnt);
   for (uint32_t h = 0; h < d->sh.n_kv_heads; h++)
     memcpy((char *)d->keys[l] + ((size_t)h * head_elems + t0 * hd) * d->es,
            (char *)kbuf + (size_t)h * n * hd * d->es, (size_t)n * hd * d->es);
@@ -323,7 +323,7 @@ static void pick_checked_steps(demo *d, demo_stats *r, unsigned char *checked) {
                      : (uint32_t)fmax(4.0, CHECK_BUDGET / per_step);
   if (n_check > steps) n_check = steps;
   for (uint32_t c = 0; c < n_check;) {
-    uint32_t st = n_check == steps ? c : (uint32_t)(kvdex_splitmix64(&d->rng) % steps);
+    uint32_t st = n_check == steps ? c : (uint32_t)(kvdex__splitmix64(&d->rng) % steps);
     if (!checked[st]) { checked[st] = 1; c++; }
   }
   r->n_check = n_check;
@@ -337,11 +337,11 @@ static void make_queries(demo *d, uint32_t layer, float *q) {
   const size_t head_elems = (size_t)d->tokens * hd;
   for (uint32_t h = 0; h < d->sh.n_q_heads; h++) {
     uint32_t kvh = h / group;
-    uint64_t target = d->req.sinks + kvdex_splitmix64(&d->rng) % eligible;
+    uint64_t target = d->req.sinks + kvdex__splitmix64(&d->rng) % eligible;
     const char *key =
         (const char *)d->keys[layer] + ((size_t)kvh * head_elems + target * hd) * d->es;
-    kvdex_to_f32(d->sh.dtype, key, q + (size_t)h * hd, hd);
-    for (uint32_t i = 0; i < hd; i++) q[(size_t)h * hd + i] += 0.5f * kvdex_gauss4(&d->rng);
+    kvdex__to_f32(d->sh.dtype, key, q + (size_t)h * hd, hd);
+    for (uint32_t i = 0; i < hd; i++) q[(size_t)h * hd + i] += 0.5f * kvdex__gauss4(&d->rng);
   }
 }
 

@@ -66,7 +66,7 @@ static int write_matrix(const char *dir, const char *name, int dtype, const floa
   } else {
     void *buf = malloc(n ? n * kvdex_dtype_size(dtype) : 1);
     if (!buf) return kvdex__seterr(KVDEX_ENOMEM, "%s: out of memory", name);
-    kvdex_from_f32(dtype, src, buf, n);
+    kvdex__from_f32(dtype, src, buf, n);
     rc = kvdex_npy_write(path, dtype, 2, shape, buf);
     free(buf);
   }

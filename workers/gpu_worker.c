@@ -74,11 +74,11 @@ const kvdex_gw_backend *kvdex_gw_twin_backend(void) { return &TWIN; }
 
 static uint64_t stream_seed(uint64_t seed, uint64_t what, uint64_t a, uint64_t b) {
   uint64_t s = seed ^ (what * 0xd1b54a32d192ed03ull);
-  kvdex_splitmix64(&s);
+  kvdex__splitmix64(&s);
   s ^= a * 0x8cb92ba72f3d8dd7ull;
-  kvdex_splitmix64(&s);
+  kvdex__splitmix64(&s);
   s ^= b * 0xabc98388fb8fac03ull;
-  return kvdex_splitmix64(&s);
+  return kvdex__splitmix64(&s);
 }
 
 void kvdex_gw_gen_kv(const kvdex_shape *sh, uint64_t seed, uint32_t layer, uint64_t t, float *k,
@@ -86,8 +86,8 @@ void kvdex_gw_gen_kv(const kvdex_shape *sh, uint64_t seed, uint32_t layer, uint6
   uint64_t s = stream_seed(seed, 1, layer, t);
   size_t n = (size_t)sh->n_kv_heads * sh->head_dim;
   /* Keys share an offset direction per head (as real keys do) plus noise. */
-  for (size_t i = 0; i < n; i++) k[i] = kvdex_gauss4(&s) + ((i % sh->head_dim) < 4 ? 1.5f : 0.0f);
-  for (size_t i = 0; i < n; i++) v[i] = kvdex_gauss4(&s);
+  for (size_t i = 0; i < n; i++) k[i] = kvdex__gauss4(&s) + ((i % sh->head_dim) < 4 ? 1.5f : 0.0f);
+  for (size_t i = 0; i < n; i++) v[i] = kvdex__gauss4(&s);
 }
 
 /* q of (layer, step): each query head aims near a random earlier token (the new one
@@ -97,10 +97,10 @@ static void gen_q(const kvdex_shape *sh, uint64_t seed, uint32_t layer, uint32_t
   uint64_t s = stream_seed(seed, 2, layer, step);
   uint32_t G = sh->n_q_heads / sh->n_kv_heads, D = sh->head_dim;
   for (uint32_t h = 0; h < sh->n_q_heads; h++) {
-    uint64_t target = kvdex_splitmix64(&s) % n_tokens;
+    uint64_t target = kvdex__splitmix64(&s) % n_tokens;
     kvdex_gw_gen_kv(sh, seed, layer, target, tk, tv);
     const float *kr = tk + (size_t)(h / G) * D;
-    for (uint32_t i = 0; i < D; i++) q[(size_t)h * D + i] = kr[i] + 0.5f * kvdex_gauss4(&s);
+    for (uint32_t i = 0; i < D; i++) q[(size_t)h * D + i] = kr[i] + 0.5f * kvdex__gauss4(&s);
   }
 }
 
@@ -317,8 +317,8 @@ static int prefill(kvdex_db *db, loop *L) {
       uint32_t n = (uint32_t)(L->c->context - t0 < chunk ? L->c->context - t0 : chunk);
       for (uint32_t i = 0; i < n; i++) {
         kvdex_gw_gen_kv(sh, L->c->seed, l, t0 + i, gk, gv);
-        kvdex_from_f32(sh->dtype, gk, tk, row_f);
-        kvdex_from_f32(sh->dtype, gv, tv, row_f);
+        kvdex__from_f32(sh->dtype, gk, tk, row_f);
+        kvdex__from_f32(sh->dtype, gv, tv, row_f);
         for (uint32_t h = 0; h < Hkv; h++) {
           size_t dst = ((size_t)h * n + i) * L->row_bytes;
           memcpy((char *)kb + dst, (char *)tk + h * L->row_bytes, L->row_bytes);
@@ -372,7 +372,7 @@ static void check_one(loop *L, uint32_t layer, uint64_t n_tok, const float *q, c
         w[t] = -INFINITY;
         continue;
       }
-      kvdex_to_f32(sh->dtype, kb + t * L->row_bytes, row, D);
+      kvdex__to_f32(sh->dtype, kb + t * L->row_bytes, row, D);
       double s = 0;
       for (uint32_t i = 0; i < D; i++) s += (double)qh[i] * row[i];
       w[t] = s * scale;
@@ -384,7 +384,7 @@ static void check_one(loop *L, uint32_t layer, uint64_t n_tok, const float *q, c
       if (w[t] == -INFINITY) continue;
       double e = exp(w[t] - mx);
       den += e;
-      kvdex_to_f32(sh->dtype, vb + t * L->row_bytes, row, D);
+      kvdex__to_f32(sh->dtype, vb + t * L->row_bytes, row, D);
       for (uint32_t i = 0; i < D; i++) kf[i] += e * row[i];
     }
     double ref_max = 0, err_max = 0;
@@ -505,8 +505,8 @@ int kvdex_gw_run(kvdex_db *db, const kvdex_gw_config *cfg, const kvdex_gw_backen
       /* the model's part: this layer's q and the new token's k, v */
       ta = kvdex__now_s();
       kvdex_gw_gen_kv(sh, cfg->seed, l, stored, gk, gv);
-      kvdex_from_f32(sh->dtype, gk, k_new, row_f);
-      kvdex_from_f32(sh->dtype, gv, v_new, row_f);
+      kvdex__from_f32(sh->dtype, gk, k_new, row_f);
+      kvdex__from_f32(sh->dtype, gv, v_new, row_f);
       gen_q(sh, cfg->seed, l, step, n_tok, q, tk, tv);
       st->gen_s += kvdex__now_s() - ta;
 

@@ -138,7 +138,7 @@ int kvdex__srv_ref_check(const kvdex__worker *w, const Kvdex__V1__SequenceRef *r
   if (!ref) return kvdex__seterr(KVDEX_EINVAL, "%s is required", field);
   const char *n = ref->namespace_ ? ref->namespace_ : "";
   const char *i = ref->sequence_id ? ref->sequence_id : "";
-  if (kvdex_name_check(n, i)) return kvdex__preerr(KVDEX_EINVAL, field);
+  if (kvdex__name_check(n, i)) return kvdex__preerr(KVDEX_EINVAL, field);
   *ns = kvdex_wire_namespace(n);
   *id = i;
   return kvdex__srv_ns_allowed(w, *ns);

@@ -195,7 +195,7 @@ static int kvdex__search_one(kvdex__worker *w, kvdex_node_ctx *ctx,
     rc = KVDEX_ENOMEM;
     goto out;
   }
-  kvdex_to_f32(qd, q->q.data, qf, n_q);
+  kvdex__to_f32(qd, q->q.data, qf, n_q);
   const kvdex_search_result *res = NULL;
   const char *used = "exact";
   rc = kvdex_node_search(srv->node, ctx, seq, req->layer, qf, opts, index, params, &res, &used);

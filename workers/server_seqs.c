@@ -192,7 +192,7 @@ int kvdex__srv_do_list(kvdex__call *c) {
   if (!req) return KVDEX_EINVAL;
   int rc = KVDEX_OK;
   const char *ns = req->namespace_ && req->namespace_[0] ? req->namespace_ : NULL;
-  if (ns && kvdex_name_check(ns, "x")) rc = KVDEX_EINVAL; /* names the namespace */
+  if (ns && kvdex__name_check(ns, "x")) rc = KVDEX_EINVAL; /* names the namespace */
   if (!rc && ns) rc = kvdex__srv_ns_allowed(c->w, ns);
   if (!rc) {
     kvdex__list_ctx l = {.srv = srv, .arena = &c->w->arena,

@@ -56,7 +56,7 @@ struct View {
     for (size_t b = 0; b < nb; b++) {
       blocks[b].assign((size_t)block_tokens * dim * es, 0);
       size_t rows = std::min<uint64_t>(block_tokens, n - b * block_tokens);
-      kvdex_from_f32(dtype, keys + b * block_tokens * dim, blocks[b].data(), rows * dim);
+      kvdex__from_f32(dtype, keys + b * block_tokens * dim, blocks[b].data(), rows * dim);
       ptrs.push_back(blocks[b].data());
     }
     v = {n, block_tokens, dim, dtype, ptrs.data(), ptrs.data()};
@@ -66,7 +66,7 @@ struct View {
     std::vector<float> out(v.head_dim);
     size_t es = kvdex_dtype_size(v.dtype);
     const uint8_t *blk = blocks[t / v.block_tokens].data();
-    kvdex_to_f32(v.dtype, blk + (t % v.block_tokens) * v.head_dim * es, out.data(), v.head_dim);
+    kvdex__to_f32(v.dtype, blk + (t % v.block_tokens) * v.head_dim * es, out.data(), v.head_dim);
     return out;
   }
 };

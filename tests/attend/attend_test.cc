@@ -60,10 +60,10 @@ class Seq {
         size_t elems = nkv * n * d, es = kvdex_dtype_size(shape_.dtype);
         auto kf = Uniform(elems, kscale, &rng), vf = Uniform(elems, 1.0f, &rng);
         std::vector<uint8_t> kb(elems * es), vb(elems * es);
-        kvdex_from_f32(shape_.dtype, kf.data(), kb.data(), elems);
-        kvdex_from_f32(shape_.dtype, vf.data(), vb.data(), elems);
-        kvdex_to_f32(shape_.dtype, kb.data(), kf.data(), elems);
-        kvdex_to_f32(shape_.dtype, vb.data(), vf.data(), elems);
+        kvdex__from_f32(shape_.dtype, kf.data(), kb.data(), elems);
+        kvdex__from_f32(shape_.dtype, vf.data(), vb.data(), elems);
+        kvdex__to_f32(shape_.dtype, kb.data(), kf.data(), elems);
+        kvdex__to_f32(shape_.dtype, vb.data(), vf.data(), elems);
         for (size_t h = 0; h < nkv; h++)
           for (size_t t = 0; t < n; t++)
             for (size_t c = 0; c < d; c++) {

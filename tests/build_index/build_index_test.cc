@@ -50,7 +50,7 @@ kvdex_shape Shape(uint32_t layers, uint32_t kv = kKv, uint32_t q = kQ, uint32_t 
 
 std::vector<uint16_t> ToF16(const float *f, size_t n) {
   std::vector<uint16_t> out(n);
-  kvdex_from_f32(KVDEX_DTYPE_F16, f, out.data(), n);
+  kvdex__from_f32(KVDEX_DTYPE_F16, f, out.data(), n);
   return out;
 }
 

@@ -64,7 +64,7 @@ struct Model {
       for (int which = 0; which < 2; which++) {
         for (auto &x : f) x = u(rng);
         std::vector<uint8_t> bytes(f.size() * esize);
-        kvdex_from_f32(s.dtype, f.data(), bytes.data(), f.size());
+        kvdex__from_f32(s.dtype, f.data(), bytes.data(), f.size());
         (which ? v : k).push_back(std::move(bytes));
       }
     }
@@ -89,12 +89,12 @@ struct Model {
   }
   float KeyElem(uint32_t layer, size_t head, size_t t, size_t d) const {
     float f;
-    kvdex_to_f32(shape.dtype, &k[layer][((head * cap + t) * shape.head_dim + d) * esize], &f, 1);
+    kvdex__to_f32(shape.dtype, &k[layer][((head * cap + t) * shape.head_dim + d) * esize], &f, 1);
     return f;
   }
   // Overwrites one key row (all dims) of the model with f32 values.
   void SetKey(uint32_t layer, size_t head, size_t t, const std::vector<float> &vals) {
-    kvdex_from_f32(shape.dtype, vals.data(), &k[layer][(head * cap + t) * row()], vals.size());
+    kvdex__from_f32(shape.dtype, vals.data(), &k[layer][(head * cap + t) * row()], vals.size());
   }
 };
 
@@ -770,7 +770,7 @@ std::vector<uint8_t> LandmarkSlice(const kvdex_shape &s, const std::vector<float
   size_t es = kvdex_dtype_size(s.dtype), d = s.head_dim;
   std::vector<uint8_t> out((size_t)s.n_kv_heads * nb * d * es);
   for (size_t h = 0; nb && h < s.n_kv_heads; h++)
-    kvdex_from_f32(s.dtype, all.data() + (h * n_blocks + b0) * d, out.data() + h * nb * d * es,
+    kvdex__from_f32(s.dtype, all.data() + (h * n_blocks + b0) * d, out.data() + h * nb * d * es,
                    nb * d);
   return out;
 }
@@ -1220,7 +1220,7 @@ TEST_P(Contract, OneHandleServesManyThreads) {
 // V element of the model, as f32.
 float ValElem(const Model &m, uint32_t layer, size_t head, size_t t, size_t d) {
   float f;
-  kvdex_to_f32(m.shape.dtype, &m.v[layer][((head * m.cap + t) * m.shape.head_dim + d) * m.esize],
+  kvdex__to_f32(m.shape.dtype, &m.v[layer][((head * m.cap + t) * m.shape.head_dim + d) * m.esize],
                &f, 1);
   return f;
 }

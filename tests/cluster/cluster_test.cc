@@ -598,7 +598,7 @@ TEST_F(Cluster, RepairCopiesPrefillQueriesLandmarksAndIndexSpecs) {
   ASSERT_EQ(0, kvdex_create(a, "rich", &s)) << kvdex_errmsg();
   std::vector<uint16_t> k((size_t)kKv * n * kDim), v(k.size()), q((size_t)kQ * n * kDim),
       lm((size_t)kKv * nb * kDim);
-  auto h16 = [](float f) { return kvdex_f32_to_f16(f); };
+  auto h16 = [](float f) { return kvdex__f32_to_f16(f); };
   for (size_t i = 0; i < k.size(); i++) k[i] = h16(Val(5, 0, 0, i, 0, 0)), v[i] = h16(Val(5, 0, 0, i, 0, 1));
   for (size_t i = 0; i < q.size(); i++) q[i] = h16(Val(6, 0, 0, i, 0, 2));
   for (size_t i = 0; i < lm.size(); i++) lm[i] = h16(Val(7, 0, 0, i, 0, 2));

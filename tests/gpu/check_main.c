@@ -123,7 +123,7 @@ static void make_chunk(int dtype, uint64_t seed) {
   tp_rng r = {seed};
   for (size_t i = 0; i < CHUNK_ELEMS; i++) {
     float f = tp_unif(&r);
-    g_chunk[i] = dtype == KVDEX_DTYPE_BF16 ? kvdex_f32_to_bf16(f) : kvdex_f32_to_f16(f);
+    g_chunk[i] = dtype == KVDEX_DTYPE_BF16 ? kvdex__f32_to_bf16(f) : kvdex__f32_to_f16(f);
   }
   g_chunk_dtype = dtype;
 }

@@ -17,11 +17,11 @@ float tp_unif(tp_rng *r) { return (float)((tp_next(r) >> 40) * (2.0 / 16777216.0
 uint32_t tp_below(tp_rng *r, uint32_t n) { return (uint32_t)(tp_next(r) % n); }
 
 static uint16_t to_elem(int dtype, float f) {
-  return dtype == KVDEX_DTYPE_BF16 ? kvdex_f32_to_bf16(f) : kvdex_f32_to_f16(f);
+  return dtype == KVDEX_DTYPE_BF16 ? kvdex__f32_to_bf16(f) : kvdex__f32_to_f16(f);
 }
 
 float tp_elem(int dtype, const uint16_t *base, size_t i) {
-  return dtype == KVDEX_DTYPE_BF16 ? kvdex_bf16_to_f32(base[i]) : kvdex_f16_to_f32(base[i]);
+  return dtype == KVDEX_DTYPE_BF16 ? kvdex__bf16_to_f32(base[i]) : kvdex__f16_to_f32(base[i]);
 }
 
 static void shuffle(tp_rng *r, int32_t *a, size_t n) {

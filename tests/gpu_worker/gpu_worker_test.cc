@@ -58,12 +58,12 @@ void on_output(void *ctx, uint32_t step, uint32_t layer, uint64_t stored, const 
     auto krow = [&](uint64_t t) {
       const char *src = t < stored ? kb.data() + ((size_t)g * stored + t) * D * es
                                    : static_cast<const char *>(k_new) + (size_t)g * D * es;
-      kvdex_to_f32(sh.dtype, src, kr.data(), D);
+      kvdex__to_f32(sh.dtype, src, kr.data(), D);
     };
     auto vrow = [&](uint64_t t) {
       const char *src = t < stored ? vb.data() + ((size_t)g * stored + t) * D * es
                                    : static_cast<const char *>(v_new) + (size_t)g * D * es;
-      kvdex_to_f32(sh.dtype, src, vr.data(), D);
+      kvdex__to_f32(sh.dtype, src, vr.data(), D);
     };
     double mx = -INFINITY;
     for (uint64_t t = 0; t < n; t++) {

@@ -39,9 +39,9 @@ struct Keys {
     size_t es = kvdex_dtype_size(dtype);
     uint64_t nb = (n + block_tokens - 1) / block_tokens;
     bytes.assign((size_t)nb * block_tokens * d * es, 0);
-    kvdex_from_f32(dtype, f, bytes.data(), (size_t)n * d);
+    kvdex__from_f32(dtype, f, bytes.data(), (size_t)n * d);
     back.resize((size_t)n * d);
-    kvdex_to_f32(dtype, bytes.data(), back.data(), (size_t)n * d);
+    kvdex__to_f32(dtype, bytes.data(), back.data(), (size_t)n * d);
     for (uint64_t b = 0; b < nb; b++)
       blocks.push_back(bytes.data() + (size_t)b * block_tokens * d * es);
     view.n_tokens = n;

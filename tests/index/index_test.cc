@@ -37,9 +37,9 @@ std::vector<uint8_t> MakeKeys(int dtype, size_t count, std::mt19937 *rng,
   std::vector<float> f(count);
   for (auto &x : f) x = u(*rng);
   std::vector<uint8_t> bytes(count * kvdex_dtype_size(dtype));
-  kvdex_from_f32(dtype, f.data(), bytes.data(), count);
+  kvdex__from_f32(dtype, f.data(), bytes.data(), count);
   back->resize(count);
-  kvdex_to_f32(dtype, bytes.data(), back->data(), count);
+  kvdex__to_f32(dtype, bytes.data(), back->data(), count);
   return bytes;
 }
 
@@ -382,7 +382,7 @@ class Store {
   void AppendKeys(uint32_t layer, const std::vector<float> &keys, uint32_t count) {
     size_t elems = keys.size();
     std::vector<uint8_t> k(elems * kvdex_dtype_size(shape_.dtype)), v(k.size(), 0);
-    kvdex_from_f32(shape_.dtype, keys.data(), k.data(), elems);
+    kvdex__from_f32(shape_.dtype, keys.data(), k.data(), elems);
     kvdex_txn *txn = nullptr;
     ASSERT_EQ(kvdex_txn_begin(seq_, &txn), 0) << kvdex_errmsg();
     uint64_t start = kvdex_seq_tokens(seq_, layer);

@@ -142,8 +142,8 @@ static grpc_byte_buffer *append_msg(uint64_t start, uint32_t n, int seed) {
   size_t elems = (size_t)kShape.n_kv_heads * n * kShape.head_dim;
   uint16_t *k = malloc(elems * 2), *v = malloc(elems * 2);
   for (size_t i = 0; i < elems; i++) {
-    k[i] = kvdex_f32_to_f16((float)((i * 7 + (size_t)seed) % 13) - 6.0f);
-    v[i] = kvdex_f32_to_f16((float)((i * 3 + (size_t)seed) % 11) - 5.0f);
+    k[i] = kvdex__f32_to_f16((float)((i * 7 + (size_t)seed) % 13) - 6.0f);
+    v[i] = kvdex__f32_to_f16((float)((i * 3 + (size_t)seed) % 11) - 5.0f);
   }
   Kvdex__V1__SequenceRef ref = KVDEX__V1__SEQUENCE_REF__INIT;
   ref.sequence_id = "s";

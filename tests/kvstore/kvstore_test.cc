@@ -43,7 +43,7 @@ void PutElem(int dtype, float f, uint8_t *dst) {
   if (dtype == KVDEX_DTYPE_F32) {
     memcpy(dst, &f, 4);
   } else {
-    uint16_t h = dtype == KVDEX_DTYPE_F16 ? kvdex_f32_to_f16(f) : kvdex_f32_to_bf16(f);
+    uint16_t h = dtype == KVDEX_DTYPE_F16 ? kvdex__f32_to_f16(f) : kvdex__f32_to_bf16(f);
     memcpy(dst, &h, 2);
   }
 }
@@ -171,12 +171,12 @@ class KvstoreTest : public ::testing::Test {
 
 TEST_F(KvstoreTest, ShapeCheck) {
   kvdex_shape good = Shape(32, 8, 32, 128, 64, KVDEX_DTYPE_F16);
-  EXPECT_EQ(0, kvdex_shape_check(&good));
+  EXPECT_EQ(0, kvdex__shape_check(&good));
   kvdex_shape s = good;
   s.block_tokens = 0;  // default
-  EXPECT_EQ(0, kvdex_shape_check(&s));
+  EXPECT_EQ(0, kvdex__shape_check(&s));
   s = Shape(1024, 1024, 1024, 1024, 65536, KVDEX_DTYPE_BF16);
-  EXPECT_EQ(0, kvdex_shape_check(&s));
+  EXPECT_EQ(0, kvdex__shape_check(&s));
 
   std::vector<kvdex_shape> bad;
   s = good; s.n_layers = 0; bad.push_back(s);
@@ -195,21 +195,21 @@ TEST_F(KvstoreTest, ShapeCheck) {
   for (size_t i = 0; i < bad.size(); i++) {
     SCOPED_TRACE(i);
     kvdex__seterr(0, "%s", "");
-    EXPECT_EQ(KVDEX_EINVAL, kvdex_shape_check(&bad[i]));
+    EXPECT_EQ(KVDEX_EINVAL, kvdex__shape_check(&bad[i]));
     EXPECT_STRNE("", kvdex_errmsg());
     EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_create(store_, "ns", "x", &bad[i]));
     EXPECT_STRNE("", kvdex_errmsg());
   }
-  EXPECT_EQ(KVDEX_EINVAL, kvdex_shape_check(nullptr));
+  EXPECT_EQ(KVDEX_EINVAL, kvdex__shape_check(nullptr));
   EXPECT_EQ(0u, Stats().n_sequences);
   EXPECT_EQ(0u, Stats().bytes_used);
 }
 
 TEST_F(KvstoreTest, NameCheck) {
-  EXPECT_EQ(0, kvdex_name_check("tenant-1.a_b", "req:42/part.1_x-y"));
-  EXPECT_EQ(0, kvdex_name_check(nullptr, "s"));
-  EXPECT_EQ(0, kvdex_name_check("", "s"));
-  EXPECT_EQ(0, kvdex_name_check(std::string(64, 'n').c_str(), std::string(256, 's').c_str()));
+  EXPECT_EQ(0, kvdex__name_check("tenant-1.a_b", "req:42/part.1_x-y"));
+  EXPECT_EQ(0, kvdex__name_check(nullptr, "s"));
+  EXPECT_EQ(0, kvdex__name_check("", "s"));
+  EXPECT_EQ(0, kvdex__name_check(std::string(64, 'n').c_str(), std::string(256, 's').c_str()));
   struct Bad { const char *ns; std::string id; };
   std::vector<Bad> bad = {
       {"a", ""},
@@ -227,12 +227,12 @@ TEST_F(KvstoreTest, NameCheck) {
   for (size_t i = 0; i < bad.size(); i++) {
     SCOPED_TRACE(i);
     kvdex__seterr(0, "%s", "");
-    EXPECT_EQ(KVDEX_EINVAL, kvdex_name_check(bad[i].ns, bad[i].id.c_str()));
+    EXPECT_EQ(KVDEX_EINVAL, kvdex__name_check(bad[i].ns, bad[i].id.c_str()));
     EXPECT_STRNE("", kvdex_errmsg());
     EXPECT_EQ(KVDEX_EINVAL, kvdex_seq_create(store_, bad[i].ns, bad[i].id.c_str(), &s));
     EXPECT_STRNE("", kvdex_errmsg());
   }
-  EXPECT_EQ(KVDEX_EINVAL, kvdex_name_check("a", nullptr));
+  EXPECT_EQ(KVDEX_EINVAL, kvdex__name_check("a", nullptr));
   EXPECT_STRNE("", kvdex_errmsg());
   EXPECT_EQ(0u, Stats().n_sequences);
 }
@@ -1209,7 +1209,7 @@ void CheckQueries(kvdex_seq *seq, uint32_t layer, uint32_t h0, uint32_t nh,
       for (uint32_t d = 0; d < s.head_dim; d++) {
         float want;
         std::vector<uint8_t> r = Row(s, 7, layer, h0 + h, ids[i], 2);
-        kvdex_to_f32(s.dtype, &r[d * kvdex_dtype_size(s.dtype)], &want, 1);
+        kvdex__to_f32(s.dtype, &r[d * kvdex_dtype_size(s.dtype)], &want, 1);
         ASSERT_EQ(want, q[((size_t)h * n + i) * s.head_dim + d]) << "token " << ids[i];
       }
   }
@@ -1391,7 +1391,7 @@ void CheckLandmarks(kvdex_seq *seq, uint32_t layer, uint64_t n_blocks, uint32_t 
       for (uint32_t d = 0; d < s.head_dim; d++) {
         float want;
         std::vector<uint8_t> r = Row(s, tag, layer, h, b, 3);
-        kvdex_to_f32(s.dtype, &r[d * kvdex_dtype_size(s.dtype)], &want, 1);
+        kvdex__to_f32(s.dtype, &r[d * kvdex_dtype_size(s.dtype)], &want, 1);
         ASSERT_EQ(want, got[b * s.head_dim + d]) << "kv head " << h << " block " << b;
       }
     EXPECT_EQ(-7.f, got[n_blocks * s.head_dim]) << "wrote past the blocks";
