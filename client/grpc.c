@@ -502,12 +502,8 @@ int kvdex__grpc_read_stream(kvdex__grpc_db *g, const char *ns, const char *seq_i
   }
   grpc_op ops[3];
   memset(ops, 0, sizeof ops);
-  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  kvdex__grpc_auth_op(g, &ops[0]);
-  ops[1].op = GRPC_OP_SEND_MESSAGE;
-  ops[1].data.send_message.send_message = send;
-  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-  rc = kvdex__grpc_call_start(&r, ops, 3, KVDEX__GRPC_TAG_OPS);
+  size_t n_ops = kvdex__grpc_send_request_ops(g, send, ops);
+  rc = kvdex__grpc_call_start(&r, ops, n_ops, KVDEX__GRPC_TAG_OPS);
   if (rc == KVDEX_OK) kvdex__grpc_call_wait(&r, KVDEX__GRPC_TAG_OPS);
   grpc_byte_buffer_destroy(send);
   int stopped = 0;

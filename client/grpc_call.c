@@ -19,6 +19,16 @@ void kvdex__grpc_auth_op(const kvdex__grpc_db *g, grpc_op *op) {
   op->data.send_initial_metadata.metadata = (grpc_metadata *)&g->auth_md;
 }
 
+size_t kvdex__grpc_send_request_ops(const kvdex__grpc_db *g, grpc_byte_buffer *send,
+                                    grpc_op *ops) {
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  kvdex__grpc_auth_op(g, &ops[0]);
+  ops[1].op = GRPC_OP_SEND_MESSAGE;
+  ops[1].data.send_message.send_message = send;
+  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+  return 3;
+}
+
 /* The calling thread's overall deadline (kvdex__now_ms, 0 = none): a cluster
  * handle sets it so that failover across nodes stays within the caller's timeout. */
 static _Thread_local int64_t tl_deadline_ms;
@@ -172,11 +182,7 @@ int kvdex__grpc_unary(kvdex__grpc_db *g, int m, const ProtobufCMessage *req,
   if (rc == KVDEX_OK) {
     grpc_op ops[6];
     memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    kvdex__grpc_auth_op(g, &ops[0]);
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = send;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    kvdex__grpc_send_request_ops(g, send, ops);
     ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
     ops[3].data.recv_initial_metadata.recv_initial_metadata = &r.init_md;
     ops[4].op = GRPC_OP_RECV_MESSAGE;

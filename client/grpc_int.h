@@ -88,6 +88,10 @@ int kvdex__grpc_call_status_rc(kvdex__grpc_call *r);
 void kvdex__grpc_call_end(kvdex__grpc_call *r);
 /* Adds g's bearer token (if any) to a SEND_INITIAL_METADATA op. */
 void kvdex__grpc_auth_op(const kvdex__grpc_db *g, grpc_op *op);
+/* Fills ops[0..3) (zeroed by the caller) with what a unary request sends: initial
+ * metadata with g's token, the message `send`, the half-close. Returns 3. */
+size_t kvdex__grpc_send_request_ops(const kvdex__grpc_db *g, grpc_byte_buffer *send,
+                                    grpc_op *ops);
 /* Unpacks a response of call r: KVDEX_EINTERNAL "malformed ..." on garbage. */
 int kvdex__grpc_unpack(kvdex__grpc_call *r, grpc_byte_buffer *bb,
                        const ProtobufCMessageDescriptor *desc, ProtobufCMessage **out /* OUT */);
