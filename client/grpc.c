@@ -976,9 +976,13 @@ int kvdex__grpc_open(const char *target, int tls, const kvdex_open_opts *opts, k
   args[3].type = GRPC_ARG_INTEGER;
   args[3].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
   args[3].value.integer = 100;
+  /* gRPC core takes its minimum *connect timeout* (TCP + HTTP/2 handshake) from this
+   * argument, not only a backoff: at 100 ms a busy server (e.g. one taking a repair
+   * stream, or any server under a sanitizer) never finished a handshake in time and
+   * the channel stayed unavailable. Attempts still start every 0.1-1 s (above). */
   args[4].type = GRPC_ARG_INTEGER;
   args[4].key = (char *)GRPC_ARG_MIN_RECONNECT_BACKOFF_MS;
-  args[4].value.integer = 100;
+  args[4].value.integer = 5000;
   grpc_channel_args cargs = {.num_args = 5, .args = args};
   if (opts && opts->auth_token && opts->auth_token[0]) {
     size_t tl = strlen(opts->auth_token);

@@ -1154,6 +1154,42 @@ static int keep_queries(build *B, graph *g) {
   return 0;
 }
 
+/* Key -> the queries whose answer lists hold it, as CSR (B->inv_off, B->inv), from
+ * phase 1's lists. rcount: n + 1 zeroed counters (scratch). KVDEX_ENOMEM or 0. */
+static int answered_by(build *B, uint32_t *rcount) {
+  for (uint64_t q = 0; q < B->m; q++)
+    for (uint32_t r = 0; r < B->gt_n[q]; r++) B->inv_off[B->gt[q * B->K + r] + 1]++;
+  for (uint64_t x = 0; x < B->n; x++) B->inv_off[x + 1] += B->inv_off[x];
+  B->inv = malloc((size_t)(B->inv_off[B->n] ? B->inv_off[B->n] : 1) * sizeof(uint32_t));
+  if (!B->inv) return KVDEX_ENOMEM;
+  for (uint64_t q = 0; q < B->m; q++)
+    for (uint32_t r = 0; r < B->gt_n[q]; r++) {
+      uint32_t x = B->gt[q * B->K + r];
+      B->inv[B->inv_off[x] + rcount[x]++] = (uint32_t)q;
+    }
+  return 0;
+}
+
+/* The in-edges of the projected graph as CSR (B->rev_off, B->rev) for phase 3.
+ * rcount: n + 1 counters (scratch, cleared here). KVDEX_ENOMEM or 0. */
+static int in_edges(build *B, uint32_t *rcount) {
+  const graph *g = B->g;
+  B->rev_off = calloc((size_t)B->n + 1, sizeof(uint64_t));
+  if (!B->rev_off) return KVDEX_ENOMEM;
+  for (uint64_t x = 0; x < B->n; x++)
+    for (uint32_t j = 0; j < g->deg[x]; j++) B->rev_off[g->adj[x * B->R + j] + 1]++;
+  for (uint64_t x = 0; x < B->n; x++) B->rev_off[x + 1] += B->rev_off[x];
+  B->rev = malloc((size_t)(B->rev_off[B->n] ? B->rev_off[B->n] : 1) * sizeof(uint32_t));
+  if (!B->rev) return KVDEX_ENOMEM;
+  memset(rcount, 0, ((size_t)B->n + 1) * sizeof(uint32_t));
+  for (uint64_t x = 0; x < B->n; x++)
+    for (uint32_t j = 0; j < g->deg[x]; j++) {
+      uint32_t y = g->adj[x * B->R + j];
+      B->rev[B->rev_off[y] + rcount[y]++] = (uint32_t)x;
+    }
+  return 0;
+}
+
 static int g_build(kvdex_index *ix, const kvdex_index_input *in, kvdex_pool *pool) {
   graph_impl *im = ix->impl;
   int rc = check_input(in);
@@ -1218,36 +1254,11 @@ static int g_build(kvdex_index *ix, const kvdex_index_input *in, kvdex_pool *poo
   J.sbuf = NULL;
   J.heap = NULL;
 
-  /* key -> queries it answers (CSR) */
-  for (uint64_t q = 0; q < B.m; q++)
-    for (uint32_t r = 0; r < B.gt_n[q]; r++) B.inv_off[B.gt[q * B.K + r] + 1]++;
-  for (uint64_t x = 0; x < B.n; x++) B.inv_off[x + 1] += B.inv_off[x];
-  B.inv = malloc((size_t)(B.inv_off[B.n] ? B.inv_off[B.n] : 1) * sizeof(uint32_t));
   rcount = calloc((size_t)B.n + 1, sizeof(uint32_t));
-  if (!B.inv || !rcount) goto nomem;
-  for (uint64_t q = 0; q < B.m; q++)
-    for (uint32_t r = 0; r < B.gt_n[q]; r++) {
-      uint32_t x = B.gt[q * B.K + r];
-      B.inv[B.inv_off[x] + rcount[x]++] = (uint32_t)q;
-    }
-
+  if (!rcount || answered_by(&B, rcount)) goto nomem;
   run_chunks(pool, B.n, proj_task, &B);
   if (atomic_load(&B.err)) goto fail;
-
-  /* reverse edges (CSR of in-edges) */
-  B.rev_off = calloc((size_t)B.n + 1, sizeof(uint64_t));
-  if (!B.rev_off) goto nomem;
-  for (uint64_t x = 0; x < B.n; x++)
-    for (uint32_t j = 0; j < g.deg[x]; j++) B.rev_off[g.adj[x * B.R + j] + 1]++;
-  for (uint64_t x = 0; x < B.n; x++) B.rev_off[x + 1] += B.rev_off[x];
-  B.rev = malloc((size_t)(B.rev_off[B.n] ? B.rev_off[B.n] : 1) * sizeof(uint32_t));
-  if (!B.rev) goto nomem;
-  memset(rcount, 0, ((size_t)B.n + 1) * sizeof(uint32_t));
-  for (uint64_t x = 0; x < B.n; x++)
-    for (uint32_t j = 0; j < g.deg[x]; j++) {
-      uint32_t y = g.adj[x * B.R + j];
-      B.rev[B.rev_off[y] + rcount[y]++] = (uint32_t)x;
-    }
+  if (in_edges(&B, rcount)) goto nomem;
   run_chunks(pool, B.n, rev_task, &B);
   if (atomic_load(&B.err)) goto fail;
   free(B.rev);

@@ -179,15 +179,17 @@ class Cluster : public ::testing::Test {
     kvdex_db *db = nullptr;
     ASSERT_EQ(0, kvdex_open(("grpc://" + n.addr).c_str(), &oo, &db)) << kvdex_errmsg();
     bool ready = false;
+    std::string why;
     for (int tries = 0; tries < 200 && !ready; tries++) {
       char **ids = nullptr;
       size_t cnt = 0;
       ready = kvdex_list(db, &ids, &cnt) == 0;
+      if (!ready) why = kvdex_errmsg();
       kvdex_list_free(ids, cnt);
       if (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     kvdex_close(db);
-    ASSERT_TRUE(ready) << "kvdex serve on " << n.addr << " did not come up";
+    ASSERT_TRUE(ready) << "kvdex serve on " << n.addr << " did not come up: " << why;
   }
 
   void Kill(size_t i) {
