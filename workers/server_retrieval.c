@@ -209,6 +209,61 @@ out:
   return rc;
 }
 
+/* ---- batches (Search, Attend) -------------------------------------------------- */
+
+/* Runs a batched call's n items in order, each into a zeroed arena record of `size`
+ * bytes made by item(env, i, record); stops at the first failure, or when the call's
+ * deadline passes ("deadline passed after i of n <what>"). *results (an arena array)
+ * and *n_results get the records made so far, the failed one included. */
+static int run_batch(kvdex__call *c, size_t n, const char *what, size_t size,
+                     int (*item)(void *env, size_t i, void *record), void *env,
+                     void ***results /* OUT */, size_t *n_results /* OUT */) {
+  kvdex__arena *a = &c->w->arena;
+  if (n && !(*results = kvdex__srv_arena_alloc(a, sizeof(void *) * n))) return KVDEX_ENOMEM;
+  for (size_t i = 0; i < n; i++) {
+    if (kvdex__srv_deadline_passed(c))
+      return kvdex__seterr(KVDEX_ETIMEDOUT, "deadline passed after %zu of %zu %s", i, n, what);
+    void *r = kvdex__srv_arena_alloc(a, size);
+    if (!r) return KVDEX_ENOMEM;
+    int rc = item(env, i, r);
+    (*results)[i] = r;
+    *n_results = i + 1;
+    if (rc) return rc;
+  }
+  return KVDEX_OK;
+}
+
+/* Packs a batched call's response (when rc is 0) and counts its queries and keys
+ * touched in the metrics (attend: 1 for Attend, 0 for Search). Returns the call's rc. */
+static int finish_batch(kvdex__call *c, const ProtobufCMessage *resp, int rc, int attend,
+                        size_t n_results, uint64_t touched) {
+  kvdex_server *srv = c->w->srv;
+  if (!rc) rc = kvdex_rpc_pack(resp, srv->max_message, &c->send_buf);
+  if (!rc && srv->metrics) kvdex_metrics_search(srv->metrics, attend, n_results, touched);
+  return rc;
+}
+
+typedef struct search_env {
+  kvdex__worker *w;
+  kvdex_node_ctx *ctx;
+  const Kvdex__V1__SearchRequest *req;
+  kvdex_search_opts opts;
+  const char *index;
+  const kvdex_index_params *params;
+  bool return_kv;
+  uint64_t budget;  /* response bytes left for returned K/V */
+  uint64_t touched; /* keys scanned, summed over the results */
+} search_env;
+
+static int search_item(void *env, size_t i, void *record) {
+  search_env *e = env;
+  Kvdex__V1__SearchResult *r = record;
+  int rc = kvdex__search_one(e->w, e->ctx, e->req, i, &e->opts, e->index, e->params,
+                             e->return_kv, &e->budget, r);
+  if (!rc) e->touched += r->keys_scanned;
+  return rc;
+}
+
 int kvdex__srv_do_search(kvdex__call *c) {
   kvdex__worker *w = c->w;
   kvdex_server *srv = w->srv;
@@ -230,37 +285,22 @@ int kvdex__srv_do_search(kvdex__call *c) {
                                .nprobe = o ? o->nprobe : 0,
                                .blocks = o ? o->blocks : 0};
   Kvdex__V1__SearchResponse resp = KVDEX__V1__SEARCH_RESPONSE__INIT;
-  if (!rc && req->n_queries) {
-    resp.results = kvdex__srv_arena_alloc(&w->arena, sizeof(*resp.results) * req->n_queries);
-    if (!resp.results) rc = KVDEX_ENOMEM;
-  }
-  kvdex_search_opts opts = {.k = o ? o->k : 0,
-                            .sinks = o ? o->sinks : 0,
-                            .window = o ? o->window : 0,
-                            .simd = KVDEX_SIMD_AUTO};
-  uint64_t budget = srv->max_message;
-  for (size_t i = 0; !rc && i < req->n_queries; i++) {
-    if (kvdex__srv_deadline_passed(c)) {
-      rc = kvdex__seterr(KVDEX_ETIMEDOUT, "deadline passed after %zu of %zu queries", i,
-                         req->n_queries);
-      break;
-    }
-    Kvdex__V1__SearchResult *r = kvdex__srv_arena_alloc(&w->arena, sizeof *r);
-    if (!r) {
-      rc = KVDEX_ENOMEM;
-      break;
-    }
-    rc = kvdex__search_one(w, ctx, req, i, &opts, index, &params, o->return_kv, &budget, r);
-    resp.results[i] = r;
-    resp.n_results = i + 1;
-  }
+  search_env env = {.w = w,
+                    .ctx = ctx,
+                    .req = req,
+                    .opts = {.k = o ? o->k : 0,
+                             .sinks = o ? o->sinks : 0,
+                             .window = o ? o->window : 0,
+                             .simd = KVDEX_SIMD_AUTO},
+                    .index = index,
+                    .params = &params,
+                    .return_kv = o && o->return_kv,
+                    .budget = srv->max_message};
+  if (!rc)
+    rc = run_batch(c, req->n_queries, "queries", sizeof(Kvdex__V1__SearchResult), search_item,
+                   &env, (void ***)&resp.results, &resp.n_results);
   kvdex_node_ctx_give(srv->node, ctx);
-  if (!rc) rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
-  if (!rc && srv->metrics) {
-    uint64_t touched = 0;
-    for (size_t i = 0; i < resp.n_results; i++) touched += resp.results[i]->keys_scanned;
-    kvdex_metrics_search(srv->metrics, 0, resp.n_results, touched);
-  }
+  rc = finish_batch(c, &resp.base, rc, 0, resp.n_results, env.touched);
   protobuf_c_message_free_unpacked(&req->base, NULL);
   return rc;
 }
@@ -401,6 +441,23 @@ out:
   return rc;
 }
 
+typedef struct attend_env {
+  kvdex__worker *w;
+  kvdex_node_ctx *ctx;
+  const Kvdex__V1__AttendRequest *req;
+  const kvdex_attend_req *base;
+  uint64_t budget;
+  uint64_t touched; /* keys touched, summed over the results */
+} attend_env;
+
+static int attend_item(void *env, size_t i, void *record) {
+  attend_env *e = env;
+  Kvdex__V1__AttendResult *r = record;
+  int rc = kvdex__attend_one(e->w, e->ctx, e->req, i, e->base, &e->budget, r);
+  if (!rc) e->touched += r->keys_touched;
+  return rc;
+}
+
 int kvdex__srv_do_attend(kvdex__call *c) {
   kvdex__worker *w = c->w;
   kvdex_server *srv = w->srv;
@@ -431,33 +488,12 @@ int kvdex__srv_do_attend(kvdex__call *c) {
                            .scale = req->scale,
                            .dense = req->dense ? 1 : 0};
   Kvdex__V1__AttendResponse resp = KVDEX__V1__ATTEND_RESPONSE__INIT;
-  if (!rc) {
-    resp.results = kvdex__srv_arena_alloc(&w->arena, sizeof(*resp.results) * req->n_items);
-    if (!resp.results) rc = KVDEX_ENOMEM;
-  }
-  uint64_t budget = srv->max_message;
-  for (size_t i = 0; !rc && i < req->n_items; i++) {
-    if (kvdex__srv_deadline_passed(c)) {
-      rc = kvdex__seterr(KVDEX_ETIMEDOUT, "deadline passed after %zu of %zu items", i,
-                         req->n_items);
-      break;
-    }
-    Kvdex__V1__AttendResult *r = kvdex__srv_arena_alloc(&w->arena, sizeof *r);
-    if (!r) {
-      rc = KVDEX_ENOMEM;
-      break;
-    }
-    rc = kvdex__attend_one(w, ctx, req, i, &base, &budget, r);
-    resp.results[i] = r;
-    resp.n_results = i + 1;
-  }
+  attend_env env = {.w = w, .ctx = ctx, .req = req, .base = &base, .budget = srv->max_message};
+  if (!rc)
+    rc = run_batch(c, req->n_items, "items", sizeof(Kvdex__V1__AttendResult), attend_item, &env,
+                   (void ***)&resp.results, &resp.n_results);
   kvdex_node_ctx_give(srv->node, ctx);
-  if (!rc) rc = kvdex_rpc_pack(&resp.base, srv->max_message, &c->send_buf);
-  if (!rc && srv->metrics) {
-    uint64_t touched = 0;
-    for (size_t i = 0; i < resp.n_results; i++) touched += resp.results[i]->keys_touched;
-    kvdex_metrics_search(srv->metrics, 1, resp.n_results, touched);
-  }
+  rc = finish_batch(c, &resp.base, rc, 1, resp.n_results, env.touched);
   protobuf_c_message_free_unpacked(&req->base, NULL);
   return rc;
 }
