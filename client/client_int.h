@@ -65,7 +65,7 @@ struct kvdex__vt {
   /* spec non-empty; layer is checked by the transport (it needs the shape). */
   int (*build_index)(kvdex_db *db, const char *seq_id, uint32_t layer, const char *spec);
   /* n_items > 0, items' seq_id, q non-NULL, o[i], lse[i] non-NULL, k in range unless
-   * dense, extras <= KVDEX_RPC_MAX_EXTRA_TOKENS: checked by kvdex.c. info: n_items
+   * dense, extras <= KVDEX_MAX_EXTRA_TOKENS: checked by kvdex.c. info: n_items
    * zeroed entries, or NULL. Shapes, layer, index, extras' values: the transport. */
   int (*attend)(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts, size_t n_items,
                 const kvdex_attend_item *items, float *const *o, float *const *lse,

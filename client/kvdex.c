@@ -306,9 +306,9 @@ int kvdex_search(kvdex_db *db, uint32_t layer, const kvdex_search_req *req, size
   if (out) memset(out, 0, n_seqs * sizeof *out);
   CHECK(check_db(db, "kvdex_search"));
   if (!req) return kvdex__seterr(KVDEX_EINVAL, "kvdex_search: req is NULL");
-  if (req->k == 0 || req->k > KVDEX_RPC_MAX_K)
+  if (req->k == 0 || req->k > KVDEX_MAX_K)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_search: k = %u out of range (1..%d)", req->k,
-                         KVDEX_RPC_MAX_K);
+                         KVDEX_MAX_K);
   if (n_seqs == 0) return KVDEX_OK;
   if (!seq_ids || !q || !out)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_search: seq_ids, q and out must not be NULL");
@@ -344,9 +344,9 @@ int kvdex_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts,
   if (info) memset(info, 0, n_items * sizeof *info);
   CHECK(check_db(db, "kvdex_attend"));
   if (!opts) return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: opts is NULL");
-  if (!opts->dense && (opts->k == 0 || opts->k > KVDEX_RPC_MAX_K))
+  if (!opts->dense && (opts->k == 0 || opts->k > KVDEX_MAX_K))
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: k = %u out of range (1..%d) without dense",
-                         opts->k, KVDEX_RPC_MAX_K);
+                         opts->k, KVDEX_MAX_K);
   if (!(opts->scale >= 0) || opts->scale > 3.4e38f)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: scale must be finite and >= 0");
   if (n_items == 0) return KVDEX_OK;
@@ -357,10 +357,10 @@ int kvdex_attend(kvdex_db *db, uint32_t layer, const kvdex_attend_options *opts,
     if (!items[i].q || !o[i] || !lse[i])
       return kvdex__seterr(KVDEX_EINVAL, "kvdex_attend: item %zu: q, o and lse must not be NULL",
                            i);
-    if (items[i].n_extra > KVDEX_RPC_MAX_EXTRA_TOKENS || (items[i].n_extra && !items[i].extra))
+    if (items[i].n_extra > KVDEX_MAX_EXTRA_TOKENS || (items[i].n_extra && !items[i].extra))
       return kvdex__seterr(KVDEX_EINVAL,
                            "kvdex_attend: item %zu: %u extra tokens (at most %d, extra non-NULL)",
-                           i, items[i].n_extra, KVDEX_RPC_MAX_EXTRA_TOKENS);
+                           i, items[i].n_extra, KVDEX_MAX_EXTRA_TOKENS);
   }
   int rc = db->vt->attend(db, layer, opts, n_items, items, o, lse, info);
   if (rc && info) memset(info, 0, n_items * sizeof *info);
@@ -374,9 +374,9 @@ int kvdex_retain(kvdex_db *db, const char *seq_id, uint32_t layer, const float *
   CHECK(check_seq(db, seq_id, "kvdex_retain"));
   if (!opts || !q_obs || !ids)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_retain: opts, q_obs and ids must not be NULL");
-  if (n_obs == 0 || n_obs > KVDEX_RPC_MAX_OBS)
+  if (n_obs == 0 || n_obs > KVDEX_MAX_OBS)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_retain: n_obs = %u out of range (1..%d)", n_obs,
-                         KVDEX_RPC_MAX_OBS);
+                         KVDEX_MAX_OBS);
   if (opts->budget == 0)
     return kvdex__seterr(KVDEX_EINVAL, "kvdex_retain: budget must be > 0");
   return pre(db->vt->retain(db, seq_id, layer, q_obs, n_obs, opts, ids, scores), "kvdex_retain");

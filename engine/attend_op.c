@@ -195,9 +195,9 @@ int kvdex_attend_layer(kvdex_indexer *ixr, kvdex_seq *seq, uint32_t layer, const
     return kvdex__seterr(KVDEX_EINVAL, "attend: k=%u out of [1, %d]", req->k, KVDEX_MAX_K);
   if (!(req->scale >= 0) || !isfinite(req->scale))
     return kvdex__seterr(KVDEX_EINVAL, "attend: scale must be finite and >= 0");
-  if (req->n_extra > KVDEX_ATTEND_MAX_EXTRA || (req->n_extra && !req->extra))
+  if (req->n_extra > KVDEX_MAX_EXTRA_TOKENS || (req->n_extra && !req->extra))
     return kvdex__seterr(KVDEX_EINVAL, "attend: %u extra tokens (at most %d)", req->n_extra,
-                         KVDEX_ATTEND_MAX_EXTRA);
+                         KVDEX_MAX_EXTRA_TOKENS);
   const uint32_t n_q = sh->n_q_heads, d = sh->head_dim;
   const uint64_t n = kvdex_seq_tokens(seq, layer);
   const uint64_t lo = req->sinks, hi = n > req->window ? n - req->window : 0;

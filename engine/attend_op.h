@@ -30,8 +30,7 @@ extern "C" {
 
 /* The attachment slot of the retained set (the indexer takes 0 and 1). */
 #define KVDEX_RETAINED_SLOT 2
-/* Most extra tokens one Attend may name. */
-#define KVDEX_ATTEND_MAX_EXTRA 65536
+/* The most extra tokens one Attend may name is KVDEX_MAX_EXTRA_TOKENS (kvdex_base.h). */
 
 /* Per-caller working memory (search result, id lists, rows, the attention scratch). */
 typedef struct kvdex_attend_ctx kvdex_attend_ctx;

@@ -661,9 +661,9 @@ int kvdex_attend_mass(kvdex_seq *seq, uint32_t layer, const float *q, uint32_t n
                       kvdex_pool *pool, kvdex_attend_scratch *scratch, float *mass) {
   static const char who[] = "attend mass";
   if (!mass) return kvdex__seterr(KVDEX_EINVAL, "%s: NULL argument", who);
-  if (n_obs == 0 || n_obs > KVDEX_ATTEND_MAX_OBS)
+  if (n_obs == 0 || n_obs > KVDEX_MAX_OBS)
     return kvdex__seterr(KVDEX_EINVAL, "%s: %u observation queries (must be 1..%d)", who, n_obs,
-                         KVDEX_ATTEND_MAX_OBS);
+                         KVDEX_MAX_OBS);
   setup st;
   int rc = check_common(who, seq, layer, q, n_obs, opts, pool, scratch, &st);
   if (rc) return rc;

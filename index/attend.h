@@ -93,8 +93,8 @@ int kvdex_attend_dense(kvdex_seq *seq, uint32_t layer, const float *q, uint64_t 
 
 /* ---- Attention mass ------------------------------------------------------------------ */
 
-/* Most observation queries kvdex_attend_mass takes in one call. */
-#define KVDEX_ATTEND_MAX_OBS 4096
+/* The most observation queries kvdex_attend_mass takes in one call is KVDEX_MAX_OBS
+ * (kvdex_base.h). */
 
 /* The attention each key of [first, first + count) receives from n_obs observation
  * queries, summed over the observations and the query heads of its kv head:
@@ -105,7 +105,7 @@ int kvdex_attend_dense(kvdex_seq *seq, uint32_t layer, const float *q, uint64_t 
  * probabilities); nothing of size count is kept besides mass. count == 0 is a no-op.
  * Same determinism, threading and opts rules as attention above.
  * Errors (nothing written): KVDEX_EINVAL (NULL argument, layer out of range, n_obs 0
- * or > KVDEX_ATTEND_MAX_OBS, non-finite query, bad scale, unknown simd, the range
+ * or > KVDEX_MAX_OBS, non-finite query, bad scale, unknown simd, the range
  * reaching past the committed tokens), KVDEX_EUNIMPL, KVDEX_ENOMEM. */
 int kvdex_attend_mass(kvdex_seq *seq, uint32_t layer, const float *q, uint32_t n_obs,
                       uint64_t first, uint64_t count, const kvdex_attend_opts *opts,

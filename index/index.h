@@ -80,7 +80,8 @@ typedef struct kvdex_search_opts {
   kvdex_simd simd;   /* KVDEX_SIMD_AUTO normally; tests force a level */
 } kvdex_search_opts;
 
-#define KVDEX_MAX_K 65536
+/* KVDEX_MAX_K (the largest k) is in kvdex_base.h: the API, the wire and the index
+ * share it. */
 
 /* Exact top-k for all query heads of one layer of one sequence.
  * q: f32 [n_q_heads][head_dim]. Query head h maps to kv head h / (n_q_heads/n_kv_heads);

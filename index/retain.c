@@ -79,9 +79,9 @@ int kvdex_retain_select(kvdex_seq *seq, uint32_t layer, const float *q_obs, uint
                          opts->pool_window, KVDEX_RETAIN_MAX_POOL_WINDOW);
   if (opts->pooling != KVDEX_POOLING_MAX && opts->pooling != KVDEX_POOLING_AVG)
     return kvdex__seterr(KVDEX_EINVAL, "%s: unknown pooling %d", who, opts->pooling);
-  if (n_obs == 0 || n_obs > KVDEX_ATTEND_MAX_OBS)
+  if (n_obs == 0 || n_obs > KVDEX_MAX_OBS)
     return kvdex__seterr(KVDEX_EINVAL, "%s: %u observation queries (must be 1..%d)", who, n_obs,
-                         KVDEX_ATTEND_MAX_OBS);
+                         KVDEX_MAX_OBS);
   uint64_t n = kvdex_seq_tokens(seq, layer);
   uint64_t hi = n > opts->window ? n - opts->window : 0, lo = opts->sinks < hi ? opts->sinks : hi;
   uint64_t e = hi - lo;

@@ -55,7 +55,7 @@ typedef struct kvdex_retain_opts {
  * Thread-safety as kvdex_attend_mass: pool and sequence may be shared, the scratch
  * may not. pool may be NULL.
  * Errors (nothing written): KVDEX_EINVAL (NULL argument, layer out of range, n_obs 0
- * or > KVDEX_ATTEND_MAX_OBS, non-finite query, budget 0 or more than |E|, pool_window
+ * or > KVDEX_MAX_OBS, non-finite query, budget 0 or more than |E|, pool_window
  * even or out of range, unknown pooling, bad scale or simd), KVDEX_EUNIMPL (simd not
  * supported by this CPU), KVDEX_ENOMEM. */
 int kvdex_retain_select(kvdex_seq *seq, uint32_t layer, const float *q_obs, uint32_t n_obs,

@@ -62,6 +62,11 @@ typedef struct kvdex_shape {
 #define KVDEX_DEFAULT_NAMESPACE "default"
 
 
+/* Limits of retrieval calls (the wire's too: kvdex.proto). */
+#define KVDEX_MAX_K 65536             /* top-k per query head: 1..this */
+#define KVDEX_MAX_EXTRA_TOKENS 65536  /* extra tokens one Attend item may name */
+#define KVDEX_MAX_OBS 4096            /* observation queries of one Retain */
+
 /* Bytes per element; 0 for an unknown dtype. */
 size_t kvdex_dtype_size(int dtype);
 /* "f32", "f16", "bf16", or "?" */

@@ -28,12 +28,9 @@ extern "C" {
 #define KVDEX_RPC_READ_CHUNK_TOKENS 4096
 /* AttendRequest.items: 1..this many sequences in one call. */
 #define KVDEX_RPC_MAX_ATTEND_ITEMS 4096
-/* SearchOptions.k and AttendRequest.k: 1..this many tokens per query head. */
-#define KVDEX_RPC_MAX_K 65536
-/* AttendItem.extra_tokens: at most this many per item. */
-#define KVDEX_RPC_MAX_EXTRA_TOKENS 65536
-/* RetainRequest.n_obs: 1..this many observation queries. */
-#define KVDEX_RPC_MAX_OBS 4096
+/* SearchOptions.k and AttendRequest.k (KVDEX_MAX_K), AttendItem.extra_tokens
+ * (KVDEX_MAX_EXTRA_TOKENS) and RetainRequest.n_obs (KVDEX_MAX_OBS) are the API's own
+ * limits: <kvdex/kvdex_base.h>, the same for the engine, the server and the client. */
 
 /* ---- methods ---------------------------------------------------------------------- */
 

@@ -18,12 +18,8 @@
 #include "proto/rpc.h"
 #include "workers/server_int.h"
 
-/* The wire limits (proto/rpc.h) are the engine's and the index's: a request the
- * server lets through is one they accept. */
-_Static_assert(KVDEX_RPC_MAX_K == KVDEX_MAX_K, "SearchOptions.k / AttendRequest.k limit");
-_Static_assert(KVDEX_RPC_MAX_EXTRA_TOKENS == KVDEX_ATTEND_MAX_EXTRA,
-               "AttendItem.extra_tokens limit");
-_Static_assert(KVDEX_RPC_MAX_OBS == KVDEX_ATTEND_MAX_OBS, "RetainRequest.n_obs limit");
+/* The limits checked here (KVDEX_MAX_K, KVDEX_MAX_EXTRA_TOKENS, KVDEX_MAX_OBS) are the
+ * base's, the same the engine, the index and the client check. */
 
 /* ---- Index builds awaiting their metrics ------------------------------------------ */
 
@@ -273,8 +269,8 @@ int kvdex__srv_do_search(kvdex__call *c) {
   int rc = KVDEX_OK;
   const Kvdex__V1__SearchOptions *o = req->options;
   const char *index = o && o->index ? o->index : "";
-  if (!o || o->k < 1 || o->k > KVDEX_RPC_MAX_K) {
-    rc = kvdex__seterr(KVDEX_EINVAL, "options.k must be in 1..%d (got %u)", KVDEX_RPC_MAX_K,
+  if (!o || o->k < 1 || o->k > KVDEX_MAX_K) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "options.k must be in 1..%d (got %u)", KVDEX_MAX_K,
                        o ? o->k : 0);
   } else if (kvdex_node_check_index(index)) {
     rc = kvdex__preerr(KVDEX_EINVAL, "options");
@@ -390,9 +386,9 @@ static int kvdex__attend_one(kvdex__worker *w, kvdex_node_ctx *ctx,
                        "streaming_heads has %zu entries, expected 0 or n_q_heads (%u) of %s's "
                        "sequence",
                        req->n_streaming_heads, sh->n_q_heads, field);
-  } else if (it->n_extra_tokens > KVDEX_RPC_MAX_EXTRA_TOKENS) {
+  } else if (it->n_extra_tokens > KVDEX_MAX_EXTRA_TOKENS) {
     rc = kvdex__seterr(KVDEX_EINVAL, "%s.extra_tokens has %zu entries (at most %d)", field,
-                       it->n_extra_tokens, KVDEX_RPC_MAX_EXTRA_TOKENS);
+                       it->n_extra_tokens, KVDEX_MAX_EXTRA_TOKENS);
   }
   if (rc) goto out;
   /* Bound the response before doing the work. */
@@ -469,9 +465,9 @@ int kvdex__srv_do_attend(kvdex__call *c) {
   if (req->n_items < 1 || req->n_items > KVDEX_RPC_MAX_ATTEND_ITEMS) {
     rc = kvdex__seterr(KVDEX_EINVAL, "items has %zu entries, expected 1..%d", req->n_items,
                        KVDEX_RPC_MAX_ATTEND_ITEMS);
-  } else if (!req->dense && (req->k < 1 || req->k > KVDEX_RPC_MAX_K)) {
+  } else if (!req->dense && (req->k < 1 || req->k > KVDEX_MAX_K)) {
     rc = kvdex__seterr(KVDEX_EINVAL, "k must be in 1..%d unless dense is set (got %u)",
-                       KVDEX_RPC_MAX_K, req->k);
+                       KVDEX_MAX_K, req->k);
   } else if (!(req->scale >= 0) || !isfinite(req->scale)) {
     rc = kvdex__seterr(KVDEX_EINVAL, "scale must be finite and >= 0 (0 = 1/sqrt(head_dim))");
   } else if (kvdex_node_check_index(index)) {
@@ -515,8 +511,8 @@ int kvdex__srv_do_retain(kvdex__call *c) {
   if (req->layer >= sh->n_layers) {
     rc = kvdex__seterr(KVDEX_EINVAL, "layer %u out of range (the sequence has %u layers)",
                        req->layer, sh->n_layers);
-  } else if (req->n_obs < 1 || req->n_obs > KVDEX_RPC_MAX_OBS) {
-    rc = kvdex__seterr(KVDEX_EINVAL, "n_obs must be in 1..%d (got %u)", KVDEX_RPC_MAX_OBS,
+  } else if (req->n_obs < 1 || req->n_obs > KVDEX_MAX_OBS) {
+    rc = kvdex__seterr(KVDEX_EINVAL, "n_obs must be in 1..%d (got %u)", KVDEX_MAX_OBS,
                        req->n_obs);
   } else if (req->q_obs.len != req->n_obs * per_obs * sizeof(float)) {
     rc = kvdex__seterr(KVDEX_EINVAL,
